@@ -1,0 +1,97 @@
+"""Atomic file writes and content checksums.
+
+Every output another process may read goes through here: written to a temporary file in the same
+folder, flushed to disk, then renamed over the target, so a reader sees the old file or the new one,
+never half of one, and a crash leaves no partial output behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+# Temporary names start with a dot and end in .tmp, so the ingestion of a folder never mistakes a
+# half-written file for data.
+TEMP_PREFIX = "."
+TEMP_SUFFIX = ".tmp"
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; on success it replaces `target` in one rename."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(
+        prefix=f"{TEMP_PREFIX}{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent
+    )
+    os.close(handle)
+    temp_path = Path(temp_name)
+    try:
+        yield temp_path
+        _fsync_file(temp_path)
+        os.replace(temp_path, target)
+    finally:
+        temp_path.unlink(missing_ok=True)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as stream:
+        os.fsync(stream.fileno())
+
+
+def write_with(target: Path, writer: Callable[[Path], Any]) -> None:
+    """Let `writer(path)` write a temporary file, then move it over `target` atomically."""
+    with atomic_path(target) as temp_path:
+        writer(temp_path)
+
+
+def write_text(target: Path, text: str) -> None:
+    """Atomically replace `target` with `text` (UTF-8)."""
+    with atomic_path(target) as temp_path:
+        temp_path.write_text(text, encoding="utf-8")
+
+
+def write_bytes(target: Path, data: bytes) -> None:
+    """Atomically replace `target` with `data`."""
+    with atomic_path(target) as temp_path:
+        temp_path.write_bytes(data)
+
+
+def write_json(target: Path, payload: Any) -> None:
+    """Atomically write `payload` as indented JSON a person can read."""
+    write_text(target, json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def copy_file(source: Path, target: Path) -> None:
+    """Atomically copy `source` to `target`."""
+    with atomic_path(target) as temp_path:
+        shutil.copyfile(source, temp_path)
+
+
+@contextlib.contextmanager
+def open_atomic(target: Path, mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
+    """Open a temporary file for writing; it replaces `target` only if the block succeeds."""
+    with atomic_path(target) as temp_path, open(temp_path, mode, **kwargs) as stream:
+        yield stream
+
+
+def sha256_of(path: Path) -> str:
+    """The SHA-256 hex digest of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON file written by write_json."""
+    with open(path, encoding="utf-8") as stream:
+        return json.load(stream)

@@ -1,0 +1,342 @@
+"""Deployment: put the trained model, its score and the ingest record into production as one release.
+
+Each release is a folder of its own under releases/, filled under a temporary name and renamed into
+place whole. production_deployment/manifest.json names the current release and is written last, in
+one atomic rename, so a reader that follows the manifest sees the old release or the new one, never a
+mix. Earlier releases are kept for --rollback; loading a deployed model checks its checksum.
+
+Importing this module is cheap (no pandas or scikit-learn), because fullprocess.py asks it whether
+anything is deployed on its every-10-minutes fast path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import atomicio
+import records
+from errors import DeploymentError, ModelNotDeployedError, run_cli
+from settings import Settings, add_config_argument, load_settings
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+RELEASE_MANIFEST_NAME = "release.json"
+RELEASES_FOLDER = "releases"
+MODEL_FILE = "trainedmodel.pkl"
+METADATA_FILE = "trainedmodel.json"
+SCORE_FILE = "latestscore.txt"
+INGESTED_FILE = "ingestedfiles.txt"
+
+
+@dataclass(frozen=True)
+class Release:
+    """One deployed (or deployable) set of model, metadata, score and ingest record."""
+
+    version: str
+    folder: Path
+    created_at: str
+    files: dict[str, str]  # file name -> sha256
+    f1: float | None
+    is_current: bool = False
+
+    @property
+    def model_path(self) -> Path:
+        return self.folder / MODEL_FILE
+
+    @property
+    def metadata_path(self) -> Path:
+        return self.folder / METADATA_FILE
+
+    @property
+    def score_path(self) -> Path:
+        return self.folder / SCORE_FILE
+
+    @property
+    def ingested_files_path(self) -> Path:
+        return self.folder / INGESTED_FILE
+
+    def metadata(self) -> dict[str, Any]:
+        return atomicio.read_json(self.metadata_path)
+
+
+def manifest_path(settings: Settings) -> Path:
+    return settings.deployment_folder / MANIFEST_NAME
+
+
+def releases_folder(settings: Settings) -> Path:
+    return settings.deployment_folder / RELEASES_FOLDER
+
+
+def read_manifest(settings: Settings) -> dict[str, Any] | None:
+    """The production manifest, or None when nothing has been deployed."""
+    path = manifest_path(settings)
+    if not path.exists():
+        return None
+    try:
+        return atomicio.read_json(path)
+    except ValueError as error:
+        raise DeploymentError(f"production manifest {path} is unreadable: {error}") from None
+
+
+def current_release(settings: Settings) -> Release:
+    """The release production serves now."""
+    manifest = read_manifest(settings)
+    if manifest is None:
+        raise ModelNotDeployedError(
+            f"no model is deployed in {settings.deployment_folder}: run ingestion.py, training.py, "
+            "scoring.py and deployment.py (or fullprocess.py) first"
+        )
+    return _release_from_manifest(releases_folder(settings) / manifest["current"], is_current=True)
+
+
+def is_deployed(settings: Settings) -> bool:
+    return manifest_path(settings).exists()
+
+
+def load_deployed_model(settings: Settings) -> tuple[Any, Release]:
+    """The current release's model, after checking the pickle against the release's checksum."""
+    from training import load_model  # scikit-learn only when a model is actually loaded
+
+    release = current_release(settings)
+    verify_release(release)
+    return load_model(release.model_path, release.files[MODEL_FILE]), release
+
+
+def verify_release(release: Release) -> None:
+    """Raise DeploymentError unless every file of the release matches its recorded checksum."""
+    for name, expected in release.files.items():
+        path = release.folder / name
+        if not path.is_file():
+            raise DeploymentError(f"release {release.version} lacks {name} in {release.folder}")
+        if atomicio.sha256_of(path) != expected:
+            raise DeploymentError(
+                f"{path} does not match the checksum recorded for release {release.version}: "
+                "redeploy or roll back"
+            )
+
+
+def _release_from_manifest(folder: Path, is_current: bool = False) -> Release:
+    path = folder / RELEASE_MANIFEST_NAME
+    if not path.is_file():
+        raise DeploymentError(f"release folder {folder} has no {RELEASE_MANIFEST_NAME}")
+    data = atomicio.read_json(path)
+    return Release(
+        version=data["version"],
+        folder=folder,
+        created_at=data["created_at"],
+        files=data["files"],
+        f1=data.get("f1"),
+        is_current=is_current,
+    )
+
+
+def deploy(settings: Settings) -> Release:
+    """Make the trained model, its score and the ingest record the current production release."""
+    sources = {
+        MODEL_FILE: settings.model_path,
+        METADATA_FILE: settings.model_metadata_path,
+        SCORE_FILE: settings.score_path,
+        INGESTED_FILE: settings.ingested_files_path,
+    }
+    absent = [str(path) for path in sources.values() if not path.is_file()]
+    if absent:
+        raise DeploymentError(
+            f"cannot deploy: {', '.join(absent)} missing; run ingestion.py, training.py and "
+            "scoring.py first"
+        )
+    metadata = atomicio.read_json(settings.model_metadata_path)
+    model_checksum = atomicio.sha256_of(settings.model_path)
+    if metadata.get("model_sha256") not in (None, model_checksum):
+        raise DeploymentError(
+            f"{settings.model_path} does not match the checksum in {settings.model_metadata_path}: "
+            "train again before deploying"
+        )
+    f1 = _read_f1(settings.score_path)
+    version = metadata["version"]
+    release = _stage_release(settings, version, sources, f1)
+    _switch_to(settings, release, action="deploy")
+    return release
+
+
+def _read_f1(path: Path) -> float:
+    try:
+        return float(path.read_text(encoding="utf-8").strip())
+    except ValueError:
+        raise DeploymentError(f"{path} does not hold an F1 score; run scoring.py again") from None
+
+
+def _stage_release(
+    settings: Settings, version: str, sources: dict[str, Path], f1: float
+) -> Release:
+    """Copy the files into a new release folder, complete before it gets its final name."""
+    folder = releases_folder(settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    checksums = {name: atomicio.sha256_of(path) for name, path in sources.items()}
+    final = folder / version
+    if final.exists():
+        existing = _release_from_manifest(final)
+        if existing.files == checksums:
+            return existing
+        version = f"{version}-{uuid.uuid4().hex[:4]}"
+        final = folder / version
+    staging = folder / f".staging-{version}-{uuid.uuid4().hex[:6]}"
+    staging.mkdir()
+    try:
+        for name, path in sources.items():
+            shutil.copyfile(path, staging / name)
+        copied = {name: atomicio.sha256_of(staging / name) for name in sources}
+        if copied != checksums:
+            raise DeploymentError("a source file changed while it was being deployed; try again")
+        release_manifest = {
+            "version": version,
+            "created_at": records.utc_now(),
+            "files": checksums,
+            "f1": f1,
+        }
+        atomicio.write_json(staging / RELEASE_MANIFEST_NAME, release_manifest)
+        os.rename(staging, final)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return _release_from_manifest(final)
+
+
+def _switch_to(settings: Settings, release: Release, action: str) -> None:
+    """Point production at `release` (the manifest is the one file readers follow) and record it."""
+    manifest = read_manifest(settings) or {"history": []}
+    previous = manifest.get("current")
+    now = records.utc_now()
+    history = manifest.get("history", []) + [
+        {"version": release.version, "time": now, "action": action}
+    ]
+    atomicio.write_json(
+        manifest_path(settings),
+        {
+            "current": release.version,
+            "deployed_at": now,
+            "f1": release.f1,
+            "files": release.files,
+            "history": history,
+        },
+    )
+    records.add(
+        settings.records_path,
+        "deployments",
+        {
+            "time": now,
+            "action": action,
+            "version": release.version,
+            "previous_version": previous,
+            "f1": release.f1,
+        },
+    )
+    log.info("%s: production now serves release %s (was %s)", action, release.version, previous)
+    _prune(settings, history)
+
+
+def _prune(settings: Settings, history: list[dict[str, Any]]) -> None:
+    """Keep the newest releases (by when they were last current), delete older ones."""
+    keep = max(settings.deployment.keep_releases, 1)
+    recent: list[str] = []
+    for entry in reversed(history):
+        if entry["version"] not in recent:
+            recent.append(entry["version"])
+    kept = set(recent[:keep])
+    for release in list_releases(settings):
+        if release.version not in kept and not release.is_current:
+            shutil.rmtree(release.folder)
+            log.info("removed old release %s", release.version)
+
+
+def list_releases(settings: Settings) -> list[Release]:
+    """Every kept release, oldest first, the current one marked."""
+    folder = releases_folder(settings)
+    if not folder.is_dir():
+        return []
+    manifest = read_manifest(settings) or {}
+    current = manifest.get("current")
+    releases = [
+        _release_from_manifest(path, is_current=path.name == current)
+        for path in folder.iterdir()
+        if path.is_dir() and not path.name.startswith(".")
+    ]
+    return sorted(releases, key=lambda r: (r.created_at, r.version))
+
+
+def rollback(settings: Settings, version: str | None = None) -> Release:
+    """Make an earlier release current again: `version`, or the one served before the current."""
+    manifest = read_manifest(settings)
+    if manifest is None:
+        raise ModelNotDeployedError("nothing is deployed, so there is nothing to roll back")
+    current = manifest["current"]
+    available = {r.version: r for r in list_releases(settings)}
+    if version is None:
+        earlier = [
+            e["version"] for e in reversed(manifest.get("history", []))
+            if e["version"] != current and e["version"] in available
+        ]
+        if not earlier:
+            raise DeploymentError("no earlier release is kept to roll back to")
+        version = earlier[0]
+    if version not in available:
+        raise DeploymentError(
+            f"no release {version!r}; kept releases: {', '.join(sorted(available)) or 'none'}"
+        )
+    release = available[version]
+    verify_release(release)
+    _switch_to(settings, release, action="rollback")
+    return release
+
+
+def describe_releases(releases: list[Release]) -> str:
+    if not releases:
+        return "No releases deployed yet."
+    lines = [f"{'':2}{'version':<28} {'created (UTC)':<26} {'F1':>7}"]
+    for release in releases:
+        f1 = "-" if release.f1 is None else f"{release.f1:.4f}"
+        marker = "* " if release.is_current else "  "
+        lines.append(f"{marker}{release.version:<28} {release.created_at:<26} {f1:>7}")
+    lines.append("(* = current)")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_config_argument(parser)
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--list", action="store_true", help="list the kept releases")
+    action.add_argument(
+        "--rollback", nargs="?", const="", metavar="VERSION",
+        help="make an earlier release current (default: the one before the current)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = load_settings(args.config)
+    if args.list:
+        print(describe_releases(list_releases(settings)))
+    elif args.rollback is not None:
+        release = rollback(settings, args.rollback or None)
+        print(f"Rolled back: production now serves release {release.version} (F1 {release.f1})")
+    else:
+        release = deploy(settings)
+        print(
+            f"Deployed release {release.version} (F1 {release.f1}) to "
+            f"{release.folder}; manifest {manifest_path(settings)}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,158 @@
+"""The records database: what every stage did and measured, in one SQLite file beside the outputs.
+
+Each stage adds rows (an ingestion per file, a training, a score, a deployment, a diagnostics run, a
+pipeline cycle) so that the report can draw trends and a person can see what happened with `sqlite3`.
+Times are UTC ISO-8601 strings; structured details are stored as JSON text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+SCHEMA = {
+    "ingestions": """
+        CREATE TABLE IF NOT EXISTS ingestions (
+            id INTEGER PRIMARY KEY,
+            run_id TEXT NOT NULL,
+            time TEXT NOT NULL,
+            file TEXT NOT NULL,
+            checksum TEXT NOT NULL,
+            size INTEGER,
+            mtime_ns INTEGER,
+            status TEXT NOT NULL,          -- ingested | rejected
+            rows_read INTEGER NOT NULL DEFAULT 0,
+            accepted INTEGER NOT NULL DEFAULT 0,
+            duplicate INTEGER NOT NULL DEFAULT 0,
+            quarantined INTEGER NOT NULL DEFAULT 0,
+            missing_cells INTEGER NOT NULL DEFAULT 0,
+            reason TEXT
+        )""",
+    "trainings": """
+        CREATE TABLE IF NOT EXISTS trainings (
+            id INTEGER PRIMARY KEY,
+            time TEXT NOT NULL,
+            model_version TEXT NOT NULL,
+            data_checksum TEXT NOT NULL,
+            rows INTEGER NOT NULL,
+            threshold REAL NOT NULL,
+            seconds REAL,
+            details TEXT
+        )""",
+    "scores": """
+        CREATE TABLE IF NOT EXISTS scores (
+            id INTEGER PRIMARY KEY,
+            time TEXT NOT NULL,
+            purpose TEXT NOT NULL,         -- test | drift-check | candidate | ...
+            model_version TEXT,
+            model_path TEXT NOT NULL,
+            data_path TEXT NOT NULL,
+            data_checksum TEXT,
+            rows INTEGER NOT NULL,
+            f1 REAL NOT NULL,
+            f1_low REAL,
+            f1_high REAL,
+            precision REAL,
+            recall REAL,
+            roc_auc REAL,
+            leaver_share REAL,
+            threshold REAL
+        )""",
+    "deployments": """
+        CREATE TABLE IF NOT EXISTS deployments (
+            id INTEGER PRIMARY KEY,
+            time TEXT NOT NULL,
+            action TEXT NOT NULL,          -- deploy | rollback
+            version TEXT NOT NULL,
+            previous_version TEXT,
+            f1 REAL
+        )""",
+    "diagnostics": """
+        CREATE TABLE IF NOT EXISTS diagnostics (
+            id INTEGER PRIMARY KEY,
+            time TEXT NOT NULL,
+            model_version TEXT,
+            payload TEXT NOT NULL
+        )""",
+    "cycles": """
+        CREATE TABLE IF NOT EXISTS cycles (
+            id INTEGER PRIMARY KEY,
+            started TEXT NOT NULL,
+            finished TEXT,
+            seconds REAL,
+            new_files TEXT,
+            decision TEXT,
+            details TEXT,
+            release TEXT,
+            outcome TEXT NOT NULL,
+            message TEXT
+        )""",
+}
+
+
+def utc_now() -> str:
+    """The current time as a UTC ISO-8601 string, the form every record uses."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@contextlib.contextmanager
+def connect(database: Path) -> Iterator[sqlite3.Connection]:
+    """Open the records database, creating its tables; commit on success, roll back on error."""
+    database = Path(database)
+    database.parent.mkdir(parents=True, exist_ok=True)
+    connection = sqlite3.connect(database, timeout=30)
+    connection.row_factory = sqlite3.Row
+    try:
+        # WAL lets the API read while a cycle writes.
+        connection.execute("PRAGMA journal_mode=WAL")
+        for statement in SCHEMA.values():
+            connection.execute(statement)
+        with connection:
+            yield connection
+    finally:
+        connection.close()
+
+
+def add(database: Path, table: str, values: Mapping[str, Any]) -> int:
+    """Insert one record into `table`; dict and list values are stored as JSON. Returns its id."""
+    if table not in SCHEMA:
+        raise ValueError(f"no table {table!r} in the records database")
+    columns = list(values)
+    row = [_to_column(values[c]) for c in columns]
+    sql = (
+        f"INSERT INTO {table} ({', '.join(columns)}) "
+        f"VALUES ({', '.join('?' for _ in columns)})"
+    )
+    with connect(database) as connection:
+        return int(connection.execute(sql, row).lastrowid)
+
+
+def update(database: Path, table: str, record_id: int, values: Mapping[str, Any]) -> None:
+    """Change fields of one record, e.g. to finish a cycle record started earlier."""
+    if table not in SCHEMA:
+        raise ValueError(f"no table {table!r} in the records database")
+    assignments = ", ".join(f"{column} = ?" for column in values)
+    row = [_to_column(v) for v in values.values()] + [record_id]
+    with connect(database) as connection:
+        connection.execute(f"UPDATE {table} SET {assignments} WHERE id = ?", row)
+
+
+def query(database: Path, sql: str, parameters: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+    """Rows of a SELECT as dicts; an absent database has no rows."""
+    if not Path(database).exists():
+        return []
+    with connect(database) as connection:
+        return [dict(row) for row in connection.execute(sql, parameters)]
+
+
+def _to_column(value: Any) -> Any:
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, default=str)
+    if isinstance(value, Path):
+        return str(value)
+    return value

@@ -1,0 +1,333 @@
+"""One place that turns config.json into an immutable Settings object.
+
+The original keys (input_folder_path, output_folder_path, test_data_path, output_model_path,
+prod_deployment_path) are required, so an original-format config works unchanged. Every other key
+is optional and documented in DEFAULTS below and in the README. Relative paths are resolved against
+the folder that holds config.json, so the scripts work from any working directory (cron).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+PROJECT_DIR = Path(__file__).resolve().parent
+DEFAULT_CONFIG_PATH = PROJECT_DIR / "config.json"
+CONFIG_ENV_VAR = "RISK_CONFIG"
+
+REQUIRED_PATH_KEYS = (
+    "input_folder_path",
+    "output_folder_path",
+    "test_data_path",
+    "output_model_path",
+    "prod_deployment_path",
+)
+
+
+@dataclass(frozen=True)
+class Schema:
+    """Which columns the data has and what each is for."""
+
+    target: str = "exited"
+    id_columns: tuple[str, ...] = ("corporation",)
+    numeric_features: tuple[str, ...] = (
+        "lastmonth_activity",
+        "lastyear_activity",
+        "number_of_employees",
+    )
+    categorical_features: tuple[str, ...] = ()
+    # Columns that must hold non-negative whole numbers; they are also log-transformed for training
+    # because counts of activity and staff are heavily skewed.
+    count_columns: tuple[str, ...] = (
+        "lastmonth_activity",
+        "lastyear_activity",
+        "number_of_employees",
+    )
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        return self.numeric_features + self.categorical_features
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Every column a data file must have, in the order the master dataset keeps them."""
+        return self.id_columns + self.features + (self.target,)
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """How the attrition model is trained."""
+
+    C: float = 1.0
+    max_iter: int = 1000
+    random_state: int = 0
+    cv_folds: int = 5
+    # The decision threshold is tuned for F1 only when every cross-validation fold can hold at least
+    # this many rows of each class; with fewer rows a tuned threshold is noise, so 0.5 is used.
+    min_class_rows_per_fold: int = 5
+    default_threshold: float = 0.5
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    """How a model is scored on the test data."""
+
+    bootstrap_samples: int = 1000
+    confidence: float = 0.95
+    random_state: int = 0
+
+
+@dataclass(frozen=True)
+class DeploymentSettings:
+    """How many earlier releases production keeps for rollback."""
+
+    keep_releases: int = 10
+
+
+@dataclass(frozen=True)
+class DriftSettings:
+    """When a fall of F1 on new data counts as model drift (see fullprocess.py and the README)."""
+
+    # "interval": drift when the deployed F1 lies above the upper end of the new batch's bootstrap
+    # interval of F1 and the drop exceeds `tolerance`; "raw": any drop larger than `tolerance`
+    # (the original behaviour with tolerance 0).
+    rule: str = "interval"
+    tolerance: float = 0.0
+
+
+@dataclass(frozen=True)
+class DiagnosticsSettings:
+    """Dependency checks, drift tests and the risk list."""
+
+    dependency_cache_hours: float = 24.0
+    pip_timeout_seconds: float = 30.0
+    drift_p_value: float = 0.05
+    drift_psi_threshold: float = 0.2
+    risk_top_n: int = 100
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """How apicalls.py reaches the API and what the API accepts."""
+
+    base_url: str = "http://127.0.0.1:8000"
+    max_request_bytes: int = 16 * 1024 * 1024
+    token_env_var: str = "RISK_API_TOKEN"
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelSettings,
+    "scoring": ScoringSettings,
+    "deployment": DeploymentSettings,
+    "drift": DriftSettings,
+    "diagnostics": DiagnosticsSettings,
+    "api": ApiSettings,
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved paths, schema and options shared by every stage."""
+
+    config_path: Path
+    input_folder: Path
+    output_folder: Path
+    test_data_path: Path
+    model_folder: Path
+    deployment_folder: Path
+    log_path: Path
+    schema: Schema = field(default_factory=Schema)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    scoring: ScoringSettings = field(default_factory=ScoringSettings)
+    deployment: DeploymentSettings = field(default_factory=DeploymentSettings)
+    drift: DriftSettings = field(default_factory=DriftSettings)
+    diagnostics: DiagnosticsSettings = field(default_factory=DiagnosticsSettings)
+    api: ApiSettings = field(default_factory=ApiSettings)
+
+    @property
+    def base_dir(self) -> Path:
+        return self.config_path.parent
+
+    @property
+    def finaldata_path(self) -> Path:
+        return self.output_folder / "finaldata.csv"
+
+    @property
+    def ingested_files_path(self) -> Path:
+        return self.output_folder / "ingestedfiles.txt"
+
+    @property
+    def quarantine_path(self) -> Path:
+        return self.output_folder / "quarantine.csv"
+
+    @property
+    def latest_batch_path(self) -> Path:
+        """The rows the most recent ingestion added, for drift checks against the deployed model."""
+        return self.output_folder / "latestbatch.csv"
+
+    @property
+    def records_path(self) -> Path:
+        return self.output_folder / "records.sqlite"
+
+    @property
+    def model_path(self) -> Path:
+        return self.model_folder / "trainedmodel.pkl"
+
+    @property
+    def model_metadata_path(self) -> Path:
+        return self.model_folder / "trainedmodel.json"
+
+    @property
+    def score_path(self) -> Path:
+        return self.model_folder / "latestscore.txt"
+
+    def test_data_files(self) -> list[Path]:
+        """The test data: the file named by test_data_path, or every .csv in that folder."""
+        if self.test_data_path.is_file():
+            return [self.test_data_path]
+        if not self.test_data_path.is_dir():
+            raise ConfigError(
+                f"test_data_path {self.test_data_path} does not exist "
+                f"(config {self.config_path})"
+            )
+        files = sorted(p for p in self.test_data_path.glob("*.csv") if not p.name.startswith("."))
+        if not files:
+            raise ConfigError(
+                f"test_data_path {self.test_data_path} holds no .csv file "
+                f"(config {self.config_path})"
+            )
+        return files
+
+
+def load_settings(config_path: str | os.PathLike[str] | None = None) -> Settings:
+    """Read config.json (default: beside the scripts, or $RISK_CONFIG) into Settings."""
+    path = Path(config_path or os.environ.get(CONFIG_ENV_VAR) or DEFAULT_CONFIG_PATH)
+    path = path.expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass --config PATH")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ConfigError(
+            f"config file {path} is not valid JSON: {error.msg} at line {error.lineno}, "
+            f"column {error.colno}"
+        ) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"config file {path} cannot be read: {error}") from None
+    return settings_from_mapping(raw, path)
+
+
+def settings_from_mapping(raw: Any, config_path: Path) -> Settings:
+    """Build Settings from a parsed config, as if it had been read from `config_path`."""
+    config_path = Path(config_path).resolve()
+    where = f"in config {config_path}"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config must be a JSON object {where}")
+    missing = [key for key in REQUIRED_PATH_KEYS if key not in raw]
+    if missing:
+        raise ConfigError(f"missing key {', '.join(repr(k) for k in missing)} {where}")
+    known = set(REQUIRED_PATH_KEYS) | set(SECTIONS) | {"schema", "log_path"}
+    for key in sorted(set(raw) - known):
+        log.warning("ignoring unknown config key %r %s", key, where)
+
+    paths = {key: _resolve_path(raw[key], key, config_path) for key in REQUIRED_PATH_KEYS}
+    for key in ("input_folder_path", "test_data_path"):
+        if not paths[key].exists():
+            raise ConfigError(f"{key} {paths[key]} does not exist ({key!r} {where})")
+    log_path = _resolve_path(raw.get("log_path", "logs/fullprocess.log"), "log_path", config_path)
+
+    sections = {name: _section(raw.get(name, {}), cls, name, where) for name, cls in SECTIONS.items()}
+    return Settings(
+        config_path=config_path,
+        input_folder=paths["input_folder_path"],
+        output_folder=paths["output_folder_path"],
+        test_data_path=paths["test_data_path"],
+        model_folder=paths["output_model_path"],
+        deployment_folder=paths["prod_deployment_path"],
+        log_path=log_path,
+        schema=_schema(raw.get("schema", {}), where),
+        **sections,
+    )
+
+
+def _resolve_path(value: Any, key: str, config_path: Path) -> Path:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{key!r} must be a non-empty path string in config {config_path}")
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (config_path.parent / path).resolve()
+
+
+def _section(raw: Any, cls: type, name: str, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name!r} must be a JSON object {where}")
+    defaults = {f.name: f.default for f in fields(cls)}
+    unknown = sorted(set(raw) - set(defaults))
+    if unknown:
+        raise ConfigError(f"unknown key {', '.join(unknown)} in {name!r} {where}")
+    values = {}
+    for key, value in raw.items():
+        expected = type(defaults[key])
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, expected) or isinstance(value, bool) != (expected is bool):
+            raise ConfigError(
+                f"{name}.{key} must be {expected.__name__}, got {value!r} {where}"
+            )
+        values[key] = value
+    return cls(**values)
+
+
+def _schema(raw: Any, where: str) -> Schema:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"'schema' must be a JSON object {where}")
+    default = Schema()
+    allowed = {f.name for f in fields(Schema)}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown key {', '.join(unknown)} in 'schema' {where}")
+    target = raw.get("target", default.target)
+    if not isinstance(target, str) or not target:
+        raise ConfigError(f"schema.target must be a column name {where}")
+    lists = {}
+    for key in ("id_columns", "numeric_features", "categorical_features", "count_columns"):
+        value = raw.get(key, list(getattr(default, key)))
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"schema.{key} must be a list of column names {where}")
+        lists[key] = tuple(value)
+    if "count_columns" not in raw and "numeric_features" in raw:
+        lists["count_columns"] = tuple(
+            c for c in default.count_columns if c in lists["numeric_features"]
+        )
+    schema = Schema(target=target, **lists)
+    if not schema.features:
+        raise ConfigError(f"schema names no feature columns {where}")
+    names = list(schema.columns)
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise ConfigError(
+            f"schema uses column {', '.join(duplicated)} twice (a column is an id, a feature "
+            f"or the target) {where}"
+        )
+    stray = sorted(set(schema.count_columns) - set(schema.numeric_features))
+    if stray:
+        raise ConfigError(f"schema.count_columns {', '.join(stray)} are not numeric_features {where}")
+    return schema
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    """The --config option every script takes."""
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help=f"config.json to use (default: ${CONFIG_ENV_VAR} or {DEFAULT_CONFIG_PATH.name} "
+        "beside the scripts)",
+    )

@@ -1,0 +1,270 @@
+"""Training: fit the attrition model on the master dataset and save it with readable metadata.
+
+The model is a scikit-learn Pipeline (per-type preprocessing in a ColumnTransformer, then logistic
+regression) wrapped in a threshold classifier: the system is judged by F1, so the decision threshold
+is tuned for F1 by cross-validation and travels inside the pickle, where every prediction uses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import pickle
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import sklearn
+from sklearn.base import ClassifierMixin
+from sklearn.compose import ColumnTransformer
+from sklearn.impute import SimpleImputer
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import f1_score, roc_auc_score
+from sklearn.model_selection import (
+    FixedThresholdClassifier,
+    StratifiedKFold,
+    TunedThresholdClassifierCV,
+)
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
+
+import atomicio
+import records
+from errors import DeploymentError, InsufficientDataError, ModelNotFoundError, run_cli
+from ingestion import read_master
+from settings import ModelSettings, Schema, Settings, add_config_argument, load_settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingResult:
+    """A trained model, where it was saved, and what is known about it."""
+
+    model: ClassifierMixin
+    model_path: Path
+    metadata_path: Path
+    metadata: dict[str, Any]
+
+    @property
+    def version(self) -> str:
+        return self.metadata["version"]
+
+    def summary(self) -> str:
+        meta = self.metadata
+        metrics = meta["training_metrics"]
+        lines = [
+            f"Trained model {meta['version']} on {meta['training_data']['rows']} rows "
+            f"({meta['training_data']['leavers']} leavers) in {meta['training_seconds']:.2f} s",
+            f"  decision threshold {meta['threshold']:.3f} ({meta['threshold_source']})",
+        ]
+        if metrics.get("cv_f1") is not None:
+            lines.append(f"  cross-validated F1 at that threshold: {metrics['cv_f1']:.3f}")
+        lines.append(f"  F1 on the training data: {metrics['train_f1']:.3f}")
+        lines.append(f"Saved {self.model_path} and {self.metadata_path.name}")
+        return "\n".join(lines)
+
+
+def build_pipeline(schema: Schema, options: ModelSettings) -> Pipeline:
+    """Preprocessing by column type, then logistic regression; id columns are never features."""
+    counts = [c for c in schema.numeric_features if c in schema.count_columns]
+    other_numbers = [c for c in schema.numeric_features if c not in schema.count_columns]
+    transformers = []
+    if counts:
+        transformers.append((
+            "counts",
+            make_pipeline(
+                SimpleImputer(strategy="median"),
+                # Activity and company size span orders of magnitude; log1p makes them usable by
+                # a linear model and keeps zero at zero.
+                FunctionTransformer(np.log1p, feature_names_out="one-to-one"),
+                StandardScaler(),
+            ),
+            counts,
+        ))
+    if other_numbers:
+        transformers.append((
+            "numbers",
+            make_pipeline(SimpleImputer(strategy="median"), StandardScaler()),
+            other_numbers,
+        ))
+    if schema.categorical_features:
+        transformers.append((
+            "categories",
+            make_pipeline(
+                SimpleImputer(strategy="constant", fill_value="missing"),
+                OneHotEncoder(handle_unknown="ignore"),
+            ),
+            list(schema.categorical_features),
+        ))
+    classifier = LogisticRegression(
+        C=options.C, max_iter=options.max_iter, random_state=options.random_state
+    )
+    return Pipeline([
+        ("preprocess", ColumnTransformer(transformers, remainder="drop")),
+        ("classifier", classifier),
+    ])
+
+
+def fit_model(
+    frame: pd.DataFrame, schema: Schema, options: ModelSettings
+) -> tuple[ClassifierMixin, dict[str, Any]]:
+    """Fit the model and choose its threshold; return it with how the threshold was chosen."""
+    target = frame[schema.target].astype(int).to_numpy()
+    features = frame[list(schema.features)]
+    class_counts = np.bincount(target, minlength=2)
+    if len(frame) == 0 or class_counts.min() == 0:
+        only = "no rows" if len(frame) == 0 else (
+            f"only {'leavers' if class_counts[0] == 0 else 'clients who stayed'} "
+            f"({len(frame)} rows, {schema.target}={int(target[0])} for all)"
+        )
+        raise InsufficientDataError(
+            f"cannot train: the training data has {only}; a model needs both clients who left "
+            "and clients who stayed. Ingest more data first."
+        )
+    pipeline = build_pipeline(schema, options)
+    needed = options.cv_folds * options.min_class_rows_per_fold
+    if class_counts.min() >= needed:
+        folds = StratifiedKFold(options.cv_folds, shuffle=True, random_state=options.random_state)
+        model = TunedThresholdClassifierCV(
+            pipeline, scoring="f1", cv=folds, random_state=options.random_state
+        )
+        model.fit(features, target)
+        threshold = float(model.best_threshold_)
+        info = {
+            "threshold": threshold,
+            "threshold_source": f"tuned for F1 by {options.cv_folds}-fold cross-validation",
+            "cv_f1": float(model.best_score_),
+        }
+    else:
+        threshold = options.default_threshold
+        model = FixedThresholdClassifier(pipeline, threshold=threshold, response_method="predict_proba")
+        model.fit(features, target)
+        info = {
+            "threshold": threshold,
+            "threshold_source": (
+                f"default: the smaller class has {class_counts.min()} rows, tuning needs "
+                f"at least {needed} ({options.cv_folds} folds x {options.min_class_rows_per_fold})"
+            ),
+            "cv_f1": None,
+        }
+    return model, info
+
+
+def train(settings: Settings) -> TrainingResult:
+    """Train on the master dataset and save trainedmodel.pkl with its metadata beside it."""
+    data_path = settings.finaldata_path
+    if not data_path.exists():
+        raise InsufficientDataError(
+            f"no master dataset at {data_path}: run ingestion.py first"
+        )
+    started = time.perf_counter()
+    data_checksum = atomicio.sha256_of(data_path)
+    frame = read_master(settings)
+    schema = settings.schema
+    model, threshold_info = fit_model(frame, schema, settings.model)
+    seconds = time.perf_counter() - started
+
+    target = frame[schema.target].astype(int).to_numpy()
+    probabilities = model.predict_proba(frame[list(schema.features)])[:, 1]
+    trained_at = datetime.now(UTC)
+    version = f"{trained_at:%Y%m%dT%H%M%SZ}-{data_checksum[:8]}"
+    metadata = {
+        "version": version,
+        "trained_at": trained_at.isoformat(timespec="seconds"),
+        "training_data": {
+            "path": str(data_path),
+            "sha256": data_checksum,
+            "rows": len(frame),
+            "leavers": int(target.sum()),
+        },
+        "schema": {
+            "target": schema.target,
+            "id_columns": list(schema.id_columns),
+            "numeric_features": list(schema.numeric_features),
+            "categorical_features": list(schema.categorical_features),
+            "count_columns": list(schema.count_columns),
+        },
+        "features": list(schema.features),
+        "threshold": threshold_info["threshold"],
+        "threshold_source": threshold_info["threshold_source"],
+        "model_settings": vars(settings.model),
+        "training_metrics": {
+            "cv_f1": threshold_info["cv_f1"],
+            "train_f1": float(f1_score(target, probabilities >= threshold_info["threshold"])),
+            "train_roc_auc": float(roc_auc_score(target, probabilities)),
+        },
+        "training_seconds": round(seconds, 3),
+        "library_versions": library_versions(),
+    }
+    atomicio.write_bytes(settings.model_path, pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL))
+    metadata["model_sha256"] = atomicio.sha256_of(settings.model_path)
+    atomicio.write_json(settings.model_metadata_path, metadata)
+    records.add(
+        settings.records_path,
+        "trainings",
+        {
+            "time": metadata["trained_at"],
+            "model_version": version,
+            "data_checksum": data_checksum,
+            "rows": len(frame),
+            "threshold": metadata["threshold"],
+            "seconds": seconds,
+            "details": metadata,
+        },
+    )
+    log.info("trained model %s on %d rows", version, len(frame))
+    return TrainingResult(model, settings.model_path, settings.model_metadata_path, metadata)
+
+
+def library_versions() -> dict[str, str]:
+    """The versions a pickled model depends on; loading it elsewhere should match them."""
+    return {
+        "python": platform.python_version(),
+        "scikit-learn": sklearn.__version__,
+        "pandas": pd.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def load_model(model_path: Path, expected_sha256: str | None = None) -> ClassifierMixin:
+    """Unpickle a model this project saved; with a checksum, refuse a file that differs from it."""
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise ModelNotFoundError(f"no model at {model_path}: run training.py first")
+    data = model_path.read_bytes()
+    if expected_sha256 is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected_sha256:
+            raise DeploymentError(
+                f"model {model_path} does not match its recorded checksum "
+                f"(expected {expected_sha256[:12]}…, found {actual[:12]}…): refusing to load it; "
+                "redeploy or roll back"
+            )
+    # Only ever our own, checksummed files reach this point: a pickle runs code when loaded.
+    return pickle.loads(data)  # noqa: S301
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_config_argument(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = load_settings(args.config)
+    result = train(settings)
+    print(result.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
