@@ -35,6 +35,7 @@ MODEL_FILE = "trainedmodel.pkl"
 METADATA_FILE = "trainedmodel.json"
 SCORE_FILE = "latestscore.txt"
 INGESTED_FILE = "ingestedfiles.txt"
+TRAINING_SAMPLE_FILE = "trainingsample.csv"
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,10 @@ class Release:
     @property
     def ingested_files_path(self) -> Path:
         return self.folder / INGESTED_FILE
+
+    @property
+    def training_sample_path(self) -> Path:
+        return self.folder / TRAINING_SAMPLE_FILE
 
     def metadata(self) -> dict[str, Any]:
         return atomicio.read_json(self.metadata_path)
@@ -146,6 +151,7 @@ def deploy(settings: Settings) -> Release:
         METADATA_FILE: settings.model_metadata_path,
         SCORE_FILE: settings.score_path,
         INGESTED_FILE: settings.ingested_files_path,
+        TRAINING_SAMPLE_FILE: settings.training_sample_path,
     }
     absent = [str(path) for path in sources.values() if not path.is_file()]
     if absent:

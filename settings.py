@@ -190,6 +190,32 @@ class Settings:
     def score_path(self) -> Path:
         return self.model_folder / "latestscore.txt"
 
+    @property
+    def training_sample_path(self) -> Path:
+        """A sample of the rows the model was trained on: the reference for data drift."""
+        return self.model_folder / "trainingsample.csv"
+
+    @property
+    def confusion_matrix_path(self) -> Path:
+        return self.model_folder / "confusionmatrix.png"
+
+    @property
+    def report_path(self) -> Path:
+        return self.model_folder / "report.pdf"
+
+    @property
+    def api_returns_path(self) -> Path:
+        return self.model_folder / "apireturns.txt"
+
+    @property
+    def risk_scores_path(self) -> Path:
+        """Every client ranked by attrition risk, beside the deployed model."""
+        return self.deployment_folder / "riskscores.csv"
+
+    @property
+    def dependency_cache_path(self) -> Path:
+        return self.output_folder / "dependencies.json"
+
     def test_data_files(self) -> list[Path]:
         """The test data: the file named by test_data_path, or every .csv in that folder."""
         if self.test_data_path.is_file():

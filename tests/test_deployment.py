@@ -1,0 +1,123 @@
+"""Deployment: releases switch whole through the manifest, are kept, listed, rolled back, verified."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import deployment
+import records
+from deployment import current_release, deploy, list_releases, load_deployed_model, rollback
+from errors import DeploymentError, ModelNotDeployedError
+from scoring import score
+from training import train
+
+
+def retrain_and_deploy(settings):
+    """A second release: the data is unchanged, so only the training time makes the version new."""
+    train(settings)
+    score(settings)
+    return deploy(settings)
+
+
+def test_release_holds_every_file_with_matching_checksums(deployed):
+    release = current_release(deployed)
+
+    assert sorted(release.files) == sorted(
+        ["trainedmodel.pkl", "trainedmodel.json", "latestscore.txt", "ingestedfiles.txt",
+         "trainingsample.csv"]
+    )
+    deployment.verify_release(release)
+    assert release.f1 == pytest.approx(float(deployed.score_path.read_text()))
+
+
+def test_deployed_model_loads_and_predicts(deployed):
+    model, release = load_deployed_model(deployed)
+
+    assert release.is_current
+    assert hasattr(model, "predict_proba")
+
+
+def test_nothing_deployed_says_how_to_deploy(workspace):
+    with pytest.raises(ModelNotDeployedError, match="deployment.py"):
+        current_release(workspace)
+
+
+def test_deploy_before_training_names_what_is_missing(workspace):
+    with pytest.raises(DeploymentError, match="trainedmodel.pkl"):
+        deploy(workspace)
+
+
+def test_new_release_becomes_current_and_old_one_is_kept(deployed):
+    first = current_release(deployed)
+
+    second = retrain_and_deploy(deployed)
+
+    assert current_release(deployed).version == second.version != first.version
+    assert [r.version for r in list_releases(deployed)] == [first.version, second.version]
+    actions = records.query(deployed.records_path, "SELECT action, version FROM deployments")
+    assert [a["version"] for a in actions] == [first.version, second.version]
+
+
+def test_rollback_without_version_returns_to_the_previous_release(deployed):
+    first = current_release(deployed)
+    retrain_and_deploy(deployed)
+
+    restored = rollback(deployed)
+
+    assert restored.version == first.version
+    assert current_release(deployed).version == first.version
+
+
+def test_rollback_to_unknown_version_lists_the_kept_ones(deployed):
+    with pytest.raises(DeploymentError, match="kept releases"):
+        rollback(deployed, "no-such-version")
+
+
+def test_tampered_model_is_refused_on_load(deployed):
+    release = current_release(deployed)
+    release.model_path.write_bytes(b"tampered")
+
+    with pytest.raises(DeploymentError, match="checksum"):
+        load_deployed_model(deployed)
+
+
+def test_crash_while_staging_leaves_the_current_release_serving(deployed, monkeypatch):
+    before = current_release(deployed)
+    retrain_target = deployed.model_metadata_path
+    metadata = json.loads(retrain_target.read_text())
+    retrain_target.write_text(json.dumps({**metadata, "version": "crashing-release"}))
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(deployment.os, "rename", crash)
+    with pytest.raises(OSError):
+        deploy(deployed)
+
+    assert current_release(deployed).version == before.version
+    load_deployed_model(deployed)
+    leftovers = [p.name for p in deployment.releases_folder(deployed).iterdir()]
+    assert leftovers == [before.version]
+
+
+def test_only_the_configured_number_of_releases_is_kept(deployed):
+    from dataclasses import replace
+
+    from settings import DeploymentSettings
+
+    settings = replace(deployed, deployment=DeploymentSettings(keep_releases=2))
+    for _ in range(2):
+        retrain_and_deploy(settings)
+
+    kept = list_releases(settings)
+    assert len(kept) == 2
+    assert kept[-1].is_current
+
+
+def test_list_and_rollback_from_the_command_line(deployed, capsys):
+    version = current_release(deployed).version
+
+    assert deployment.main(["--config", str(deployed.config_path), "--list"]) == 0
+    assert f"* {version}" in capsys.readouterr().out

@@ -1,0 +1,229 @@
+"""Ingestion: every new file compiled once, every row accounted for, bad input rejected with reasons."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pandas as pd
+import pytest
+
+import generate_data
+import records
+from errors import DataError
+from ingestion import find_new_files, ingest, main, read_dataset, read_master
+
+HEADER = "corporation,lastmonth_activity,lastyear_activity,number_of_employees,exited\n"
+
+
+def ingestion_rows(settings):
+    return records.query(settings.records_path, "SELECT * FROM ingestions ORDER BY id")
+
+
+def test_first_ingestion_compiles_every_source_file(workspace):
+    report = ingest(workspace)
+
+    master = read_master(workspace)
+    assert [f.file for f in report.ingested] == ["batch1.csv", "batch2.csv"]
+    assert len(master) == report.total_rows == report.accepted_rows == 1200
+    assert list(master.columns) == list(workspace.schema.columns)
+    assert workspace.ingested_files_path.read_text().splitlines() == ["batch1.csv", "batch2.csv"]
+    assert [row["status"] for row in ingestion_rows(workspace)] == ["ingested", "ingested"]
+
+
+def test_second_run_without_new_files_changes_nothing(workspace):
+    ingest(workspace)
+    before = workspace.finaldata_path.read_bytes()
+
+    report = ingest(workspace)
+
+    assert report.files == []
+    assert workspace.finaldata_path.read_bytes() == before
+    assert len(ingestion_rows(workspace)) == 2
+    assert "No new data" in report.summary()
+
+
+def test_replaced_file_is_ingested_again(workspace):
+    ingest(workspace)
+    replacement = generate_data.make_clients(50, seed=99, id_offset=500_000)
+    generate_data.write_csv(replacement, workspace.input_folder / "batch1.csv")
+
+    report = ingest(workspace)
+
+    assert [f.file for f in report.ingested] == ["batch1.csv"]
+    assert report.accepted_rows == 50
+    assert len(read_master(workspace)) == 1250
+
+
+def test_same_bytes_under_a_new_name_are_not_ingested_twice(workspace):
+    ingest(workspace)
+    shutil.copyfile(workspace.input_folder / "batch1.csv", workspace.input_folder / "copy.csv")
+
+    assert find_new_files(workspace) == []
+    assert ingest(workspace).files == []
+
+
+@pytest.mark.parametrize(
+    "name",
+    [".hidden.csv", "upload.csv.tmp", "upload.csv.part", "notes.txt"],
+)
+def test_hidden_partial_and_non_csv_files_are_never_read(workspace, name):
+    (workspace.input_folder / name).write_text(HEADER + "zzz,1,2,3,1\n")
+
+    report = ingest(workspace)
+
+    assert name not in [f.file for f in report.files]
+
+
+def test_duplicate_rows_are_counted_not_added(workspace):
+    ingest(workspace)
+    old_rows = pd.read_csv(workspace.input_folder / "batch1.csv").head(10)
+    new_rows = generate_data.make_clients(5, seed=7, id_offset=600_000)
+    generate_data.write_csv(pd.concat([old_rows, new_rows, new_rows.head(2)]),
+                            workspace.input_folder / "more.csv")
+
+    outcome = ingest(workspace).files[0]
+
+    assert (outcome.rows_read, outcome.accepted, outcome.duplicate) == (17, 5, 12)
+    assert len(read_master(workspace)) == 1205
+
+
+def test_every_row_of_a_dirty_file_is_accounted_for(workspace):
+    dirty = generate_data.make_dirty(500, seed=3, id_offset=700_000)
+    expected = generate_data.dirty_expectations(500, seed=3)
+    dirty.to_csv(workspace.input_folder / "dirty.csv", index=False)
+
+    report = ingest(workspace)
+    outcome = next(f for f in report.files if f.file == "dirty.csv")
+
+    assert outcome.rows_read == expected.rows
+    assert outcome.duplicate == expected.duplicates
+    assert outcome.quarantined == expected.quarantined
+    assert outcome.accepted == expected.accepted
+    assert outcome.missing_cells == expected.missing_feature_rows
+    quarantine = pd.read_csv(workspace.quarantine_path, dtype=str, keep_default_na=False)
+    assert len(quarantine) == expected.quarantined
+    assert (quarantine["source_file"] == "dirty.csv").all()
+    assert (quarantine["reason"] != "").all()
+    assert "quarantined" in report.summary()
+
+
+def test_quarantine_gives_a_reason_and_line_for_each_bad_row(workspace):
+    bad_rows = [
+        "aaa,abc,10,3,1",     # not a number
+        "bbb,-5,10,3,0",      # negative count
+        "ccc,2.5,10,3,0",     # not a whole number
+        "ddd,1,10,3,maybe",   # not a label
+        "eee,1,10,3,",        # no target
+        ",1,10,3,0",          # no client id
+    ]
+    good_rows = ["fff,1,10,3,yes", "ggg,,10,3,FALSE", "hhh,n/a,10,3,1"]
+    (workspace.input_folder / "mixed.csv").write_text(HEADER + "\n".join(bad_rows + good_rows) + "\n")
+
+    ingest(workspace)
+
+    quarantine = pd.read_csv(workspace.quarantine_path, dtype=str, keep_default_na=False)
+    reasons = dict(zip(quarantine["source_line"].astype(int), quarantine["reason"], strict=True))
+    assert reasons == {
+        2: "lastmonth_activity 'abc' is not a number",
+        3: "lastmonth_activity '-5' is negative",
+        4: "lastmonth_activity '2.5' is not a whole number",
+        5: "target exited 'maybe' is not a label (0/1, yes/no, true/false)",
+        6: "missing target (exited)",
+        7: "missing client id (corporation)",
+    }
+    master = read_master(workspace).set_index("corporation")
+    assert master.loc[["fff", "ggg", "hhh"], "exited"].tolist() == [1, 0, 1]
+    assert master.loc[["ggg", "hhh"], "lastmonth_activity"].isna().all()
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"", "empty"),
+        (HEADER.encode(), "no data rows"),
+        (b"corporation,exited\nabc,1\n", "missing required column(s) lastmonth_activity"),
+        (b"\xff\xfe\x00garbage\x00\xff", "cannot be read"),
+        (HEADER.encode() + b'abc,"1,2\n', "cannot be read"),
+    ],
+    ids=["empty", "header-only", "missing-columns", "binary", "broken-quotes"],
+)
+def test_unusable_file_is_rejected_whole_and_others_still_go_in(workspace, content, reason):
+    (workspace.input_folder / "bad.csv").write_bytes(content)
+
+    report = ingest(workspace)
+
+    rejected = {f.file: f.reason for f in report.rejected}
+    assert reason in rejected["bad.csv"]
+    assert len(read_master(workspace)) == 1200
+    assert "REJECTED" in report.summary()
+
+
+def test_rejected_file_is_not_retried_until_it_changes(workspace):
+    (workspace.input_folder / "bad.csv").write_text("nonsense\n")
+    ingest(workspace)
+
+    assert find_new_files(workspace) == []
+    (workspace.input_folder / "bad.csv").write_text(HEADER + "zzz,1,2,3,1\n")
+    assert [f.path.name for f in find_new_files(workspace)] == ["bad.csv"]
+
+
+def test_extra_columns_are_ignored_and_reported(workspace):
+    (workspace.input_folder / "extra.csv").write_text(
+        "region," + HEADER + "north,zzz,1,2,3,1\n"
+    )
+
+    outcome = next(f for f in ingest(workspace).files if f.file == "extra.csv")
+
+    assert outcome.accepted == 1
+    assert outcome.ignored_columns == ["region"]
+
+
+def test_outputs_are_written_atomically_without_leftovers(workspace):
+    ingest(workspace)
+
+    leftovers = [p.name for p in workspace.output_folder.iterdir() if p.name.endswith(".tmp")]
+    assert leftovers == []
+
+
+def test_latest_batch_holds_only_the_rows_of_the_newest_ingestion(workspace):
+    ingest(workspace)
+    generate_data.write_csv(generate_data.make_clients(40, seed=5, id_offset=800_000),
+                            workspace.input_folder / "new.csv")
+
+    ingest(workspace)
+
+    assert len(pd.read_csv(workspace.latest_batch_path)) == 40
+
+
+def test_unchanged_file_is_not_read_again(workspace, monkeypatch):
+    ingest(workspace)
+    import atomicio
+
+    def fail(path):
+        raise AssertionError(f"hashed {path} again")
+
+    monkeypatch.setattr(atomicio, "sha256_of", fail)
+    assert find_new_files(workspace) == []
+
+
+def test_touched_file_with_same_content_is_not_new(workspace):
+    ingest(workspace)
+    path = workspace.input_folder / "batch1.csv"
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+
+    assert find_new_files(workspace) == []
+
+
+def test_read_dataset_refuses_invalid_rows_naming_them(tmp_path, workspace):
+    path = tmp_path / "bad.csv"
+    path.write_text(HEADER + "aaa,1,2,3,1\nbbb,x,2,3,0\n")
+
+    with pytest.raises(DataError, match=r"1 invalid row\(s\): row 2: lastmonth_activity 'x'"):
+        read_dataset(path, workspace.schema)
+
+
+def test_command_line_prints_the_report(workspace, capsys):
+    assert main(["--config", str(workspace.config_path)]) == 0
+
+    assert "Ingested 2 new file(s)" in capsys.readouterr().out

@@ -1,0 +1,79 @@
+"""Scoring: F1 alone in latestscore.txt, the full metrics with an F1 interval in the records."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import records
+from errors import DataError
+from scoring import compute_metrics, main, score
+from settings import ScoringSettings
+
+
+def test_score_writes_f1_alone_and_records_full_metrics(deployed):
+    report = score(deployed)
+
+    assert float(deployed.score_path.read_text()) == pytest.approx(report.metrics.f1)
+    row = records.query(deployed.records_path, "SELECT * FROM scores ORDER BY id DESC LIMIT 1")[0]
+    assert row["f1"] == pytest.approx(report.metrics.f1)
+    assert row["rows"] == 400
+    assert row["f1_low"] <= row["f1"] <= row["f1_high"]
+    assert 0.5 < row["roc_auc"] <= 1
+    assert 0 < row["leaver_share"] < 1
+    assert row["model_version"] == report.model_version
+
+
+def test_metrics_match_hand_computed_values():
+    truth = np.array([1, 1, 1, 0, 0, 0, 0, 0])
+    predictions = np.array([1, 1, 0, 1, 0, 0, 0, 0])
+    probabilities = np.array([0.9, 0.8, 0.3, 0.7, 0.2, 0.1, 0.1, 0.05])
+
+    metrics = compute_metrics(truth, probabilities, predictions, ScoringSettings())
+
+    assert metrics.precision == pytest.approx(2 / 3)
+    assert metrics.recall == pytest.approx(2 / 3)
+    assert metrics.f1 == pytest.approx(2 / 3)
+    assert metrics.leaver_share == pytest.approx(3 / 8)
+    assert metrics.roc_auc == pytest.approx(14 / 15)
+
+
+def test_f1_interval_narrows_with_more_rows():
+    rng = np.random.default_rng(0)
+    widths = []
+    for rows in (200, 20_000):
+        truth = rng.integers(0, 2, rows)
+        predictions = np.where(rng.random(rows) < 0.8, truth, 1 - truth)
+        metrics = compute_metrics(truth, predictions.astype(float), predictions, ScoringSettings())
+        assert metrics.f1_low < metrics.f1 < metrics.f1_high
+        widths.append(metrics.f1_high - metrics.f1_low)
+
+    assert widths[1] < widths[0] / 5
+
+
+def test_scoring_another_model_leaves_latestscore_alone(deployed):
+    from deployment import current_release
+
+    before = deployed.score_path.read_text()
+    release = current_release(deployed)
+
+    report = score(deployed, model_path=release.model_path)
+
+    assert report.model_version == release.version
+    assert report.score_path is None
+    assert deployed.score_path.read_text() == before
+
+
+def test_scoring_on_invalid_test_data_names_the_problem(deployed):
+    test_file = deployed.test_data_files()[0]
+    test_file.write_text(test_file.read_text() + "zzz,lots,1,1,1\n")
+
+    with pytest.raises(DataError, match="'lots' is not a number"):
+        score(deployed)
+
+
+def test_command_line_prints_metrics(deployed, capsys):
+    assert main(["--config", str(deployed.config_path)]) == 0
+
+    output = capsys.readouterr().out
+    assert "F1" in output and "bootstrap interval" in output

@@ -1,0 +1,132 @@
+"""Training: a deterministic pipeline, an F1-tuned threshold inside the model, readable metadata."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pandas as pd
+import pytest
+
+import generate_data
+import records
+from errors import InsufficientDataError, ModelNotFoundError, DeploymentError
+from ingestion import ingest
+from training import load_model, main, train
+
+HEADER = "corporation,lastmonth_activity,lastyear_activity,number_of_employees,exited\n"
+
+
+def test_model_is_saved_with_metadata_a_person_can_read(workspace):
+    ingest(workspace)
+
+    result = train(workspace)
+
+    metadata = json.loads(workspace.model_metadata_path.read_text())
+    assert metadata["version"] == result.version
+    assert metadata["training_data"]["rows"] == 1200
+    assert metadata["features"] == list(workspace.schema.features)
+    assert set(metadata["library_versions"]) >= {"python", "scikit-learn", "pandas", "numpy"}
+    assert 0.0 < metadata["threshold"] < 1.0
+    assert "cross-validation" in metadata["threshold_source"]
+    assert metadata["training_metrics"]["cv_f1"] > 0.5
+    assert records.query(workspace.records_path, "SELECT model_version FROM trainings") == [
+        {"model_version": result.version}
+    ]
+
+
+def test_predictions_use_the_tuned_threshold(workspace):
+    ingest(workspace)
+    result = train(workspace)
+    frame = pd.read_csv(workspace.finaldata_path)[list(workspace.schema.features)]
+
+    probabilities = result.model.predict_proba(frame)[:, 1]
+    predictions = result.model.predict(frame)
+
+    threshold = result.metadata["threshold"]
+    assert ((probabilities >= threshold) == (predictions == 1)).all()
+
+
+def test_training_is_deterministic_for_the_same_data(workspace):
+    ingest(workspace)
+    first = train(workspace)
+    frame = pd.read_csv(workspace.finaldata_path)
+
+    second = train(workspace)
+
+    assert first.metadata["threshold"] == second.metadata["threshold"]
+    features = frame[list(workspace.schema.features)]
+    assert (first.model.predict_proba(features) == second.model.predict_proba(features)).all()
+
+
+def test_id_column_is_never_a_feature(workspace):
+    ingest(workspace)
+    model = train(workspace).model
+    frame = pd.read_csv(workspace.finaldata_path)
+
+    shuffled_ids = frame.assign(corporation=frame["corporation"].sample(frac=1, random_state=1).values)
+
+    assert (model.predict_proba(frame) == model.predict_proba(shuffled_ids)).all()
+
+
+def test_missing_feature_cells_are_imputed(workspace):
+    (workspace.input_folder / "gaps.csv").write_text(HEADER + "gap1,,100,5,1\ngap2,3,,,0\n")
+    ingest(workspace)
+
+    model = train(workspace).model
+
+    frame = pd.DataFrame({"lastmonth_activity": [None], "lastyear_activity": [None],
+                          "number_of_employees": [None]})
+    assert model.predict_proba(frame).shape == (1, 2)
+
+
+def test_one_class_only_is_a_clear_error(workspace):
+    for path in workspace.input_folder.iterdir():
+        path.unlink()
+    (workspace.input_folder / "stayers.csv").write_text(HEADER + "a,1,2,3,0\nb,4,5,6,0\n")
+    ingest(workspace)
+
+    with pytest.raises(InsufficientDataError, match="only clients who stayed"):
+        train(workspace)
+
+
+def test_tiny_data_trains_with_the_default_threshold_and_says_so(workspace):
+    for path in workspace.input_folder.iterdir():
+        path.unlink()
+    tiny = generate_data.make_clients(16, seed=4)
+    tiny.loc[:3, "exited"] = [1, 1, 0, 0]  # both classes, whatever the draw
+    generate_data.write_csv(tiny, workspace.input_folder / "tiny.csv")
+    ingest(workspace)
+
+    result = train(workspace)
+
+    assert result.metadata["threshold"] == 0.5
+    assert result.metadata["threshold_source"].startswith("default")
+    assert result.metadata["training_metrics"]["cv_f1"] is None
+
+
+def test_training_without_ingested_data_says_to_ingest(workspace):
+    with pytest.raises(InsufficientDataError, match="run ingestion.py"):
+        train(workspace)
+
+
+def test_load_model_refuses_a_file_that_differs_from_its_checksum(workspace):
+    ingest(workspace)
+    result = train(workspace)
+    workspace.model_path.write_bytes(pickle.dumps("not the model"))
+
+    with pytest.raises(DeploymentError, match="checksum"):
+        load_model(workspace.model_path, result.metadata["model_sha256"])
+
+
+def test_load_model_without_a_model_says_to_train(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="run training.py"):
+        load_model(tmp_path / "trainedmodel.pkl")
+
+
+def test_command_line_trains_and_prints_a_summary(workspace, capsys):
+    ingest(workspace)
+
+    assert main(["--config", str(workspace.config_path)]) == 0
+
+    assert "decision threshold" in capsys.readouterr().out
