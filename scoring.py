@@ -117,6 +117,68 @@ def _bootstrap_f1_interval(cell_counts: np.ndarray, options: ScoringSettings) ->
     return float(low), float(high)
 
 
+@dataclass(frozen=True)
+class ModelComparison:
+    """Two models' F1 on the same rows, and a paired bootstrap interval of their difference."""
+
+    rows: int
+    candidate_f1: float
+    deployed_f1: float
+    difference_low: float
+    difference_high: float
+
+    @property
+    def difference(self) -> float:
+        return self.candidate_f1 - self.deployed_f1
+
+    @property
+    def candidate_significantly_worse(self) -> bool:
+        return self.difference_high < 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "difference": self.difference}
+
+
+def compare_predictions(
+    truth: np.ndarray,
+    candidate: np.ndarray,
+    deployed: np.ndarray,
+    options: ScoringSettings,
+) -> ModelComparison:
+    """Compare two models' predictions on the same rows, with a paired bootstrap of F1's change.
+
+    Each row falls in one of eight cells (truth x candidate x deployed); resampling rows only moves
+    counts between those cells, so a multinomial draw over them is the exact paired bootstrap.
+    """
+    truth, candidate, deployed = (np.asarray(a, dtype=int) for a in (truth, candidate, deployed))
+    cells = truth * 4 + candidate * 2 + deployed
+    counts = np.bincount(cells, minlength=8)
+    rng = np.random.default_rng(options.random_state)
+    draws = np.vstack([counts, rng.multinomial(len(truth), counts / len(truth),
+                                               size=options.bootstrap_samples)])
+
+    def f1_of(model_bit: int) -> np.ndarray:
+        cell_index = np.arange(8)
+        predicted = (cell_index >> model_bit) & 1
+        actual = cell_index >> 2
+        tp = draws[:, (actual == 1) & (predicted == 1)].sum(axis=1)
+        fp = draws[:, (actual == 0) & (predicted == 1)].sum(axis=1)
+        fn = draws[:, (actual == 1) & (predicted == 0)].sum(axis=1)
+        return f1_from_counts(tp, fp, fn)
+
+    candidate_f1, deployed_f1 = f1_of(1), f1_of(0)
+    differences = candidate_f1[1:] - deployed_f1[1:]
+    tail = (1 - options.confidence) / 2 * 100
+    low, high = np.percentile(differences, [tail, 100 - tail])
+    return ModelComparison(
+        rows=len(truth),
+        candidate_f1=float(candidate_f1[0]),
+        deployed_f1=float(deployed_f1[0]),
+        difference_low=float(low),
+        difference_high=float(high),
+    )
+
+
 def score_frame(
     model: ClassifierMixin, frame: pd.DataFrame, settings: Settings
 ) -> Metrics:

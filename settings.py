@@ -95,13 +95,25 @@ class DeploymentSettings:
 
 @dataclass(frozen=True)
 class DriftSettings:
-    """When a fall of F1 on new data counts as model drift (see fullprocess.py and the README)."""
+    """When a fall of F1 on newly arrived data counts as model drift (fullprocess.py, README).
 
-    # "interval": drift when the deployed F1 lies above the upper end of the new batch's bootstrap
-    # interval of F1 and the drop exceeds `tolerance`; "raw": any drop larger than `tolerance`
-    # (the original behaviour with tolerance 0).
+    rule "interval" (default): drift when the deployed F1 exceeds the new batch's F1 by more than
+    the sampling noise of both, i.e. by more than z * sqrt(se_deployed^2 + se_new^2) + tolerance,
+    where each se comes from its bootstrap interval (scoring.confidence sets z). A fresh batch of the
+    same process stays inside that band about 97.5% of the time (one-sided); a changed relation
+    between features and leaving does not.
+    rule "raw": drift when the new F1 is lower than the deployed F1 by more than `tolerance` (the
+    original behaviour with tolerance 0: any drop at all, noise included).
+    """
+
     rule: str = "interval"
     tolerance: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.rule not in ("interval", "raw"):
+            raise ConfigError(f"drift.rule must be 'interval' or 'raw', not {self.rule!r}")
+        if self.tolerance < 0:
+            raise ConfigError(f"drift.tolerance must not be negative, got {self.tolerance}")
 
 
 @dataclass(frozen=True)

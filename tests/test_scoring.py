@@ -77,3 +77,30 @@ def test_command_line_prints_metrics(deployed, capsys):
 
     output = capsys.readouterr().out
     assert "F1" in output and "bootstrap interval" in output
+
+
+def test_paired_comparison_finds_a_clearly_worse_candidate():
+    from scoring import compare_predictions
+
+    rng = np.random.default_rng(1)
+    truth = rng.integers(0, 2, 2000)
+    deployed = np.where(rng.random(2000) < 0.9, truth, 1 - truth)
+    worse = np.where(rng.random(2000) < 0.6, truth, 1 - truth)
+
+    comparison = compare_predictions(truth, worse, deployed, ScoringSettings())
+
+    assert comparison.candidate_significantly_worse
+    assert comparison.difference_low <= comparison.difference <= comparison.difference_high
+
+
+def test_paired_comparison_of_a_model_with_itself_is_no_change():
+    from scoring import compare_predictions
+
+    rng = np.random.default_rng(2)
+    truth = rng.integers(0, 2, 500)
+    predictions = np.where(rng.random(500) < 0.8, truth, 1 - truth)
+
+    comparison = compare_predictions(truth, predictions, predictions, ScoringSettings())
+
+    assert comparison.difference == comparison.difference_low == comparison.difference_high == 0
+    assert not comparison.candidate_significantly_worse

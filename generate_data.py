@@ -1,0 +1,355 @@
+"""Synthetic client data for the attrition model: shipped data sets, benchmarks, test fixtures.
+
+Each client is a company with a heavy-tailed number of employees, a yearly activity proportional to
+its size, and last month's activity drawn around the yearly pace times a per-client trend. Whether
+the client left follows a logistic model of that trend and of the company's size, with enough latent
+noise that no model is perfect. A drifted batch changes that relation, so that a model trained on
+the normal process visibly loses F1: this is what the drift checks of the pipeline must notice.
+
+Client ids are a fixed scramble of the client's number (i + id_offset) into six lowercase letters,
+so they depend only on the offset: batches made with non-overlapping ranges never share a client.
+
+    python generate_data.py                         # (re)write the shipped data beside this script
+    python generate_data.py --rows 100000 --out bench/clients.csv [--seed S] [--drifted | --dirty]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import atomicio
+
+log = logging.getLogger(__name__)
+
+COLUMNS = (
+    "corporation", "lastmonth_activity", "lastyear_activity", "number_of_employees", "exited"
+)
+FEATURES = COLUMNS[1:4]
+TARGET = COLUMNS[4]
+
+ID_LETTERS = 6
+ID_SPACE = 26**ID_LETTERS
+# An affine map i -> (a*i + b) mod 26**6 is a bijection when a shares no factor with 26, so distinct
+# client numbers always get distinct ids while neighbouring numbers do not look alike.
+_ID_MULTIPLIER = 48_271_193
+_ID_SHIFT = 97_533_117
+
+# Company size: log(employees) ~ Normal(mean, sd): median ~30 staff, a tail into tens of thousands.
+_LOG_SIZE_MEAN = 3.4
+_LOG_SIZE_SD = 1.7
+_MAX_EMPLOYEES = 60_000
+# Yearly activity per employee, and the spread of each client's trend (log of this month's pace
+# against the yearly one).
+_LOG_RATE_MEAN = np.log(60.0)
+_LOG_RATE_SD = 0.6
+_TREND_SD = 0.5
+# Gamma shape of the month's extra-Poisson noise: last month is negative-binomial around its mean.
+_MONTH_DISPERSION = 30.0
+
+
+@dataclass(frozen=True)
+class AttritionRelation:
+    """How the latent logit of leaving depends on a client's trend and (log) size."""
+
+    intercept: float
+    trend: float  # per unit of log trend; negative: a falling month raises the risk
+    size: float  # per unit of log employees above the typical company
+    steadiness: float  # per unit of |log trend|; negative: steady clients are the ones who leave
+
+
+NORMAL = AttritionRelation(intercept=-3.0, trend=-8.0, size=-0.35, steadiness=0.0)
+# After the drift the trend counts for a quarter of what it did, and large companies with steady
+# activity leave: a model of the normal relation ranks the wrong clients first.
+DRIFTED = AttritionRelation(intercept=-1.5, trend=-2.0, size=0.7, steadiness=-1.0)
+
+# Shipped files: (folder, name, rows, seed, id offset). The offsets start far above the ranges that
+# benchmarks use with the default offset 0, and each file has its own range.
+_SHIPPED_ID_BASE = 200_000_000
+SHIPPED_FILES = (
+    ("practicedata", "dataset1.csv", 150, 2, _SHIPPED_ID_BASE),
+    ("practicedata", "dataset2.csv", 150, 3, _SHIPPED_ID_BASE + 1_000),
+    ("sourcedata", "dataset3.csv", 5_000, 4, _SHIPPED_ID_BASE + 10_000),
+    ("sourcedata", "dataset4.csv", 5_000, 5, _SHIPPED_ID_BASE + 20_000),
+    ("testdata", "testdata.csv", 2_000, 6, _SHIPPED_ID_BASE + 30_000),
+)
+
+
+def client_ids(n_rows: int, id_offset: int = 0) -> np.ndarray:
+    """Six-letter ids of clients number id_offset .. id_offset + n_rows - 1, one per client."""
+    if n_rows < 0 or id_offset < 0 or id_offset + n_rows > ID_SPACE:
+        raise ValueError(
+            f"client numbers {id_offset}..{id_offset + n_rows - 1} are outside 0..{ID_SPACE - 1}"
+        )
+    numbers = np.arange(id_offset, id_offset + n_rows, dtype=np.int64)
+    codes = (numbers * _ID_MULTIPLIER + _ID_SHIFT) % ID_SPACE
+    powers = 26 ** np.arange(ID_LETTERS - 1, -1, -1, dtype=np.int64)
+    letters = (codes[:, None] // powers % 26 + ord("a")).astype(np.uint8)
+    return np.ascontiguousarray(letters).view(f"S{ID_LETTERS}").ravel().astype(str)
+
+
+def make_clients(
+    n_rows: int, seed: int = 0, *, drifted: bool = False, id_offset: int = 0
+) -> pd.DataFrame:
+    """One row per client: ids, activity counts, size and whether the client left.
+
+    Deterministic: the same arguments give an identical frame. `drifted` draws the clients the same
+    way but decides who leaves by the DRIFTED relation instead of the NORMAL one.
+    """
+    rng = np.random.default_rng(seed)
+    log_size = rng.normal(_LOG_SIZE_MEAN, _LOG_SIZE_SD, n_rows)
+    employees = np.clip(np.rint(np.exp(log_size)), 1, _MAX_EMPLOYEES).astype(np.int64)
+    yearly_rate = np.exp(rng.normal(_LOG_RATE_MEAN, _LOG_RATE_SD, n_rows))
+    lastyear = rng.poisson(employees * yearly_rate)
+    log_trend = rng.normal(0.0, _TREND_SD, n_rows)
+    month_mean = lastyear / 12.0 * np.exp(log_trend)
+    month_noise = rng.gamma(_MONTH_DISPERSION, 1.0 / _MONTH_DISPERSION, n_rows)
+    lastmonth = rng.poisson(month_mean * month_noise)
+
+    relation = DRIFTED if drifted else NORMAL
+    logit = (
+        relation.intercept
+        + relation.trend * log_trend
+        + relation.size * (np.log(employees) - _LOG_SIZE_MEAN)
+        + relation.steadiness * np.abs(log_trend)
+    )
+    # Leaving when the latent logit plus logistic noise is positive is a Bernoulli draw with
+    # probability sigmoid(logit): the noise is what keeps any model from being perfect.
+    exited = (logit + rng.logistic(0.0, 1.0, n_rows) > 0).astype(np.int64)
+
+    return pd.DataFrame({
+        "corporation": client_ids(n_rows, id_offset),
+        "lastmonth_activity": lastmonth.astype(np.int64),
+        "lastyear_activity": lastyear.astype(np.int64),
+        "number_of_employees": employees,
+        "exited": exited,
+    })
+
+
+@dataclass(frozen=True)
+class DirtyExpectations:
+    """What make_dirty put into a batch, so a test can check that ingestion accounted for every row.
+
+    Every dirty row has exactly one defect. Rows to quarantine are the five kinds of bad cell
+    below; rows with one empty feature cell and rows whose target is written as a word are valid.
+    """
+
+    rows: int  # rows in the batch, duplicates included
+    duplicates: int  # extra exact copies of clean rows, each of a different row
+    non_numeric_counts: int  # a feature holds a word such as "abc"
+    negative_counts: int  # a feature holds a negative number
+    non_whole_counts: int  # a feature holds a number with a fraction, such as "12.5"
+    invalid_targets: int  # the target is text that is not a label, such as "maybe"
+    missing_targets: int  # the target cell is empty
+    missing_feature_rows: int  # valid rows with exactly one empty feature cell
+    word_targets: int  # valid rows whose target is "yes", "no", "true" or "false"
+
+    @property
+    def quarantined(self) -> int:
+        """Rows an ingestion must set aside with a reason."""
+        return (
+            self.non_numeric_counts
+            + self.negative_counts
+            + self.non_whole_counts
+            + self.invalid_targets
+            + self.missing_targets
+        )
+
+    @property
+    def accepted(self) -> int:
+        """Rows an ingestion keeps: neither a duplicate nor quarantined."""
+        return self.rows - self.duplicates - self.quarantined
+
+
+# The share of a dirty batch given to each defect; every kind gets at least one row.
+_DIRTY_SHARES = {
+    "duplicates": 0.03,
+    "non_numeric_counts": 0.01,
+    "negative_counts": 0.01,
+    "non_whole_counts": 0.01,
+    "invalid_targets": 0.01,
+    "missing_targets": 0.01,
+    "missing_feature_rows": 0.04,
+    "word_targets": 0.05,
+}
+# Junk words avoid all that an ingestion may read as a missing marker ("n/a", "NA", "-", "null")
+# or as a number ("inf", "1e3"), so that each one is unambiguously "not a number".
+_JUNK_WORDS = ["abc", "unknown", "twelve", "#VALUE!", "?"]
+_NOT_LABELS = ["maybe", "unknown", "left?"]
+_WORD_LABELS = {"1": ["yes", "true"], "0": ["no", "false"]}
+
+
+def dirty_expectations(n_rows: int, seed: int = 0, *, id_offset: int = 0) -> DirtyExpectations:
+    """The exact counts make_dirty(n_rows, seed, id_offset=...) injects.
+
+    They depend only on n_rows; seed and id_offset are accepted so a call can mirror make_dirty's.
+    """
+    del seed, id_offset
+    counts = {kind: max(1, round(share * n_rows)) for kind, share in _DIRTY_SHARES.items()}
+    clean_rows = n_rows - sum(counts.values())
+    if clean_rows < counts["duplicates"]:
+        raise ValueError(
+            f"a dirty batch needs more rows than {n_rows} to hold one of each defect"
+        )
+    return DirtyExpectations(rows=n_rows, **counts)
+
+
+def make_dirty(n_rows: int, seed: int = 0, *, id_offset: int = 0) -> pd.DataFrame:
+    """A batch of n_rows clients with injected dirt, every column as text (empty string = missing).
+
+    The batch is make_clients(n_rows - duplicates, seed, id_offset=id_offset) with one defect in
+    each dirty row, plus exact copies of clean rows, in shuffled order; dirty_expectations() with
+    the same arguments gives the count of each defect.
+    """
+    expected = dirty_expectations(n_rows)
+    n_clients = n_rows - expected.duplicates
+    clients = make_clients(n_clients, seed, id_offset=id_offset)
+    counts = {column: clients[column].to_numpy() for column in (*FEATURES, TARGET)}
+    cells = {column: _as_text(counts[column]) for column in (*FEATURES, TARGET)}
+    cells["corporation"] = clients["corporation"].to_numpy(dtype=object)  # ids stay clean
+    # A stream of its own, so the dirt does not shift the clients that make_clients draws.
+    rng = np.random.default_rng([seed, 1])
+    groups, clean_rows = _dirty_row_groups(expected, rng.permutation(n_clients))
+
+    def spoil_one_feature(rows: np.ndarray, spoil: Callable[[np.ndarray], list[str]]) -> None:
+        """Replace one randomly chosen feature cell of each row by spoil(its clean counts)."""
+        chosen = rng.integers(len(FEATURES), size=len(rows))
+        for index, column in enumerate(FEATURES):
+            picked = rows[chosen == index]
+            cells[column][picked] = spoil(counts[column][picked])
+
+    spoil_one_feature(
+        groups["non_numeric_counts"], lambda values: rng.choice(_JUNK_WORDS, len(values)).tolist()
+    )
+    # value + 1, so that a zero never becomes "-0", which is not negative.
+    spoil_one_feature(groups["negative_counts"], lambda values: [f"-{v + 1}" for v in values])
+    spoil_one_feature(groups["non_whole_counts"], lambda values: [f"{v}.5" for v in values])
+    spoil_one_feature(groups["missing_feature_rows"], lambda values: [""] * len(values))
+
+    target = cells[TARGET]
+    invalid = groups["invalid_targets"]
+    target[invalid] = rng.choice(_NOT_LABELS, len(invalid)).tolist()
+    target[groups["missing_targets"]] = ""
+    worded = groups["word_targets"]
+    spelling = rng.integers(2, size=len(worded))
+    target[worded] = [
+        _WORD_LABELS[label][i] for label, i in zip(target[worded], spelling, strict=True)
+    ]
+
+    copies = rng.choice(clean_rows, size=expected.duplicates, replace=False)
+    rows = np.concatenate([np.arange(n_clients), copies])[rng.permutation(n_rows)]
+    return pd.DataFrame({column: pd.array(cells[column][rows], dtype="str") for column in COLUMNS})
+
+
+def _as_text(values: np.ndarray) -> np.ndarray:
+    """Values as an object array of Python strings, ready to take junk of any length."""
+    text = np.empty(len(values), dtype=object)
+    text[:] = [str(value) for value in values.tolist()]
+    return text
+
+
+def _dirty_row_groups(
+    expected: DirtyExpectations, shuffled_rows: np.ndarray
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Disjoint sets of rows, one per defect, and the clean rows left over."""
+    kinds = [kind for kind in _DIRTY_SHARES if kind != "duplicates"]
+    sizes = [getattr(expected, kind) for kind in kinds]
+    ends = np.cumsum(sizes)
+    groups = {
+        kind: shuffled_rows[end - size : end]
+        for kind, size, end in zip(kinds, sizes, ends, strict=True)
+    }
+    return groups, shuffled_rows[ends[-1] :]
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> None:
+    """Write `frame` as CSV without its index, creating folders; readers never see half a file."""
+    atomicio.write_with(Path(path), lambda temp_path: frame.to_csv(temp_path, index=False))
+
+
+def write_shipped_data(root: Path) -> None:
+    """Write the data the project ships under `root`: practice, source and test data.
+
+    Every file has its own seed and id range, so no client appears in two files.
+    """
+    for folder, name, n_rows, seed, id_offset in SHIPPED_FILES:
+        write_csv(make_clients(n_rows, seed, id_offset=id_offset), Path(root) / folder / name)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Write the shipped client data, or one generated file with --rows and --out."
+    )
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=Path(__file__).resolve().parent,
+        metavar="PATH",
+        help="folder to write the shipped data under (default: beside this script)",
+    )
+    parser.add_argument("--rows", type=whole_number, metavar="N", help="clients in the file")
+    parser.add_argument("--out", type=Path, metavar="FILE", help="the CSV file to write")
+    parser.add_argument("--seed", type=whole_number, metavar="S", help="random seed (default 0)")
+    parser.add_argument(
+        "--id-offset",
+        type=whole_number,
+        metavar="K",
+        help="number of the first client, to keep ids disjoint from other files (default 0)",
+    )
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument("--drifted", action="store_true", help="leavers follow the drifted relation")
+    kind.add_argument("--dirty", action="store_true", help="inject duplicates and junk cells")
+    args = parser.parse_args(argv)
+    if (args.rows is None) != (args.out is None):
+        parser.error("--rows and --out go together")
+    one_file_options = (args.seed, args.id_offset, args.drifted or None, args.dirty or None)
+    if args.rows is None and any(option is not None for option in one_file_options):
+        parser.error("--seed, --id-offset, --drifted and --dirty need --rows and --out")
+    return args
+
+
+def whole_number(text: str) -> int:
+    """A non-negative integer from the command line."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write the shipped data, or the one file that --rows and --out ask for."""
+    args = parse_args(argv)
+    seed = args.seed or 0
+    id_offset = args.id_offset or 0
+    if args.rows is None:
+        write_shipped_data(args.root)
+        for folder, name, n_rows, *_ in SHIPPED_FILES:
+            print(f"{args.root / folder / name}: {n_rows} rows")
+        return 0
+    if args.dirty:
+        frame = make_dirty(args.rows, seed, id_offset=id_offset)
+        expected = dirty_expectations(args.rows)
+        note = (
+            f" ({expected.duplicates} duplicates, {expected.quarantined} to quarantine, "
+            f"{expected.missing_feature_rows} with a missing cell)"
+        )
+    else:
+        frame = make_clients(args.rows, seed, drifted=args.drifted, id_offset=id_offset)
+        note = " (drifted)" if args.drifted else ""
+    write_csv(frame, args.out)
+    print(f"{args.out}: {len(frame)} rows{note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
