@@ -1,0 +1,449 @@
+"""The automated cycle cron runs every 10 minutes: new data? model drift? then retrain and redeploy.
+
+    python fullprocess.py [--config PATH] [--dry-run] [--force]
+
+Almost every run finds nothing new and must cost little more than starting Python, so this module
+and what it imports at the top (ingestion, deployment, records, settings) never load pandas,
+scikit-learn or matplotlib: the stages that need them are imported only once there is work to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import logging
+import logging.handlers
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import deployment
+import ingestion
+import records
+from errors import CycleBusyError, PipelineError, configure_logging, run_cli
+from settings import DriftSettings, Settings, add_config_argument, load_settings
+
+log = logging.getLogger("fullprocess")
+
+LOCK_NAME = ".fullprocess.lock"
+# Two-sided normal quantiles for the confidence levels people use; others fall back to 95%.
+Z_FOR_CONFIDENCE = {0.8: 1.2816, 0.9: 1.6449, 0.95: 1.96, 0.98: 2.3263, 0.99: 2.5758}
+
+
+@dataclass
+class DriftDecision:
+    """Whether the deployed model has drifted on new data, and the numbers behind the verdict."""
+
+    drifted: bool
+    reason: str
+    numbers: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DeployDecision:
+    """Whether a retrained model replaces the deployed one."""
+
+    deploy: bool
+    reason: str
+    numbers: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CycleOutcome:
+    """What one cycle found, decided and did."""
+
+    decision: str
+    message: str
+    new_files: list[str] = field(default_factory=list)
+    release: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    steps: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"{self.decision}: {self.message}"]
+        lines += [f"  - {step}" for step in self.steps]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# The decisions: small pure functions.
+
+
+def standard_error_from_interval(low: float | None, high: float | None, z: float) -> float:
+    """The standard error a symmetric normal interval of width high - low implies (0 if unknown)."""
+    if low is None or high is None:
+        return 0.0
+    return max(high - low, 0.0) / (2 * z)
+
+
+def drift_decision(
+    deployed_f1: float,
+    deployed_interval: tuple[float | None, float | None],
+    new_f1: float,
+    new_interval: tuple[float, float],
+    rule: DriftSettings,
+    z: float = 1.96,
+) -> DriftDecision:
+    """Has F1 fallen on new data by more than the rule allows? See DriftSettings for the rules."""
+    drop = deployed_f1 - new_f1
+    numbers: dict[str, Any] = {
+        "deployed_f1": deployed_f1,
+        "new_f1": new_f1,
+        "new_f1_interval": list(new_interval),
+        "drop": drop,
+        "rule": rule.rule,
+        "tolerance": rule.tolerance,
+    }
+    if rule.rule == "raw":
+        allowed = rule.tolerance
+    else:
+        noise = math.hypot(
+            standard_error_from_interval(*deployed_interval, z),
+            standard_error_from_interval(*new_interval, z),
+        )
+        allowed = z * noise + rule.tolerance
+        numbers["noise_band"] = z * noise
+    numbers["allowed_drop"] = allowed
+    if drop > allowed:
+        return DriftDecision(
+            True,
+            f"F1 fell from {deployed_f1:.3f} to {new_f1:.3f} (drop {drop:.3f} > allowed "
+            f"{allowed:.3f})",
+            numbers,
+        )
+    return DriftDecision(
+        False,
+        f"F1 {new_f1:.3f} on new data vs deployed {deployed_f1:.3f} (drop {drop:.3f} within "
+        f"allowed {allowed:.3f})",
+        numbers,
+    )
+
+
+def base_rate_change(
+    reference_share: float | None, reference_rows: int | None, new_share: float, new_rows: int
+) -> dict[str, Any]:
+    """Did the share of leavers change beyond chance? F1 moves with it even when the model does not."""
+    if reference_share is None or not reference_rows:
+        return {"new_leaver_share": new_share, "changed": None}
+    pooled = (reference_share * reference_rows + new_share * new_rows) / (reference_rows + new_rows)
+    spread = math.sqrt(max(pooled * (1 - pooled), 1e-12) * (1 / reference_rows + 1 / new_rows))
+    z_score = (new_share - reference_share) / spread
+    return {
+        "reference_leaver_share": reference_share,
+        "new_leaver_share": new_share,
+        "change": new_share - reference_share,
+        "z": z_score,
+        "changed": abs(z_score) > 1.96,
+    }
+
+
+def deploy_decision(comparison: Any, forced: bool = False) -> DeployDecision:
+    """Deploy the retrained model unless it is clearly worse than the deployed one on the same rows."""
+    numbers = comparison.as_dict()
+    if forced:
+        return DeployDecision(True, "forced retrain: deploying regardless of scores", numbers)
+    if comparison.candidate_significantly_worse:
+        return DeployDecision(
+            False,
+            f"retrained model is worse on the test data: F1 {comparison.candidate_f1:.3f} vs "
+            f"deployed {comparison.deployed_f1:.3f} (difference interval "
+            f"{comparison.difference_low:+.3f} to {comparison.difference_high:+.3f}); keeping "
+            "the deployed model",
+            numbers,
+        )
+    return DeployDecision(
+        True,
+        f"retrained model F1 {comparison.candidate_f1:.3f} vs deployed "
+        f"{comparison.deployed_f1:.3f} on the test data: not worse, deploying",
+        numbers,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The cycle.
+
+
+def run_cycle(settings: Settings, *, force: bool = False) -> CycleOutcome:
+    """One cycle: ingest what is new; on drift (or first run, or --force) retrain and redeploy."""
+    new_files = ingestion.find_new_files(settings)
+    names = [f.path.name for f in new_files]
+    if not deployment.is_deployed(settings):
+        return first_deployment(settings, names)
+    if not new_files and not force:
+        return CycleOutcome("nothing-new", "no new data files", names)
+
+    outcome = CycleOutcome("", "", names)
+    if new_files:
+        report = ingestion.ingest(settings)
+        outcome.steps.append(_ingest_step(report))
+        outcome.details["ingestion"] = [asdict(f) for f in report.files]
+        if not report.accepted_rows and not force:
+            outcome.decision, outcome.message = "no-usable-rows", "new files added no new rows"
+            return outcome
+        if report.accepted_rows:
+            drift = check_drift(settings)
+            outcome.details["drift"] = asdict(drift)
+            outcome.steps.append(f"drift check: {drift.reason}")
+            if not drift.drifted and not force:
+                outcome.decision, outcome.message = "no-drift", drift.reason
+                return outcome
+    retrain_and_redeploy(settings, outcome, forced=force)
+    return outcome
+
+
+def first_deployment(settings: Settings, new_files: list[str]) -> CycleOutcome:
+    """Nothing deployed yet: ingest, train, score and deploy the first release."""
+    outcome = CycleOutcome("first-deployment", "", new_files)
+    report = ingestion.ingest(settings)
+    outcome.steps.append(_ingest_step(report))
+    outcome.details["ingestion"] = [asdict(f) for f in report.files]
+    candidate = train_and_score(settings, outcome)
+    release = deployment.deploy(settings)
+    outcome.release = release.version
+    outcome.message = f"deployed the first release {release.version} (F1 {candidate.f1:.3f})"
+    outcome.steps.append(f"deployed release {release.version}")
+    after_deployment(settings, outcome)
+    return outcome
+
+
+def check_drift(settings: Settings) -> DriftDecision:
+    """Score the deployed model on the newly ingested rows and compare with its deployed F1."""
+    from scoring import read_score_file, score
+
+    release = deployment.current_release(settings)
+    deployed_f1 = read_score_file(release.score_path)
+    deployed_test_score = _recorded_test_score(settings, release.version)
+    new = score(
+        settings, model_path=release.model_path, data_path=settings.latest_batch_path,
+        purpose="drift-check",
+    ).metrics
+    decision = drift_decision(
+        deployed_f1,
+        (deployed_test_score.get("f1_low"), deployed_test_score.get("f1_high")),
+        new.f1,
+        (new.f1_low, new.f1_high),
+        settings.drift,
+        Z_FOR_CONFIDENCE.get(settings.scoring.confidence, 1.96),
+    )
+    decision.numbers["new_rows"] = new.rows
+    decision.numbers["leavers"] = base_rate_change(
+        deployed_test_score.get("leaver_share"), deployed_test_score.get("rows"),
+        new.leaver_share, new.rows,
+    )
+    if decision.numbers["leavers"].get("changed"):
+        decision.reason += (
+            f"; the share of leavers moved from {deployed_test_score['leaver_share']:.1%} to "
+            f"{new.leaver_share:.1%}, which moves F1 even for an unchanged model"
+        )
+    return decision
+
+
+def _recorded_test_score(settings: Settings, version: str) -> dict[str, Any]:
+    rows = records.query(
+        settings.records_path,
+        "SELECT * FROM scores WHERE model_version = ? AND purpose = 'test' ORDER BY id DESC LIMIT 1",
+        (version,),
+    )
+    return rows[0] if rows else {}
+
+
+def train_and_score(settings: Settings, outcome: CycleOutcome) -> Any:
+    """Train on the master dataset and score the result on the test data."""
+    from scoring import score
+    from training import train
+
+    trained = train(settings)
+    outcome.steps.append(
+        f"trained model {trained.version} on {trained.metadata['training_data']['rows']} rows"
+    )
+    metrics = score(settings).metrics
+    outcome.steps.append(f"scored it on the test data: F1 {metrics.f1:.3f}")
+    return metrics
+
+
+def retrain_and_redeploy(settings: Settings, outcome: CycleOutcome, forced: bool) -> None:
+    """Retrain, compare with the deployed model on the test data, deploy unless it is worse."""
+    from scoring import compare_predictions, read_test_data
+    from training import load_model
+
+    train_and_score(settings, outcome)
+    deployed_model, release = deployment.load_deployed_model(settings)
+    candidate_model = load_model(settings.model_path)
+    test_data = read_test_data(settings)
+    features = test_data[list(settings.schema.features)]
+    comparison = compare_predictions(
+        test_data[settings.schema.target].to_numpy(dtype=int),
+        candidate_model.predict(features),
+        deployed_model.predict(features),
+        settings.scoring,
+    )
+    decision = deploy_decision(comparison, forced=forced)
+    outcome.details["deploy"] = asdict(decision)
+    outcome.steps.append(decision.reason)
+    if not decision.deploy:
+        outcome.decision = "drift-kept-deployed"
+        outcome.message = decision.reason
+        outcome.release = release.version
+        return
+    new_release = deployment.deploy(settings)
+    outcome.release = new_release.version
+    outcome.decision = "forced-redeploy" if forced else "drift-redeployed"
+    outcome.message = f"deployed release {new_release.version} (was {release.version})"
+    outcome.steps.append(f"deployed release {new_release.version}")
+    after_deployment(settings, outcome)
+
+
+def after_deployment(settings: Settings, outcome: CycleOutcome) -> None:
+    """Diagnose, report, and refresh the API's saved answers (if the API is up)."""
+    import apicalls
+    import diagnostics
+    import reporting
+
+    diagnostics.run_diagnostics(settings)
+    outcome.steps.append("recorded diagnostics")
+    report = reporting.build_report(settings)
+    outcome.steps.append(f"wrote the report and risk list ({report.report_path.name})")
+    base_url = apicalls.resolve_base_url(settings, None)
+    try:
+        apicalls.call_endpoints(settings, base_url, token=apicalls.token_from_environment(settings))
+        outcome.steps.append(f"called the API at {base_url}; answers in {settings.api_returns_path}")
+    except apicalls.ApiUnreachable as error:
+        outcome.steps.append(f"API not called: {error}")
+
+
+def _ingest_step(report: Any) -> str:
+    rejected = f", rejected {len(report.rejected)}" if report.rejected else ""
+    return (
+        f"ingested {len(report.ingested)} file(s){rejected}: {report.accepted_rows} new rows "
+        f"(master dataset {report.total_rows} rows)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Lock, records, command line.
+
+
+@contextlib.contextmanager
+def cycle_lock(settings: Settings) -> Iterator[None]:
+    """Hold the cycle lock, or raise CycleBusyError at once if another cycle holds it.
+
+    An flock is released by the kernel when its holder dies, so a crashed cycle never blocks the
+    next one.
+    """
+    settings.output_folder.mkdir(parents=True, exist_ok=True)
+    lock_path = settings.output_folder / LOCK_NAME
+    with open(lock_path, "a+") as lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.seek(0)
+            holder = lock_file.read().strip() or "unknown"
+            raise CycleBusyError(f"another cycle is still running ({holder}); exiting") from None
+        lock_file.seek(0)
+        lock_file.truncate()
+        lock_file.write(f"pid {os.getpid()} since {records.utc_now()}\n")
+        lock_file.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def describe_plan(settings: Settings, force: bool) -> str:
+    """What a cycle would do now, without doing any of it (--dry-run)."""
+    new_files = ingestion.find_new_files(settings)
+    names = ", ".join(f.path.name for f in new_files) or "none"
+    if not deployment.is_deployed(settings):
+        return f"would run a first deployment: ingest ({names}), train, score, deploy, report"
+    if force:
+        return f"would ingest new files ({names}), then retrain and redeploy regardless (--force)"
+    if not new_files:
+        return "nothing to do: no new data files"
+    return (
+        f"would ingest {len(new_files)} new file(s) ({names}), score the deployed model on the new "
+        f"rows (drift rule {settings.drift.rule!r}, tolerance {settings.drift.tolerance}) and, on "
+        "drift, retrain, compare, deploy unless worse, diagnose and report"
+    )
+
+
+def setup_cycle_log(settings: Settings) -> None:
+    """A rotating log file of cycles beside the stderr log (about 5 x 1 MB kept)."""
+    settings.log_path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.handlers.RotatingFileHandler(
+        settings.log_path, maxBytes=1_000_000, backupCount=5, encoding="utf-8"
+    )
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    logging.getLogger().addHandler(handler)
+
+
+def record_cycle(
+    settings: Settings, started: float, started_at: str, outcome: CycleOutcome | None,
+    status: str, message: str,
+) -> None:
+    seconds = time.monotonic() - started
+    records.add(
+        settings.records_path,
+        "cycles",
+        {
+            "started": started_at,
+            "finished": records.utc_now(),
+            "seconds": round(seconds, 3),
+            "new_files": outcome.new_files if outcome else None,
+            "decision": outcome.decision if outcome else None,
+            "details": {**(outcome.details if outcome else {}),
+                        "steps": outcome.steps if outcome else []},
+            "release": outcome.release if outcome else None,
+            "outcome": status,
+            "message": message,
+        },
+    )
+    log.info("cycle %s in %.2f s: %s", status, seconds, message)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_config_argument(parser)
+    parser.add_argument("--dry-run", action="store_true", help="say what would be done, do nothing")
+    parser.add_argument(
+        "--force", action="store_true", help="retrain and redeploy whether or not there is drift"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = load_settings(args.config)
+    if args.dry_run:
+        print(describe_plan(settings, args.force))
+        return 0
+    setup_cycle_log(settings)
+    started, started_at = time.monotonic(), records.utc_now()
+    try:
+        with cycle_lock(settings):
+            outcome = None
+            try:
+                outcome = run_cycle(settings, force=args.force)
+            except BaseException as error:
+                message = str(error) if isinstance(error, PipelineError) else repr(error)
+                record_cycle(settings, started, started_at, outcome, "failed", message)
+                log.error("cycle failed; the previous deployment keeps serving: %s", message)
+                raise
+            record_cycle(settings, started, started_at, outcome, "ok", outcome.message)
+    except CycleBusyError as busy:
+        print(f"skipped: {busy}")
+        log.info("skipped: %s", busy)
+        return 0
+    print(outcome.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    configure_logging()
+    sys.exit(run_cli(main))
