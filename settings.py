@@ -75,6 +75,9 @@ class ModelSettings:
     # this many rows of each class; with fewer rows a tuned threshold is noise, so 0.5 is used.
     min_class_rows_per_fold: int = 5
     default_threshold: float = 0.5
+    # Threshold tuning needs cross-validated probabilities, not every row: beyond this many rows a
+    # random sample is cross-validated (its threshold is as precise), the final fit uses all rows.
+    max_tuning_rows: int = 200_000
 
 
 @dataclass(frozen=True)
@@ -118,12 +121,23 @@ class DriftSettings:
 
 @dataclass(frozen=True)
 class DiagnosticsSettings:
-    """Dependency checks, drift tests and the risk list."""
+    """Dependency checks, drift tests and the risk list (see diagnostics.py and reporting.py)."""
 
+    # How long an answer from the package index is reused, so that the 10-minute cycle does not ask
+    # pip every time; a failed lookup (offline) is retried sooner.
     dependency_cache_hours: float = 24.0
+    dependency_retry_hours: float = 1.0
+    # Time limit of one `pip index versions` call; pip's own socket timeout is half of it.
     pip_timeout_seconds: float = 30.0
+    # Evidently's defaults: up to `drift_small_sample_rows` reference rows, a feature drifts when a
+    # test's p-value is below `drift_p_value` (KS, chi-squared, z); above, when a distance exceeds
+    # `drift_distance_threshold` (normed Wasserstein, Jensen-Shannon). The dataset drifts when at
+    # least `drift_share` of the features do.
     drift_p_value: float = 0.05
-    drift_psi_threshold: float = 0.2
+    drift_distance_threshold: float = 0.1
+    drift_small_sample_rows: int = 1000
+    drift_share: float = 0.5
+    # Size of the top group of the risk list: shown in the report, and followed across releases.
     risk_top_n: int = 100
 
 

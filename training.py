@@ -162,6 +162,10 @@ def tune_threshold(
     threshold and fold (seconds of overhead at any data size); one precision-recall curve over the
     pooled out-of-fold probabilities scores every candidate at once.
     """
+    if len(target) > options.max_tuning_rows:
+        rng = np.random.default_rng(options.random_state)
+        rows = np.sort(rng.choice(len(target), size=options.max_tuning_rows, replace=False))
+        features, target = features.iloc[rows], target[rows]
     folds = StratifiedKFold(options.cv_folds, shuffle=True, random_state=options.random_state)
     probabilities = cross_val_predict(
         pipeline, features, target, cv=folds, method="predict_proba"

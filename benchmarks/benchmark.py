@@ -1,0 +1,435 @@
+"""Benchmark: speed, memory and scale of every stage, the cron cycle and the API, against their floors.
+
+    .venv/bin/python benchmarks/benchmark.py [--sizes 10000,100000,1000000] [--runs 5] [--no-api]
+
+Each stage runs as a whole process, the way a user runs it (`python ingestion.py --config ...`), on
+data made by generate_data.py in a scratch folder; wall seconds are the median of several runs and
+peak memory is the child's maximum resident set (wait4). Since these machines are shared and absolute
+times drift, the floors are measured in the same run (`python -c pass`, and a process that only
+imports what a stage imports) and every figure is also printed as a ratio to its floor. The API is
+served by gunicorn with 2 workers on 127.0.0.1. Prints a table and writes the same figures to
+benchmarks/results/benchmark.json. Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import multiprocessing
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT_DIR))
+
+import generate_data  # noqa: E402
+
+PYTHON = sys.executable
+RESULTS_PATH = PROJECT_DIR / "benchmarks" / "results" / "benchmark.json"
+STAGES = ("ingestion", "training", "scoring", "deployment", "diagnostics", "reporting")
+CYCLE_MODULES = "fullprocess, ingestion, training, scoring, deployment, diagnostics, reporting, apicalls"
+TARGETS = {
+    "noop_cycle_ratio": 5.0,
+    "drift_cycle_ratio": 1.5,
+    "million_pipeline_seconds": 15.0,
+    "million_pipeline_peak_mb": 1536.0,
+    "api_predict_1_p50_ms": 5.0,
+    "api_predict_10000_p50_ms": 150.0,
+    "api_diagnostics_p50_ms": 50.0,
+    "api_predictions_per_second": 500.0,
+}
+
+
+@dataclass
+class Measurement:
+    """Wall seconds of each run, their median, and the largest peak memory of any run."""
+
+    label: str
+    seconds: list[float] = field(default_factory=list)
+    peak_mb: float = 0.0
+    floor: str | None = None
+    floor_seconds: float | None = None
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def ratio(self) -> float | None:
+        return self.median / self.floor_seconds if self.floor_seconds else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "median": self.median, "ratio": self.ratio}
+
+
+def run_process(argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> tuple[float, float]:
+    """Run one process to completion; its wall seconds and peak resident memory in MB."""
+    with tempfile.TemporaryFile() as errors:
+        started = time.perf_counter()
+        process = subprocess.Popen(
+            argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=errors
+        )
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - started
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode != 0:
+            errors.seek(0)
+            tail = errors.read().decode(errors="replace")[-2000:]
+            raise RuntimeError(f"{' '.join(argv)} failed ({process.returncode}):\n{tail}")
+    return seconds, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+
+
+def measure(
+    label: str, argv: list[str], runs: int, cwd: Path, reset=None, env=None
+) -> Measurement:
+    result = Measurement(label)
+    for _ in range(runs):
+        if reset:
+            reset()
+        seconds, peak = run_process(argv, cwd, env)
+        result.seconds.append(seconds)
+        result.peak_mb = max(result.peak_mb, peak)
+    return result
+
+
+def floor(label: str, code: str, runs: int) -> Measurement:
+    return measure(label, [PYTHON, "-c", code], runs, PROJECT_DIR)
+
+
+def benchmark_env(workspace: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["RISK_CONFIG"] = str(workspace / "config.json")
+    # The dependency check is served from its cache after the first cycle; never wait on the index.
+    env.setdefault("PIP_RETRIES", "0")
+    return env
+
+
+def make_workspace(root: Path, rows: int, api_url: str = "http://127.0.0.1:9") -> Path:
+    """Source data of `rows` clients in two files, test data of a fifth as many, and a config."""
+    if root.exists():
+        shutil.rmtree(root)
+    half = rows // 2
+    generate_data.write_csv(generate_data.make_clients(half, seed=1, id_offset=0),
+                            root / "sourcedata" / "part1.csv")
+    generate_data.write_csv(generate_data.make_clients(rows - half, seed=2, id_offset=half),
+                            root / "sourcedata" / "part2.csv")
+    generate_data.write_csv(
+        generate_data.make_clients(max(rows // 5, 2000), seed=3, id_offset=50_000_000),
+        root / "testdata" / "testdata.csv",
+    )
+    config = {
+        "input_folder_path": "sourcedata",
+        "output_folder_path": "ingesteddata",
+        "test_data_path": "testdata",
+        "output_model_path": "models",
+        "prod_deployment_path": "production_deployment",
+        "log_path": "logs/fullprocess.log",
+        "api": {"base_url": api_url},
+    }
+    (root / "config.json").write_text(json.dumps(config, indent=2))
+    return root
+
+
+def stage_argv(stage: str, workspace: Path) -> list[str]:
+    return [PYTHON, str(PROJECT_DIR / f"{stage}.py"), "--config", str(workspace / "config.json")]
+
+
+def bench_stages(rows: int, runs: int, scratch: Path, floors: dict[str, Measurement]) -> dict:
+    """Every stage as a process on `rows` clients, and ingestion + training + scoring together."""
+    workspace = make_workspace(scratch / f"stages-{rows}", rows)
+    env = benchmark_env(workspace)
+
+    def clean_outputs() -> None:
+        for name in ("ingesteddata", "models", "production_deployment"):
+            shutil.rmtree(workspace / name, ignore_errors=True)
+
+    stage_runs = runs if rows <= 100_000 else max(1, min(runs, 3))
+    results: dict[str, Measurement] = {}
+    results["ingestion"] = measure(
+        "ingestion", stage_argv("ingestion", workspace), stage_runs, PROJECT_DIR, clean_outputs, env
+    )
+    for stage in STAGES[1:]:
+        if stage == "diagnostics":
+            run_process(stage_argv("diagnostics", workspace), PROJECT_DIR, env)  # fill the cache
+        results[stage] = measure(
+            stage, stage_argv(stage, workspace), stage_runs, PROJECT_DIR, env=env
+        )
+    for stage, result in results.items():
+        result.floor = f"import {stage}"
+        result.floor_seconds = floors[stage].median
+    pipeline_seconds = sum(results[s].median for s in ("ingestion", "training", "scoring"))
+    pipeline_peak = max(results[s].peak_mb for s in ("ingestion", "training", "scoring"))
+    return {
+        "rows": rows,
+        "stages": {name: m.as_dict() for name, m in results.items()},
+        "ingest_train_score_seconds": pipeline_seconds,
+        "ingest_train_score_peak_mb": pipeline_peak,
+    }
+
+
+def bench_cycles(runs: int, scratch: Path, floors: dict[str, Measurement]) -> dict:
+    """The cron no-op cycle and a full drift cycle on 10,000 clients, each as a whole process."""
+    template = make_workspace(scratch / "cycle-template", 10_000)
+    env = benchmark_env(template)
+    cycle = [PYTHON, str(PROJECT_DIR / "fullprocess.py"), "--config", str(template / "config.json")]
+    run_process(cycle, PROJECT_DIR, env)  # first deployment, report, dependency cache
+    noop = measure("cron no-op cycle", cycle, max(runs * 4, 10), PROJECT_DIR, env=env)
+    noop.floor, noop.floor_seconds = "python -c pass", floors["pass"].median
+
+    work = scratch / "cycle-run"
+    work_cycle = [PYTHON, str(PROJECT_DIR / "fullprocess.py"), "--config", str(work / "config.json")]
+    drifted = generate_data.make_clients(2_000, seed=9, drifted=True, id_offset=90_000_000)
+
+    def fresh_drifted_workspace() -> None:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(template, work)
+        generate_data.write_csv(drifted, work / "sourcedata" / "drifted.csv")
+
+    drift = measure("full drift cycle (10,000 clients)", work_cycle, runs, PROJECT_DIR,
+                    fresh_drifted_workspace, benchmark_env(work))
+    drift.floor, drift.floor_seconds = "import pandas, scikit-learn, matplotlib", floors["cycle"].median
+    decision = _last_cycle_decision(work)
+    return {"noop": noop.as_dict(), "drift": drift.as_dict(), "drift_decision": decision}
+
+
+def _last_cycle_decision(workspace: Path) -> str:
+    import sqlite3
+
+    with sqlite3.connect(workspace / "ingesteddata" / "records.sqlite") as connection:
+        row = connection.execute("SELECT decision FROM cycles ORDER BY id DESC LIMIT 1").fetchone()
+    return row[0] if row else "none"
+
+
+# ---------------------------------------------------------------------------------------------
+# API
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def request(port: int, method: str, path: str, body: bytes | None = None,
+            content_type: str = "application/json") -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        headers = {"Content-Type": content_type} if body is not None else {}
+        connection.request(method, path, body=body, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def latency(port: int, method: str, path: str, body: bytes | None, count: int) -> dict[str, float]:
+    timings = []
+    for _ in range(count):
+        started = time.perf_counter()
+        status, payload = request(port, method, path, body)
+        timings.append((time.perf_counter() - started) * 1000)
+        if status != 200:
+            raise RuntimeError(f"{method} {path} answered {status}: {payload[:300]!r}")
+    timings.sort()
+    return {
+        "requests": count,
+        "p50_ms": statistics.median(timings),
+        "p95_ms": timings[min(len(timings) - 1, int(0.95 * len(timings)))],
+    }
+
+
+def _throughput_client(args: tuple[int, bytes, float]) -> int:
+    port, body, seconds = args
+    done = 0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        status, _ = request(port, "POST", "/prediction", body)
+        if status == 200:
+            done += 1
+    return done
+
+
+def throughput(port: int, body: bytes, clients: int, seconds: float) -> dict[str, float]:
+    with multiprocessing.get_context("spawn").Pool(clients) as pool:
+        started = time.perf_counter()
+        counts = pool.map(_throughput_client, [(port, body, seconds)] * clients)
+        elapsed = time.perf_counter() - started
+    return {"clients": clients, "seconds": elapsed, "requests": sum(counts),
+            "per_second": sum(counts) / seconds}
+
+
+def bench_api(scratch: Path, quick: bool) -> dict:
+    """Latency and throughput of the API served by gunicorn with 2 workers on 127.0.0.1."""
+    workspace = make_workspace(scratch / "api", 10_000)
+    env = benchmark_env(workspace)
+    run_process([PYTHON, str(PROJECT_DIR / "fullprocess.py")], PROJECT_DIR, env)
+    port = free_port()
+    server = subprocess.Popen(
+        [PYTHON, "-m", "gunicorn", "--workers", "2", "--bind", f"127.0.0.1:{port}",
+         "--log-level", "warning", "wsgi:app"],
+        cwd=PROJECT_DIR, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_until_ready(port, server)
+        clients = generate_data.make_clients(10_000, seed=5, id_offset=70_000_000)
+        records = clients.drop(columns=["exited"]).to_dict(orient="records")
+
+        def body(n: int) -> bytes:
+            return json.dumps({"records": records[:n]}).encode()
+
+        scale = 0.2 if quick else 1.0
+        results = {
+            "prediction_1": latency(port, "POST", "/prediction", body(1), int(300 * scale)),
+            "prediction_1000": latency(port, "POST", "/prediction", body(1000), int(60 * scale)),
+            "prediction_10000": latency(port, "POST", "/prediction", body(10_000), int(30 * scale)),
+            "scoring": latency(port, "GET", "/scoring", None, int(100 * scale)),
+            "summarystats": latency(port, "GET", "/summarystats", None, int(100 * scale)),
+            "diagnostics": latency(port, "GET", "/diagnostics", None, int(100 * scale)),
+        }
+        results["throughput_1_record"] = throughput(port, body(1), clients=4,
+                                                    seconds=2.0 if quick else 5.0)
+        return results
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def _wait_until_ready(port: int, server: subprocess.Popen, attempts: int = 300) -> None:
+    for _ in range(attempts):
+        if server.poll() is not None:
+            raise RuntimeError(f"gunicorn exited: {server.stderr.read().decode()[-2000:]}")
+        try:
+            status, _ = request(port, "GET", "/ready")
+            if status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("gunicorn did not become ready")
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def print_table(results: dict) -> None:
+    floors = results["floors"]
+    print("\nFloors (median wall seconds of a process that does only this):")
+    for name, m in floors.items():
+        print(f"  {m['label']:<58} {m['median']:8.3f} s")
+    for size in results["sizes"]:
+        print(f"\nStages on {size['rows']:,} clients (median s, ratio to the stage's import floor, "
+              "peak MB):")
+        for name, m in size["stages"].items():
+            print(f"  {name:<14} {m['median']:8.3f} s  {m['ratio']:6.2f}x  {m['peak_mb']:8.0f} MB")
+        print(f"  ingestion + training + scoring: {size['ingest_train_score_seconds']:.2f} s, "
+              f"peak {size['ingest_train_score_peak_mb']:.0f} MB")
+    if "cycles" in results:
+        cycles = results["cycles"]
+        for key in ("noop", "drift"):
+            m = cycles[key]
+            print(f"\n{m['label']}: {m['median']:.3f} s = {m['ratio']:.2f}x {m['floor']} "
+                  f"({m['floor_seconds']:.3f} s), peak {m['peak_mb']:.0f} MB")
+        print(f"  drift cycle decision: {cycles['drift_decision']}")
+    if "api" in results:
+        print("\nAPI (gunicorn, 2 workers, 127.0.0.1):")
+        for name, figures in results["api"].items():
+            if "p50_ms" in figures:
+                print(f"  {name:<18} p50 {figures['p50_ms']:8.2f} ms   p95 {figures['p95_ms']:8.2f} ms"
+                      f"   ({figures['requests']} requests)")
+            else:
+                print(f"  {name:<18} {figures['per_second']:8.0f} requests/s with "
+                      f"{figures['clients']} concurrent clients")
+    print("\nTargets:")
+    for name, verdict in results["targets"].items():
+        print(f"  {name:<30} {verdict}")
+
+
+def check_targets(results: dict) -> dict[str, str]:
+    verdicts = {}
+
+    def judge(name: str, value: float | None, lower_is_better: bool = True) -> None:
+        if value is None:
+            return
+        target = TARGETS[name]
+        ok = value <= target if lower_is_better else value >= target
+        verdicts[name] = f"{value:.2f} (target {'<=' if lower_is_better else '>='} {target}) " + (
+            "met" if ok else "MISSED")
+
+    cycles = results.get("cycles")
+    if cycles:
+        judge("noop_cycle_ratio", cycles["noop"]["ratio"])
+        judge("drift_cycle_ratio", cycles["drift"]["ratio"])
+    million = next((s for s in results["sizes"] if s["rows"] == 1_000_000), None)
+    if million:
+        judge("million_pipeline_seconds", million["ingest_train_score_seconds"])
+        judge("million_pipeline_peak_mb", million["ingest_train_score_peak_mb"])
+    api = results.get("api")
+    if api:
+        judge("api_predict_1_p50_ms", api["prediction_1"]["p50_ms"])
+        judge("api_predict_10000_p50_ms", api["prediction_10000"]["p50_ms"])
+        judge("api_diagnostics_p50_ms", api["diagnostics"]["p50_ms"])
+        judge("api_predictions_per_second", api["throughput_1_record"]["per_second"], False)
+    return verdicts
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="10000,100000,1000000",
+                        help="comma-separated client counts for the stage benchmarks")
+    parser.add_argument("--runs", type=int, default=5, help="runs per figure (median taken)")
+    parser.add_argument("--no-api", action="store_true", help="skip the API benchmark")
+    parser.add_argument("--no-cycles", action="store_true", help="skip the cycle benchmarks")
+    parser.add_argument("--quick", action="store_true", help="fewer API requests (a smoke run)")
+    parser.add_argument("--output", type=Path, default=RESULTS_PATH)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    floor_runs = max(args.runs * 2, 10)
+    floors = {"pass": floor("python -c pass", "pass", floor_runs)}
+    for stage in STAGES:
+        floors[stage] = floor(f"import {stage}", f"import {stage}", args.runs)
+    floors["cycle"] = floor(f"import {CYCLE_MODULES}", f"import {CYCLE_MODULES}", args.runs)
+    results: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "floors": {name: m.as_dict() for name, m in floors.items()},
+        "sizes": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="risk-benchmark-") as scratch_name:
+        scratch = Path(scratch_name)
+        for rows in sizes:
+            print(f"stages on {rows:,} clients ...", file=sys.stderr)
+            results["sizes"].append(bench_stages(rows, args.runs, scratch, floors))
+        if not args.no_cycles:
+            print("cron cycles ...", file=sys.stderr)
+            results["cycles"] = bench_cycles(args.runs, scratch, floors)
+        if not args.no_api:
+            print("API ...", file=sys.stderr)
+            results["api"] = bench_api(scratch, args.quick)
+    results["targets"] = check_targets(results)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results)
+    print(f"\nFigures written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
