@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import atomicio
 import deployment
 import ingestion
 import records
@@ -32,6 +33,9 @@ from settings import DriftSettings, Settings, add_config_argument, load_settings
 log = logging.getLogger("fullprocess")
 
 LOCK_NAME = ".fullprocess.lock"
+# On drift, this share of the new rows is kept out of retraining to judge the retrained model.
+HELD_OUT_SHARE = 0.3
+MIN_HELD_OUT_ROWS = 20
 # Two-sided normal quantiles for the confidence levels people use; others fall back to 95%.
 Z_FOR_CONFIDENCE = {0.8: 1.2816, 0.9: 1.6449, 0.95: 1.96, 0.98: 2.3263, 0.99: 2.5758}
 
@@ -143,15 +147,15 @@ def base_rate_change(
     }
 
 
-def deploy_decision(comparison: Any, forced: bool = False) -> DeployDecision:
+def deploy_decision(comparison: Any, evaluation: str, forced: bool = False) -> DeployDecision:
     """Deploy the retrained model unless it is clearly worse than the deployed one on the same rows."""
-    numbers = comparison.as_dict()
+    numbers = {**comparison.as_dict(), "evaluated_on": evaluation}
     if forced:
         return DeployDecision(True, "forced retrain: deploying regardless of scores", numbers)
     if comparison.candidate_significantly_worse:
         return DeployDecision(
             False,
-            f"retrained model is worse on the test data: F1 {comparison.candidate_f1:.3f} vs "
+            f"retrained model is worse on {evaluation}: F1 {comparison.candidate_f1:.3f} vs "
             f"deployed {comparison.deployed_f1:.3f} (difference interval "
             f"{comparison.difference_low:+.3f} to {comparison.difference_high:+.3f}); keeping "
             "the deployed model",
@@ -160,7 +164,7 @@ def deploy_decision(comparison: Any, forced: bool = False) -> DeployDecision:
     return DeployDecision(
         True,
         f"retrained model F1 {comparison.candidate_f1:.3f} vs deployed "
-        f"{comparison.deployed_f1:.3f} on the test data: not worse, deploying",
+        f"{comparison.deployed_f1:.3f} on {evaluation}: not worse, deploying",
         numbers,
     )
 
@@ -247,43 +251,71 @@ def check_drift(settings: Settings) -> DriftDecision:
 def _recorded_test_score(settings: Settings, version: str) -> dict[str, Any]:
     rows = records.query(
         settings.records_path,
-        "SELECT * FROM scores WHERE model_version = ? AND purpose = 'test' ORDER BY id DESC LIMIT 1",
+        "SELECT * FROM scores WHERE model_version = ? AND purpose IN ('test', 'drift-holdout') "
+        "ORDER BY id DESC LIMIT 1",
         (version,),
     )
     return rows[0] if rows else {}
 
 
-def train_and_score(settings: Settings, outcome: CycleOutcome) -> Any:
-    """Train on the master dataset and score the result on the test data."""
+def train_and_score(settings: Settings, outcome: CycleOutcome, held_out: Any = None) -> Any:
+    """Train on the master dataset (less any held-out rows) and score the result on the test data."""
     from scoring import score
     from training import train
 
-    trained = train(settings)
-    outcome.steps.append(
-        f"trained model {trained.version} on {trained.metadata['training_data']['rows']} rows"
-    )
+    trained = train(settings, held_out=held_out)
+    rows = trained.metadata["training_data"]["rows"]
+    kept_back = f", {len(held_out)} new rows held out to judge it" if held_out is not None else ""
+    outcome.steps.append(f"trained model {trained.version} on {rows} rows{kept_back}")
     metrics = score(settings).metrics
     outcome.steps.append(f"scored it on the test data: F1 {metrics.f1:.3f}")
     return metrics
 
 
+def split_new_rows(settings: Settings) -> tuple[Any, Any] | None:
+    """Split the newest batch into rows to train on and rows to judge the retrained model on.
+
+    After drift the test data describes the business as it was; the fairest judge of a retrained
+    model against the deployed one is recent data that neither has seen. None when the batch is too
+    small to spare rows.
+    """
+    from sklearn.model_selection import train_test_split
+
+    from ingestion import read_dataset
+
+    if not settings.latest_batch_path.exists():
+        return None
+    batch = read_dataset(settings.latest_batch_path, settings.schema)
+    target = batch[settings.schema.target].astype(int)
+    held_out_rows = int(len(batch) * HELD_OUT_SHARE)
+    if held_out_rows < MIN_HELD_OUT_ROWS or target.value_counts().min() < 2:
+        return None
+    train_rows, held_out = train_test_split(
+        batch, test_size=held_out_rows, stratify=target, random_state=settings.model.random_state
+    )
+    return train_rows, held_out
+
+
 def retrain_and_redeploy(settings: Settings, outcome: CycleOutcome, forced: bool) -> None:
-    """Retrain, compare with the deployed model on the test data, deploy unless it is worse."""
-    from scoring import compare_predictions, read_test_data
+    """Retrain, compare with the deployed model on unseen rows, deploy unless it is worse."""
+    from scoring import compare_predictions, read_test_data, record_score, score_frame
     from training import load_model
 
-    train_and_score(settings, outcome)
+    split = split_new_rows(settings) if outcome.new_files else None
+    held_out = split[1] if split else None
+    train_and_score(settings, outcome, held_out)
     deployed_model, release = deployment.load_deployed_model(settings)
     candidate_model = load_model(settings.model_path)
-    test_data = read_test_data(settings)
-    features = test_data[list(settings.schema.features)]
+    evaluation = held_out if held_out is not None else read_test_data(settings)
+    evaluation_name = "the held-out new rows" if held_out is not None else "the test data"
+    features = evaluation[list(settings.schema.features)]
     comparison = compare_predictions(
-        test_data[settings.schema.target].to_numpy(dtype=int),
+        evaluation[settings.schema.target].to_numpy(dtype=int),
         candidate_model.predict(features),
         deployed_model.predict(features),
         settings.scoring,
     )
-    decision = deploy_decision(comparison, forced=forced)
+    decision = deploy_decision(comparison, evaluation_name, forced=forced)
     outcome.details["deploy"] = asdict(decision)
     outcome.steps.append(decision.reason)
     if not decision.deploy:
@@ -291,12 +323,24 @@ def retrain_and_redeploy(settings: Settings, outcome: CycleOutcome, forced: bool
         outcome.message = decision.reason
         outcome.release = release.version
         return
+    if held_out is not None:
+        # The release's score must describe the business as it is now, or the next batch from the
+        # same (changed) process would look like drift again.
+        metrics = score_frame(candidate_model, held_out, settings)
+        record_score(settings, metrics, "drift-holdout", _metadata(settings),
+                     settings.model_path, f"{len(held_out)} held-out rows of the newest batch")
+        atomicio.write_text(settings.score_path, f"{metrics.f1}\n")
+        outcome.steps.append(f"release score: F1 {metrics.f1:.3f} on the held-out new rows")
     new_release = deployment.deploy(settings)
     outcome.release = new_release.version
     outcome.decision = "forced-redeploy" if forced else "drift-redeployed"
     outcome.message = f"deployed release {new_release.version} (was {release.version})"
     outcome.steps.append(f"deployed release {new_release.version}")
     after_deployment(settings, outcome)
+
+
+def _metadata(settings: Settings) -> dict[str, Any]:
+    return atomicio.read_json(settings.model_metadata_path)
 
 
 def after_deployment(settings: Settings, outcome: CycleOutcome) -> None:

@@ -182,8 +182,12 @@ def f1_from_precision_recall(precision: np.ndarray, recall: np.ndarray) -> np.nd
     return np.divide(2 * precision * recall, total, out=np.zeros_like(total), where=total > 0)
 
 
-def train(settings: Settings) -> TrainingResult:
-    """Train on the master dataset and save trainedmodel.pkl with its metadata beside it."""
+def train(settings: Settings, held_out: pd.DataFrame | None = None) -> TrainingResult:
+    """Train on the master dataset and save trainedmodel.pkl with its metadata beside it.
+
+    `held_out` rows (e.g. part of a new batch kept to judge the retrained model on data it has
+    not seen) are left out of training.
+    """
     data_path = settings.finaldata_path
     if not data_path.exists():
         raise InsufficientDataError(
@@ -193,6 +197,11 @@ def train(settings: Settings) -> TrainingResult:
     data_checksum = atomicio.sha256_of(data_path)
     frame = read_master(settings)
     schema = settings.schema
+    held_out_rows = 0
+    if held_out is not None and len(held_out):
+        kept = ~row_hashes(frame, schema).isin(row_hashes(held_out, schema))
+        held_out_rows = int((~kept).sum())
+        frame = frame.loc[kept].reset_index(drop=True)
     model, threshold_info = fit_model(frame, schema, settings.model)
     seconds = time.perf_counter() - started
 
@@ -209,6 +218,7 @@ def train(settings: Settings) -> TrainingResult:
             "sha256": data_checksum,
             "rows": len(frame),
             "leavers": int(target.sum()),
+            "held_out_rows": held_out_rows,
         },
         "schema": {
             "target": schema.target,
@@ -251,6 +261,11 @@ def train(settings: Settings) -> TrainingResult:
     )
     log.info("trained model %s on %d rows", version, len(frame))
     return TrainingResult(model, settings.model_path, settings.model_metadata_path, metadata)
+
+
+def row_hashes(frame: pd.DataFrame, schema: Schema) -> pd.Series:
+    """A 64-bit hash of each row's schema columns, to match rows between tables cheaply."""
+    return pd.util.hash_pandas_object(frame[list(schema.columns)], index=False)
 
 
 def library_versions() -> dict[str, str]:

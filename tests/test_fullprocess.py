@@ -128,11 +128,20 @@ def test_drifted_data_is_retrained_redeployed_and_reported(cycle_settings):
     assert len(risk) == 1200 + 2000
 
 
-def test_retrained_model_that_is_worse_is_not_deployed(cycle_settings):
+def test_retrained_model_that_is_worse_is_not_deployed(cycle_settings, monkeypatch):
+    import training
+
+    learn = training.fit_model
+
+    def learn_to_flag_nobody(frame, schema, options):  # a retrain gone wrong
+        model, info = learn(frame, schema, options)
+        model.set_params(threshold=1.01)
+        return model, info
+
+    monkeypatch.setattr(training, "fit_model", learn_to_flag_nobody)
     old_release = deployment.current_release(cycle_settings).version
-    flipped = generate_data.make_clients(4000, seed=23, id_offset=500_000)
-    flipped["exited"] = 1 - flipped["exited"]  # the data now teaches the opposite of the truth
-    add_batch(cycle_settings, "flipped.csv", flipped)
+    add_batch(cycle_settings, "drifted.csv",
+              generate_data.make_clients(2000, seed=23, drifted=True, id_offset=500_000))
 
     assert run(cycle_settings) == 0
 
@@ -140,6 +149,40 @@ def test_retrained_model_that_is_worse_is_not_deployed(cycle_settings):
     assert cycle["decision"] == "drift-kept-deployed"
     assert deployment.current_release(cycle_settings).version == old_release
     assert "keeping the deployed model" in cycle["message"]
+    assert json.loads(cycle["details"])["deploy"]["numbers"]["evaluated_on"] == "the held-out new rows"
+
+
+def test_drift_retrain_holds_out_new_rows_and_scores_the_release_on_them(cycle_settings, monkeypatch):
+    monkeypatch.setattr(fullprocess, "after_deployment", lambda settings, outcome: None)
+    add_batch(cycle_settings, "drifted.csv",
+              generate_data.make_clients(2000, seed=28, drifted=True, id_offset=550_000))
+
+    assert run(cycle_settings) == 0
+
+    metadata = json.loads(cycle_settings.model_metadata_path.read_text())
+    assert metadata["training_data"]["held_out_rows"] == 600
+    assert metadata["training_data"]["rows"] == 1200 + 2000 - 600
+    release = deployment.current_release(cycle_settings)
+    holdout_score = records.query(
+        cycle_settings.records_path,
+        "SELECT f1, rows FROM scores WHERE purpose = 'drift-holdout' AND model_version = ?",
+        (release.version,),
+    )
+    assert [row["rows"] for row in holdout_score] == [600]
+    assert release.f1 == pytest.approx(holdout_score[0]["f1"])
+
+
+def test_next_batch_from_the_changed_process_is_not_drift_again(cycle_settings, monkeypatch):
+    monkeypatch.setattr(fullprocess, "after_deployment", lambda settings, outcome: None)
+    add_batch(cycle_settings, "drifted1.csv",
+              generate_data.make_clients(2000, seed=29, drifted=True, id_offset=560_000))
+    run(cycle_settings)
+    add_batch(cycle_settings, "drifted2.csv",
+              generate_data.make_clients(2000, seed=30, drifted=True, id_offset=570_000))
+
+    assert run(cycle_settings) == 0
+
+    assert last_cycle(cycle_settings)["decision"] == "no-drift"
 
 
 def test_bad_file_among_new_ones_is_rejected_and_the_rest_processed(cycle_settings):
@@ -247,7 +290,7 @@ def test_deploy_decision(difference_high, forced, deploys):
         difference_low=-0.08, difference_high=difference_high,
     )
 
-    assert deploy_decision(comparison, forced=forced).deploy is deploys
+    assert deploy_decision(comparison, "the test data", forced=forced).deploy is deploys
 
 
 def test_unknown_drift_rule_is_a_config_error(tmp_path):
