@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,9 +190,11 @@ def _stage_release(
         existing = _release_from_manifest(final)
         if existing.files == checksums:
             return existing
-        version = f"{version}-{uuid.uuid4().hex[:4]}"
+        version = f"{version}-{os.urandom(2).hex()}"
         final = folder / version
-    staging = folder / f".staging-{version}-{uuid.uuid4().hex[:6]}"
+    import shutil  # here, not at the top: this module is on the cron fast path
+
+    staging = folder / f".staging-{version}-{os.urandom(3).hex()}"
     staging.mkdir()
     try:
         for name, path in sources.items():
@@ -257,6 +257,8 @@ def _prune(settings: Settings, history: list[dict[str, Any]]) -> None:
         if entry["version"] not in recent:
             recent.append(entry["version"])
     kept = set(recent[:keep])
+    import shutil
+
     for release in list_releases(settings):
         if release.version not in kept and not release.is_current:
             shutil.rmtree(release.folder)

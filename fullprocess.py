@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import fcntl
 import logging
-import logging.handlers
 import math
 import os
 import sys
@@ -27,7 +26,7 @@ import atomicio
 import deployment
 import ingestion
 import records
-from errors import CycleBusyError, PipelineError, configure_logging, run_cli
+from errors import CycleBusyError, PipelineError, run_cli
 from settings import DriftSettings, Settings, add_config_argument, load_settings
 
 log = logging.getLogger("fullprocess")
@@ -416,15 +415,34 @@ def describe_plan(settings: Settings, force: bool) -> str:
     )
 
 
-def setup_cycle_log(settings: Settings) -> None:
-    """A rotating log file of cycles beside the stderr log (about 5 x 1 MB kept)."""
-    settings.log_path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.handlers.RotatingFileHandler(
-        settings.log_path, maxBytes=1_000_000, backupCount=5, encoding="utf-8"
-    )
+@contextlib.contextmanager
+def cycle_log(settings: Settings, max_bytes: int = 1_000_000, backups: int = 5) -> Iterator[None]:
+    """Log to a file beside stderr, rotated when it passes `max_bytes` (`backups` old files kept).
+
+    logging.handlers.RotatingFileHandler would do this, but importing it (socket, pickle, queue)
+    costs more than the rest of a no-op cycle; rotating once at start-up is all a cycle needs.
+    """
+    path = settings.log_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.stat().st_size > max_bytes:
+        for number in range(backups - 1, 0, -1):
+            older = path.with_name(f"{path.name}.{number}")
+            if older.exists():
+                os.replace(older, path.with_name(f"{path.name}.{number + 1}"))
+        os.replace(path, path.with_name(f"{path.name}.1"))
+    handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
-    logging.getLogger().addHandler(handler)
+    root = logging.getLogger()
+    previous_level = root.level
+    root.setLevel(min(previous_level, logging.INFO) or logging.INFO)
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous_level)
+        handler.close()
 
 
 def record_cycle(
@@ -467,13 +485,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(describe_plan(settings, args.force))
         return 0
-    setup_cycle_log(settings)
+    with cycle_log(settings):
+        return run_locked_cycle(settings, force=args.force)
+
+
+def run_locked_cycle(settings: Settings, force: bool) -> int:
+    """Run one cycle under the lock and record it, whatever happens."""
     started, started_at = time.monotonic(), records.utc_now()
     try:
         with cycle_lock(settings):
             outcome = None
             try:
-                outcome = run_cycle(settings, force=args.force)
+                outcome = run_cycle(settings, force=force)
             except BaseException as error:
                 message = str(error) if isinstance(error, PipelineError) else repr(error)
                 record_cycle(settings, started, started_at, outcome, "failed", message)
@@ -489,5 +512,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    configure_logging()
     sys.exit(run_cli(main))

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
+import os
 import sys
-import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -169,7 +168,7 @@ def ingest(settings: Settings) -> IngestReport:
     """Compile every new source file into the master dataset; record what was read."""
     import pandas as pd
 
-    run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + os.urandom(3).hex()
     all_files = list_source_files(settings)
     new_files = find_new_files(settings)
     new_paths = {f.path for f in new_files}
@@ -219,6 +218,8 @@ def _append_rows_file(master_path: Path, rows_path: Path) -> None:
     Copying bytes is far cheaper than formatting a million rows as CSV again, and the new rows were
     just formatted once for the latest-batch file.
     """
+    import shutil
+
     with atomicio.atomic_path(master_path) as temp_path, open(temp_path, "wb") as target:
         with open(rows_path, "rb") as rows:
             header = rows.readline()

@@ -108,8 +108,10 @@ def connect(database: Path) -> Iterator[sqlite3.Connection]:
     connection = sqlite3.connect(database, timeout=30)
     connection.row_factory = sqlite3.Row
     try:
-        # WAL lets the API read while a cycle writes.
+        # WAL lets the API read while a cycle writes; in WAL mode NORMAL sync cannot corrupt the
+        # database and spares an fsync per record, which the 10-minute no-op cycle would pay.
         connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=NORMAL")
         for statement in SCHEMA.values():
             connection.execute(statement)
         with connection:

@@ -299,3 +299,14 @@ def test_unknown_drift_rule_is_a_config_error(tmp_path):
     build_workspace(tmp_path)
     with pytest.raises(ConfigError, match="drift.rule"):
         load_settings(write_config(tmp_path, drift={"rule": "vibes"}))
+
+
+def test_cycle_log_rotates_when_it_grows_too_large(cycle_settings):
+    cycle_settings.log_path.parent.mkdir(parents=True, exist_ok=True)
+    cycle_settings.log_path.write_text("x" * 2_000_000)
+
+    assert run(cycle_settings) == 0
+
+    rotated = cycle_settings.log_path.with_name(cycle_settings.log_path.name + ".1")
+    assert rotated.stat().st_size == 2_000_000
+    assert "cycle ok" in cycle_settings.log_path.read_text()
