@@ -1,0 +1,861 @@
+"""Diagnostics: is the deployed model, and the data it sees, healthy?
+
+Each check is a function that the API and fullprocess.py call in-process: predictions of the
+deployed model, summary statistics and missing data of the master dataset, how long ingestion and
+training take, the state of the dependencies, and data drift between the data the deployed model
+was trained on and the newest ingested batch. The script runs them all, records the run in the
+records database (so that the report can draw trends) and prints a readable summary, or JSON with
+--json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import importlib.metadata
+import json
+import logging
+import math
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from packaging.version import InvalidVersion, Version
+from scipy import stats
+from scipy.spatial.distance import jensenshannon
+
+import atomicio
+import records
+from deployment import current_release, load_deployed_model
+from errors import (
+    ConfigError,
+    DataError,
+    InsufficientDataError,
+    ModelNotDeployedError,
+    PipelineError,
+    run_cli,
+)
+from ingestion import ingest, list_source_files, read_dataset, read_master, validate_frame
+from settings import (
+    PROJECT_DIR,
+    DiagnosticsSettings,
+    Schema,
+    Settings,
+    add_config_argument,
+    load_settings,
+)
+from training import train
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REQUIREMENTS_PATH = PROJECT_DIR / "requirements.txt"
+# Each pip process costs about a second of CPU; more at once than this only queues on the cores.
+MAX_PIP_PROCESSES = 8
+# Evidently treats a numeric column with this few distinct values as categorical.
+MAX_CATEGORY_LIKE_VALUES = 5
+
+
+# --- Predictions -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PredictionResult:
+    """The deployed model's answer for each row of a dataset, in the dataset's order."""
+
+    model_version: str
+    ids: list[str]
+    predictions: list[int]
+    probabilities: list[float]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model_version": self.model_version,
+            "predictions": self.predictions,
+            "probabilities": self.probabilities,
+            "ids": self.ids,
+        }
+
+
+def predict_frame(
+    model: Any, model_version: str, frame: pd.DataFrame, schema: Schema
+) -> PredictionResult:
+    """Class and probability of leaving for each row of a validated frame; no disk, no checks.
+
+    The API calls this for every request with a cached model, so it asks the model once: the class
+    is the probability against the model's own decision threshold, exactly as model.predict does.
+    """
+    features = _model_input(frame, schema)
+    probabilities = model.predict_proba(features)[:, 1]
+    threshold = _decision_threshold(model)
+    if threshold is None:
+        predictions = np.asarray(model.predict(features)).astype(int)
+    else:
+        predictions = (probabilities >= threshold).astype(int)
+    return PredictionResult(
+        model_version=model_version,
+        ids=client_ids(frame, schema),
+        predictions=predictions.tolist(),
+        probabilities=probabilities.tolist(),
+    )
+
+
+def _model_input(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
+    # Nullable Int64 columns take a slow path through scikit-learn's input checks; plain float64
+    # (missing as NaN) gives the model the same numbers faster.
+    columns = {
+        column: (
+            frame[column].to_numpy(dtype="float64", na_value=np.nan)
+            if column in schema.numeric_features
+            else frame[column]
+        )
+        for column in schema.features
+    }
+    return pd.DataFrame(columns, index=frame.index, copy=False)
+
+
+def _decision_threshold(model: Any) -> float | None:
+    """The probability threshold model.predict applies, when the model is one of ours."""
+    if list(getattr(model, "classes_", [])) != [0, 1]:
+        return None
+    if getattr(model, "response_method", None) not in ("auto", "predict_proba"):
+        return None
+    # TunedThresholdClassifierCV keeps the tuned value; FixedThresholdClassifier its parameter.
+    threshold = getattr(model, "best_threshold_", getattr(model, "threshold", None))
+    if isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
+        return float(threshold)
+    return None
+
+
+def client_ids(frame: pd.DataFrame, schema: Schema) -> list[str]:
+    """Each row's client id as text (several id columns joined by " / "; row numbers if none)."""
+    id_columns = list(schema.id_columns)
+    if not id_columns or any(column not in frame.columns for column in id_columns):
+        return [str(number) for number in range(1, len(frame) + 1)]
+    if len(id_columns) == 1:
+        return frame[id_columns[0]].astype("str").tolist()
+    return frame[id_columns].astype("str").agg(" / ".join, axis=1).tolist()
+
+
+def model_predictions(settings: Settings, dataset: pd.DataFrame | Path) -> PredictionResult:
+    """The deployed model's predictions for a dataset (a frame or a CSV file), in its order."""
+    schema = settings.schema
+    if isinstance(dataset, pd.DataFrame):
+        frame = validate_frame(dataset, schema, source="the dataset", require_target=False)
+    else:
+        frame = read_dataset(Path(dataset), schema, require_target=False)
+    model, release = load_deployed_model(settings)
+    return predict_frame(model, release.version, frame, schema)
+
+
+# --- The master dataset ------------------------------------------------------------------------
+
+
+def summary_statistics(settings: Settings) -> dict[str, dict[str, float | None]]:
+    """Mean, median, standard deviation, min, max and count of each numeric column."""
+    return _statistics_of(_read_master_or_raise(settings), settings.schema)
+
+
+def missing_data(settings: Settings) -> dict[str, float]:
+    """The percentage of missing cells in each column of the master dataset."""
+    return _missing_of(_read_master_or_raise(settings))
+
+
+def _read_master_or_raise(settings: Settings) -> pd.DataFrame:
+    master = read_master(settings)
+    if master.empty:
+        raise InsufficientDataError(
+            f"the master dataset {settings.finaldata_path} is missing or empty: "
+            "run ingestion.py first"
+        )
+    return master
+
+
+def _statistics_of(master: pd.DataFrame, schema: Schema) -> dict[str, dict[str, float | None]]:
+    statistics = {}
+    for column in schema.numeric_features:
+        values = master[column].astype("float64").dropna()
+        statistics[column] = {
+            "mean": _number(values.mean()),
+            "median": _number(values.median()),
+            # The sample standard deviation (ddof=1), as pandas and most tools report it.
+            "std": _number(values.std()),
+            "min": _number(values.min()),
+            "max": _number(values.max()),
+            "count": int(len(values)),
+        }
+    return statistics
+
+
+def _missing_of(master: pd.DataFrame) -> dict[str, float]:
+    return {column: float(master[column].isna().mean() * 100) for column in master.columns}
+
+
+def _master_overview(master: pd.DataFrame, schema: Schema) -> dict[str, Any]:
+    """Size and leaver share of the master dataset, for the trends in the report."""
+    return {
+        "rows": len(master),
+        "clients": int(len(master.drop_duplicates(subset=list(schema.id_columns)))),
+        "leaver_share": _number(master[schema.target].astype("float64").mean()),
+    }
+
+
+# --- Timing ------------------------------------------------------------------------------------
+
+
+def stage_timings(settings: Settings) -> dict[str, float]:
+    """Seconds that ingestion and training take, measured on a scratch copy of the source data.
+
+    Both stages run in-process on copies in a temporary folder, with their own records database, so
+    the measurement never changes ingested data, models, production files or records.
+    """
+    sources = list_source_files(settings)
+    with tempfile.TemporaryDirectory(prefix="risk-timing-") as folder:
+        scratch = Path(folder)
+        (scratch / "sourcedata").mkdir()
+        for path in sources:
+            shutil.copyfile(path, scratch / "sourcedata" / path.name)
+        # Neither stage reads the test data, so it stays where it is rather than being copied.
+        scratch_settings = dataclasses.replace(
+            settings,
+            input_folder=scratch / "sourcedata",
+            output_folder=scratch / "ingesteddata",
+            model_folder=scratch / "models",
+            deployment_folder=scratch / "production_deployment",
+            log_path=scratch / "logs" / "timing.log",
+        )
+        log.info("timing ingestion and training of %d source file(s) on a copy", len(sources))
+        started = time.perf_counter()
+        ingest(scratch_settings)
+        ingested = time.perf_counter()
+        train(scratch_settings)
+        trained = time.perf_counter()
+    return {"ingestion": round(ingested - started, 3), "training": round(trained - ingested, 3)}
+
+
+# --- Dependencies ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """One line of requirements.txt."""
+
+    name: str
+    specifier: str  # "==2.4.6", ">=1.0", or "" for none
+
+    @property
+    def key(self) -> str:
+        return normalized_name(self.name)
+
+    @property
+    def pinned(self) -> str | None:
+        if self.specifier.startswith("==") and "," not in self.specifier:
+            return self.specifier[2:].strip()
+        return None
+
+
+_REQUIREMENT_LINE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[[^\]]*\])?\s*([^;]*)")
+
+
+def normalized_name(name: str) -> str:
+    """A package name as the package index compares names (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def read_requirements(path: Path) -> list[Requirement]:
+    """The packages requirements.txt names, in its order; options and comments are skipped."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise ConfigError(f"no requirements file at {path}") from None
+    requirements = []
+    for number, raw in enumerate(lines, start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line or line.startswith("-"):
+            continue
+        match = _REQUIREMENT_LINE.match(line)
+        if match is None:
+            log.warning("%s line %d is not a requirement I can read: %r", path, number, raw)
+            continue
+        requirements.append(Requirement(match.group(1), match.group(2).replace(" ", "")))
+    return requirements
+
+
+def dependency_status(
+    settings: Settings, *, refresh: bool = False, requirements_path: Path | None = None
+) -> list[dict[str, Any]]:
+    """Each requirement with its pinned, installed and latest version, and what looks wrong.
+
+    The latest versions come from the package index through pip itself, asked concurrently with a
+    time limit and cached (settings.diagnostics.dependency_cache_hours); offline, "latest" is
+    "unknown" with pip's reason. `trained_with` is the version the deployed model was trained with.
+    """
+    requirements = read_requirements(requirements_path or DEFAULT_REQUIREMENTS_PATH)
+    trained_with = _training_versions(settings)
+    answers = _latest_versions(settings, [r.key for r in requirements], refresh=refresh)
+    return [_dependency_row(r, answers[r.key], trained_with.get(r.key)) for r in requirements]
+
+
+def _training_versions(settings: Settings) -> dict[str, str]:
+    try:
+        versions = current_release(settings).metadata().get("library_versions", {})
+    except ModelNotDeployedError:
+        return {}
+    return {normalized_name(name): str(version) for name, version in versions.items()}
+
+
+def _latest_versions(
+    settings: Settings, keys: list[str], *, refresh: bool
+) -> dict[str, dict[str, Any]]:
+    """Answers of the package index per package: from the cache while fresh, else from pip."""
+    cache_path = settings.dependency_cache_path
+    cached = {} if refresh else _read_dependency_cache(cache_path)
+    now = datetime.now(UTC)
+    answers = {
+        key: cached[key] for key in keys
+        if key in cached and _still_fresh(cached[key], now, settings.diagnostics)
+    }
+    to_ask = [key for key in keys if key not in answers]
+    if to_ask:
+        timeout = settings.diagnostics.pip_timeout_seconds
+        with ThreadPoolExecutor(max_workers=min(len(to_ask), MAX_PIP_PROCESSES)) as pool:
+            answered = pool.map(lambda key: ask_index(key, timeout), to_ask)
+            fresh = dict(zip(to_ask, answered, strict=True))
+        answers.update(fresh)
+        known = _read_dependency_cache(cache_path)
+        atomicio.write_json(cache_path, {"packages": {**known, **fresh}})
+    return answers
+
+
+def _read_dependency_cache(path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        packages = atomicio.read_json(path).get("packages", {})
+    except FileNotFoundError:
+        return {}
+    except (ValueError, AttributeError) as error:
+        log.warning("ignoring unreadable dependency cache %s: %s", path, error)
+        return {}
+    return packages if isinstance(packages, dict) else {}
+
+
+def _still_fresh(answer: dict[str, Any], now: datetime, options: DiagnosticsSettings) -> bool:
+    try:
+        checked_at = datetime.fromisoformat(answer["checked_at"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    if answer.get("latest"):
+        hours = options.dependency_cache_hours
+    else:
+        hours = options.dependency_retry_hours
+    return timedelta(0) <= now - checked_at < timedelta(hours=hours)
+
+
+def ask_index(name: str, timeout: float) -> dict[str, Any]:
+    """The newest version of `name` on the package index pip is configured with, or why not."""
+    command = [
+        sys.executable, "-m", "pip", "index", "versions", name,
+        "--retries", "0",
+        # Socket timeout: half the time limit leaves pip room to report the failure itself.
+        "--timeout", f"{max(timeout / 2, 1):g}",
+        "--disable-pip-version-check", "--no-input",
+    ]
+    latest, error = None, None
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        error = f"the package index did not answer within {timeout:g} s"
+    except OSError as failure:
+        error = f"cannot run pip: {failure}"
+    else:
+        match = re.match(r"\S+ \(([^)]+)\)", done.stdout.strip())
+        if done.returncode == 0 and match:
+            latest = match.group(1)
+        else:
+            error = _pip_failure(name, done)
+    if error:
+        log.info("latest version of %s unknown: %s", name, error)
+    return {"latest": latest, "error": error, "checked_at": records.utc_now()}
+
+
+def _pip_failure(name: str, done: subprocess.CompletedProcess[str]) -> str:
+    lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("ERROR")]
+    if any("No matching distribution" in line for line in errors):
+        # pip says the same whether the index is unreachable or lacks the package; say both.
+        return (
+            f"pip found no release of {name} on its package index "
+            "(offline, or not published there)"
+        )
+    return (errors[-1] if errors else f"pip exited with code {done.returncode}")[:300]
+
+
+def _dependency_row(
+    requirement: Requirement, answer: dict[str, Any], trained_with: str | None
+) -> dict[str, Any]:
+    installed = _installed_version(requirement.name)
+    latest = answer.get("latest")
+    in_use = requirement.pinned or installed
+    flags = []
+    if installed is None:
+        flags.append("not installed")
+    elif requirement.pinned and installed != requirement.pinned:
+        flags.append("installed differs from pin")
+    if latest and in_use and _is_newer(latest, in_use):
+        flags.append("outdated")
+    if trained_with and installed and trained_with != installed:
+        flags.append("differs from training")
+    return {
+        "package": requirement.name,
+        "pinned": requirement.pinned or requirement.specifier or None,
+        "installed": installed,
+        "latest": latest or "unknown",
+        "latest_error": None if latest else answer.get("error"),
+        "checked_at": answer.get("checked_at"),
+        "trained_with": trained_with,
+        "flags": flags,
+    }
+
+
+def _installed_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _is_newer(candidate: str, current: str) -> bool:
+    try:
+        return Version(candidate) > Version(current)
+    except InvalidVersion:
+        return candidate != current
+
+
+# --- Data drift --------------------------------------------------------------------------------
+#
+# The tests and thresholds are Evidently's defaults (https://docs.evidentlyai.com/reference/
+# data-drift-algorithm): with at most 1000 reference rows, a numeric column (more than 5 distinct
+# values) gets the two-sample Kolmogorov-Smirnov test, a categorical or few-valued column the
+# chi-squared test (a z-test of proportions when it has two values), drift when p < 0.05; with more
+# rows, the Wasserstein distance normed by the reference's standard deviation for numeric columns
+# and the Jensen-Shannon distance for the others, drift when the distance exceeds 0.1; the dataset
+# drifts when at least half of its features do. Two choices of ours: count columns are compared on
+# the log1p scale the model sees them on (a fall of activity by a third is invisible to a distance
+# normed by the huge standard deviation of raw, heavy-tailed counts), and the chi-squared test is
+# the two-sample test of a contingency table, so that a category new in the batch is no error.
+
+
+Verdict = dict[str, Any]  # test, statistic, p_value, threshold, drifted
+
+
+def data_drift(settings: Settings) -> dict[str, Any]:
+    """Per-feature drift between the deployed model's training sample and the newest batch."""
+    release = current_release(settings)
+    batch_path = settings.latest_batch_path
+    if not batch_path.is_file():
+        raise DataError(f"no newest batch at {batch_path}: ingest new data first")
+    reference = read_dataset(release.training_sample_path, settings.schema)
+    current = read_dataset(batch_path, settings.schema)
+    result = compare_datasets(reference, current, settings.schema, settings.diagnostics)
+    return {
+        "model_version": release.version,
+        "reference": {"path": str(release.training_sample_path), "rows": len(reference)},
+        "current": {"path": str(batch_path), "rows": len(current)},
+        **result,
+    }
+
+
+def compare_datasets(
+    reference: pd.DataFrame, current: pd.DataFrame, schema: Schema, options: DiagnosticsSettings
+) -> dict[str, Any]:
+    """Drift of each feature, the share of drifted features, the verdict and the leaver shares."""
+    features = [
+        _feature_drift(column, reference[column], current[column], schema, options)
+        for column in schema.features
+    ]
+    tested = [f for f in features if f["drifted"] is not None]
+    drifted = [f["feature"] for f in tested if f["drifted"]]
+    share = len(drifted) / len(tested) if tested else None
+    return {
+        "features": features,
+        "drifted_features": drifted,
+        "drift_share": share,
+        "drift_share_threshold": options.drift_share,
+        "dataset_drift": share is not None and share >= options.drift_share,
+        "leavers": _leaver_change(reference[schema.target], current[schema.target], options),
+    }
+
+
+def _feature_drift(
+    column: str, reference: pd.Series, current: pd.Series, schema: Schema,
+    options: DiagnosticsSettings,
+) -> dict[str, Any]:
+    reference, current = reference.dropna(), current.dropna()
+    result: dict[str, Any] = {
+        "feature": column,
+        "type": "numeric" if column in schema.numeric_features else "categorical",
+        "reference_rows": len(reference),
+        "current_rows": len(current),
+    }
+    if reference.empty or current.empty:
+        return {**result, "test": None, "statistic": None, "p_value": None, "threshold": None,
+                "drifted": None, "note": "no values to compare"}
+    distinct = pd.concat([reference.astype("str"), current.astype("str")]).nunique()
+    small = len(reference) <= options.drift_small_sample_rows
+    if result["type"] == "numeric" and distinct > MAX_CATEGORY_LIKE_VALUES:
+        ref = reference.to_numpy(dtype="float64")
+        cur = current.to_numpy(dtype="float64")
+        if column in schema.count_columns:
+            ref, cur = np.log1p(ref), np.log1p(cur)
+        test = _ks_test(ref, cur, options) if small else _wasserstein(ref, cur, options)
+    elif small:
+        test = _z_test(reference, current, options) if distinct <= 2 else _chi_squared(
+            reference, current, options)
+    else:
+        test = _jensen_shannon(reference, current, options)
+    return {**result, **test}
+
+
+def _ks_test(ref: np.ndarray, cur: np.ndarray, options: DiagnosticsSettings) -> Verdict:
+    outcome = stats.ks_2samp(ref, cur)
+    return _p_value_verdict("Kolmogorov-Smirnov", outcome.statistic, outcome.pvalue, options)
+
+
+def _wasserstein(ref: np.ndarray, cur: np.ndarray, options: DiagnosticsSettings) -> Verdict:
+    scale = np.std(ref) or np.std(np.concatenate([ref, cur]))
+    distance = stats.wasserstein_distance(ref, cur) / scale if scale else 0.0
+    return _distance_verdict("Wasserstein distance (normed)", distance, options)
+
+
+def _category_counts(reference: pd.Series, current: pd.Series) -> np.ndarray:
+    """A 2 x categories table of counts: reference in the first row, current in the second."""
+    table = pd.DataFrame({
+        "reference": reference.astype("str").value_counts(),
+        "current": current.astype("str").value_counts(),
+    }).fillna(0).sort_index()
+    return table.to_numpy(dtype="float64").T
+
+
+def _chi_squared(reference: pd.Series, current: pd.Series, options: DiagnosticsSettings) -> Verdict:
+    outcome = stats.chi2_contingency(_category_counts(reference, current), correction=False)
+    return _p_value_verdict("chi-squared", outcome.statistic, outcome.pvalue, options)
+
+
+def _z_test(reference: pd.Series, current: pd.Series, options: DiagnosticsSettings) -> Verdict:
+    counts = _category_counts(reference, current)
+    statistic, p_value = _two_proportion_z(
+        counts[0, 0], counts[0].sum(), counts[1, 0], counts[1].sum()
+    )
+    return _p_value_verdict("z-test of proportions", statistic, p_value, options)
+
+
+def _two_proportion_z(
+    hits_a: float, rows_a: float, hits_b: float, rows_b: float
+) -> tuple[float, float]:
+    """z statistic and two-sided p-value of the difference of two proportions (pooled)."""
+    pooled = (hits_a + hits_b) / (rows_a + rows_b)
+    spread = math.sqrt(pooled * (1 - pooled) * (1 / rows_a + 1 / rows_b))
+    if spread == 0:
+        return 0.0, 1.0
+    z = (hits_a / rows_a - hits_b / rows_b) / spread
+    return z, float(2 * stats.norm.sf(abs(z)))
+
+
+def _jensen_shannon(
+    reference: pd.Series, current: pd.Series, options: DiagnosticsSettings
+) -> Verdict:
+    counts = _category_counts(reference, current)
+    distance = float(jensenshannon(counts[0] / counts[0].sum(), counts[1] / counts[1].sum()))
+    return _distance_verdict("Jensen-Shannon distance", distance, options)
+
+
+def _p_value_verdict(
+    test: str, statistic: float, p_value: float, options: DiagnosticsSettings
+) -> Verdict:
+    return {
+        "test": test,
+        "statistic": float(statistic),
+        "p_value": float(p_value),
+        "threshold": options.drift_p_value,
+        "drifted": bool(p_value < options.drift_p_value),
+    }
+
+
+def _distance_verdict(test: str, distance: float, options: DiagnosticsSettings) -> Verdict:
+    return {
+        "test": test,
+        "statistic": float(distance),
+        "p_value": None,
+        "threshold": options.drift_distance_threshold,
+        "drifted": bool(distance > options.drift_distance_threshold),
+    }
+
+
+def _leaver_change(
+    reference: pd.Series, current: pd.Series, options: DiagnosticsSettings
+) -> dict[str, Any]:
+    reference = reference.dropna().astype("float64")
+    current = current.dropna().astype("float64")
+    ref_share, cur_share = float(reference.mean()), float(current.mean())
+    _, p_value = _two_proportion_z(reference.sum(), len(reference), current.sum(), len(current))
+    return {
+        "reference_share": ref_share,
+        "current_share": cur_share,
+        "change": cur_share - ref_share,
+        "p_value": p_value,
+        "significant": bool(p_value < options.drift_p_value),
+    }
+
+
+# --- All of them -------------------------------------------------------------------------------
+
+
+def run_diagnostics(
+    settings: Settings,
+    *,
+    timing: bool = True,
+    dependencies: bool = True,
+    refresh_dependencies: bool = False,
+) -> dict[str, Any]:
+    """Run every diagnostic, record the run in the records database, and return it as JSON data.
+
+    A section that cannot be computed (nothing ingested, nothing deployed, no new batch) is None,
+    with its reason under "unavailable", so one missing piece never hides the others.
+    """
+    started = time.perf_counter()
+    payload: dict[str, Any] = {
+        "time": records.utc_now(),
+        "model_version": _deployed_version(settings),
+    }
+    unavailable: dict[str, str] = {}
+    master = functools.cache(lambda: _read_master_or_raise(settings))
+    sections: dict[str, Callable[[], Any] | str] = {
+        "master_dataset": lambda: _master_overview(master(), settings.schema),
+        "summary_statistics": lambda: _statistics_of(master(), settings.schema),
+        "missing_data": lambda: _missing_of(master()),
+        "stage_timings": (lambda: stage_timings(settings)) if timing else "skipped on request",
+        "dependencies": (
+            (lambda: dependency_status(settings, refresh=refresh_dependencies))
+            if dependencies else "skipped on request"
+        ),
+        "data_drift": lambda: data_drift(settings),
+    }
+    for name, compute in sections.items():
+        if isinstance(compute, str):
+            payload[name], unavailable[name] = None, compute
+            continue
+        try:
+            payload[name] = json_safe(compute())
+        except PipelineError as error:
+            payload[name], unavailable[name] = None, str(error)
+            log.warning("diagnostics: %s not available: %s", name.replace("_", " "), error)
+    payload["unavailable"] = unavailable
+    payload["seconds"] = round(time.perf_counter() - started, 3)
+    records.add(
+        settings.records_path,
+        "diagnostics",
+        {"time": payload["time"], "model_version": payload["model_version"], "payload": payload},
+    )
+    return payload
+
+
+def latest_diagnostics(settings: Settings) -> dict[str, Any] | None:
+    """The most recently recorded diagnostics run, or None before the first."""
+    rows = records.query(
+        settings.records_path, "SELECT payload FROM diagnostics ORDER BY id DESC LIMIT 1"
+    )
+    return json.loads(rows[0]["payload"]) if rows else None
+
+
+def _deployed_version(settings: Settings) -> str | None:
+    try:
+        return current_release(settings).version
+    except PipelineError:
+        return None
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with numpy numbers made plain and NaN or infinity made None, for strict JSON."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if value is None or value is pd.NA:
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return _number(value)
+    return value
+
+
+def _number(value: Any) -> float | None:
+    """A plain float, or None for a missing, NaN or infinite value."""
+    if value is None or value is pd.NA:
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+# --- Reading it --------------------------------------------------------------------------------
+
+
+def describe(payload: dict[str, Any]) -> str:
+    """The diagnostics as text a person reads in a terminal (the report uses the same tables)."""
+    model = payload.get("model_version") or "none"
+    lines = [
+        f"Diagnostics of {payload['time']}, deployed model {model} "
+        f"({payload.get('seconds', 0):.1f} s)"
+    ]
+    for title, section_lines in section_texts(payload).items():
+        lines += ["", title, *section_lines]
+    return "\n".join(lines)
+
+
+def section_texts(payload: dict[str, Any]) -> dict[str, list[str]]:
+    """Title -> lines of fixed-width text for each section of a diagnostics payload."""
+    unavailable = payload.get("unavailable", {})
+
+    def text(name: str, render: Callable[[Any], list[str]]) -> list[str]:
+        if payload.get(name) is None:
+            return [f"  not available: {unavailable.get(name, 'not computed')}"]
+        return render(payload[name])
+
+    return {
+        "Master dataset": text("master_dataset", _master_lines),
+        "Summary statistics": text("summary_statistics", _statistics_lines),
+        "Missing data": text("missing_data", _missing_lines),
+        "Stage timings": text("stage_timings", _timing_lines),
+        "Data drift": text("data_drift", _drift_lines),
+        "Dependencies": text("dependencies", _dependency_lines),
+    }
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def _master_lines(overview: dict[str, Any]) -> list[str]:
+    share = overview["leaver_share"]
+    return [
+        f"  {overview['rows']:,} rows, {overview['clients']:,} clients, "
+        f"{'-' if share is None else f'{share:.1%}'} of rows are clients who left"
+    ]
+
+
+def _statistics_lines(statistics: dict[str, dict[str, Any]]) -> list[str]:
+    lines = [
+        f"  {'column':<22}{'mean':>12}{'median':>12}{'std':>12}{'min':>10}{'max':>12}"
+        f"{'count':>8}"
+    ]
+    for column, s in statistics.items():
+        lines.append(
+            f"  {column:<22}{_fmt(s['mean']):>12}{_fmt(s['median']):>12}{_fmt(s['std']):>12}"
+            f"{_fmt(s['min'], 0):>10}{_fmt(s['max'], 0):>12}{s['count']:>8}"
+        )
+    return lines
+
+
+def _missing_lines(missing: dict[str, float]) -> list[str]:
+    return [f"  {column:<22}{percent:>8.2f} %" for column, percent in missing.items()]
+
+
+def _timing_lines(timings: dict[str, float]) -> list[str]:
+    return [f"  {stage:<22}{seconds:>8.2f} s" for stage, seconds in timings.items()]
+
+
+def _drift_lines(drift: dict[str, Any]) -> list[str]:
+    share = drift["drift_share"]
+    verdict = "DATASET DRIFT" if drift["dataset_drift"] else "no dataset drift"
+    lines = [
+        f"  training sample of {drift['model_version']} ({drift['reference']['rows']:,} rows) "
+        f"vs newest batch ({drift['current']['rows']:,} rows):",
+        f"  {verdict}: {len(drift['drifted_features'])} of {len(drift['features'])} features "
+        f"drifted ({'-' if share is None else f'{share:.0%}'}; "
+        f"threshold {drift['drift_share_threshold']:.0%})",
+        f"  {'feature':<22}{'test':<32}{'value':>10}{'threshold':>11}  drifted",
+    ]
+    for f in drift["features"]:
+        if f["p_value"] is not None:
+            value = f"p={f['p_value']:.4f}"
+        elif f["statistic"] is not None:
+            value = f"d={f['statistic']:.4f}"
+        else:
+            value = "-"
+        verdict = {True: "YES", False: "no", None: "-"}[f["drifted"]]
+        lines.append(
+            f"  {f['feature']:<22}{(f['test'] or '-'):<32}{value:>10}"
+            f"{_fmt(f['threshold']):>11}  {verdict}"
+        )
+    leavers = drift["leavers"]
+    lines.append(
+        f"  leavers: {leavers['reference_share']:.1%} in training, {leavers['current_share']:.1%} "
+        f"in the batch ({leavers['change'] * 100:+.1f} points, p={leavers['p_value']:.4f})"
+    )
+    return lines
+
+
+def _dependency_lines(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [f"  {'package':<16}{'pinned':<12}{'installed':<12}{'latest':<12}{'trained':<10}flags"]
+    for row in rows:
+        lines.append(
+            f"  {row['package']:<16}{_fmt(row['pinned']):<12}{_fmt(row['installed']):<12}"
+            f"{row['latest']:<12}{_fmt(row['trained_with']):<10}{', '.join(row['flags']) or 'ok'}"
+        )
+    reasons = sorted({row["latest_error"] for row in rows if row["latest_error"]})
+    lines += [f"  latest unknown: {reason}" for reason in reasons]
+    return lines
+
+
+# --- Command line ------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_config_argument(parser)
+    parser.add_argument("--json", action="store_true", help="print the diagnostics as JSON")
+    parser.add_argument(
+        "--no-timing", action="store_true", help="skip timing ingestion and training (slow)"
+    )
+    parser.add_argument(
+        "--no-dependencies", action="store_true", help="skip the dependency check"
+    )
+    parser.add_argument(
+        "--refresh-dependencies", action="store_true",
+        help="ask the package index now instead of using cached answers",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = load_settings(args.config)
+    payload = run_diagnostics(
+        settings,
+        timing=not args.no_timing,
+        dependencies=not args.no_dependencies,
+        refresh_dependencies=args.refresh_dependencies,
+    )
+    print(json.dumps(payload, indent=2) if args.json else describe(payload))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,595 @@
+"""Reporting: the risk list the client managers work from, and a PDF report for the ML engineer.
+
+risk_scores() ranks every client of the newest data by the deployed model's probability of leaving.
+build_report() writes that list (riskscores.csv, beside the deployed model), confusionmatrix.png
+and report.pdf: the deployed release, its metrics and curves on the test data, the latest recorded
+diagnostics, the files ingested, the top of the risk list with the clients who entered or left the
+top group since the previous release, and trends over earlier runs. Everything comes from recorded
+runs and fixed inputs and the PDF is dated by the release, so that running it twice with nothing
+new gives identical files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import matplotlib.dates as mdates
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_pdf import PdfPages
+from matplotlib.figure import Figure
+from sklearn.base import ClassifierMixin
+from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_curve
+
+import atomicio
+import records
+from deployment import Release, list_releases, load_deployed_model, read_manifest
+from diagnostics import (
+    client_ids,
+    latest_diagnostics,
+    predict_frame,
+    run_diagnostics,
+    section_texts,
+)
+from errors import InsufficientDataError, run_cli
+from ingestion import read_master
+from scoring import Metrics, compute_metrics, read_test_data
+from settings import Settings, add_config_argument, load_settings
+
+log = logging.getLogger(__name__)
+
+TOP_GROUPS_FILE = "risktopgroups.json"
+# Trend plots look back this many recorded runs: enough for months of daily cycles, and a bounded
+# amount of JSON to parse however long the system has been running.
+TREND_RUNS = 500
+# Rows of the risk list printed in the report; the whole list is in riskscores.csv.
+REPORT_TOP_ROWS = 40
+A4_PORTRAIT = (8.27, 11.69)  # inches
+TEXT_SIZE = 7.5
+LINE_HEIGHT = 0.0125  # of the page height, for TEXT_SIZE monospace lines
+CLASS_LABELS = ("stayed (0)", "left (1)")
+
+
+# --- The risk list -----------------------------------------------------------------------------
+
+
+def risk_scores(settings: Settings) -> pd.DataFrame:
+    """Every client of the newest data, highest attrition risk first, with rank and probability."""
+    model, release = load_deployed_model(settings)
+    return _rank_clients(settings, model, release.version)
+
+
+def _rank_clients(settings: Settings, model: ClassifierMixin, version: str) -> pd.DataFrame:
+    schema = settings.schema
+    ids = list(schema.id_columns)
+    master = read_master(settings)
+    if master.empty:
+        raise InsufficientDataError(
+            f"the master dataset {settings.finaldata_path} is missing or empty: run ingestion.py "
+            "before ranking clients"
+        )
+    # Ingestion appends rows in the order it reads them, so a client's last row is its newest.
+    newest = master.drop_duplicates(subset=ids, keep="last").reset_index(drop=True)
+    prediction = predict_frame(model, version, newest, schema)
+    table = newest[ids].assign(
+        probability=prediction.probabilities,
+        **{f"predicted_{schema.target}": prediction.predictions},
+    )
+    # Ties go by client id, so the order never depends on the order rows happened to arrive in.
+    table = table.sort_values(
+        ["probability", *ids], ascending=[False] + [True] * len(ids), kind="stable",
+        ignore_index=True,
+    )
+    table.insert(0, "rank", np.arange(1, len(table) + 1))
+    table["model_version"] = version
+    return table
+
+
+@dataclass(frozen=True)
+class TopGroupChange:
+    """Which clients entered or left the top of the risk list since the previous release."""
+
+    top_n: int
+    previous_version: str | None
+    entered: list[str] | None  # None: nothing to compare with (see `note`)
+    left: list[str] | None
+    note: str
+
+
+def _update_top_groups(settings: Settings, version: str, top_ids: list[str]) -> TopGroupChange:
+    """Compare the top group with the previous release's, then remember this release's."""
+    path = settings.deployment_folder / TOP_GROUPS_FILE
+    groups = _read_top_groups(path)
+    top_n = len(top_ids)
+    previous = _previous_release_version(settings, version)
+    if previous is None:
+        change = TopGroupChange(top_n, None, None, None, "first release: nothing to compare with")
+    elif previous not in groups:
+        change = TopGroupChange(
+            top_n, previous, None, None,
+            f"no top group was recorded while release {previous} was current",
+        )
+    else:
+        before = groups[previous][:top_n]
+        before_set, now_set = set(before), set(top_ids)
+        entered = [client for client in top_ids if client not in before_set]
+        left = [client for client in before if client not in now_set]
+        change = TopGroupChange(
+            top_n, previous, entered, left,
+            f"{len(entered)} entered and {len(left)} left the top {top_n} since release {previous}",
+        )
+    groups[version] = top_ids
+    kept = {release.version for release in list_releases(settings)} | {version}
+    atomicio.write_json(path, {"groups": {v: ids for v, ids in groups.items() if v in kept}})
+    return change
+
+
+def _read_top_groups(path: Path) -> dict[str, list[str]]:
+    try:
+        groups = atomicio.read_json(path)["groups"]
+    except FileNotFoundError:
+        return {}
+    except (ValueError, KeyError, TypeError) as error:
+        log.warning("starting the top-group record afresh: %s is unreadable (%s)", path, error)
+        return {}
+    return groups if isinstance(groups, dict) else {}
+
+
+def _previous_release_version(settings: Settings, current: str) -> str | None:
+    history = (read_manifest(settings) or {}).get("history", [])
+    earlier = [entry["version"] for entry in reversed(history) if entry["version"] != current]
+    return earlier[0] if earlier else None
+
+
+# --- The report --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    """What build_report wrote, for which release."""
+
+    model_version: str
+    report_path: Path
+    confusion_matrix_path: Path
+    risk_scores_path: Path
+    top_groups_path: Path
+    clients: int
+    top_group: TopGroupChange
+    diagnostics_time: str
+
+    def summary(self) -> str:
+        return "\n".join([
+            f"Report for release {self.model_version} (diagnostics of {self.diagnostics_time}):",
+            f"  {self.report_path}",
+            f"  {self.confusion_matrix_path}",
+            f"Risk list: {self.clients:,} clients ranked in {self.risk_scores_path}",
+            f"  top {self.top_group.top_n}: {self.top_group.note}",
+        ])
+
+
+@dataclass(frozen=True)
+class _TestResults:
+    metrics: Metrics
+    truth: np.ndarray
+    probabilities: np.ndarray
+    predictions: np.ndarray
+    threshold: float | None
+    files: list[str]
+
+
+def build_report(settings: Settings) -> ReportResult:
+    """Write riskscores.csv, confusionmatrix.png and report.pdf for the deployed release."""
+    model, release = load_deployed_model(settings)
+    metadata = release.metadata()
+    test = _score_test_data(settings, model, release, metadata)
+
+    diagnostics = latest_diagnostics(settings)
+    if diagnostics is None or diagnostics.get("model_version") != release.version:
+        log.info("no diagnostics recorded for release %s yet: running them now", release.version)
+        diagnostics = run_diagnostics(settings)
+
+    risk = _rank_clients(settings, model, release.version)
+    atomicio.write_with(
+        settings.risk_scores_path,
+        lambda path: risk.to_csv(path, index=False, float_format="%.6f"),
+    )
+    top_ids = client_ids(risk.head(settings.diagnostics.risk_top_n), settings.schema)
+    top_group = _update_top_groups(settings, release.version, top_ids)
+
+    atomicio.write_with(
+        settings.confusion_matrix_path,
+        lambda path: _confusion_matrix_figure(test, release.version).savefig(
+            path, format="png", dpi=150
+        ),
+    )
+    atomicio.write_with(
+        settings.report_path,
+        lambda path: _write_pdf(
+            path, settings, release, metadata, test, diagnostics, risk, top_group
+        ),
+    )
+    log.info("wrote the report of release %s to %s", release.version, settings.report_path)
+    return ReportResult(
+        model_version=release.version,
+        report_path=settings.report_path,
+        confusion_matrix_path=settings.confusion_matrix_path,
+        risk_scores_path=settings.risk_scores_path,
+        top_groups_path=settings.deployment_folder / TOP_GROUPS_FILE,
+        clients=len(risk),
+        top_group=top_group,
+        diagnostics_time=diagnostics["time"],
+    )
+
+
+def _score_test_data(
+    settings: Settings, model: ClassifierMixin, release: Release, metadata: dict[str, Any]
+) -> _TestResults:
+    """The deployed model on the test data, without recording a score (the report only reads)."""
+    frame = read_test_data(settings)
+    prediction = predict_frame(model, release.version, frame, settings.schema)
+    truth = frame[settings.schema.target].to_numpy(dtype=int)
+    probabilities = np.asarray(prediction.probabilities)
+    predictions = np.asarray(prediction.predictions)
+    return _TestResults(
+        metrics=compute_metrics(truth, probabilities, predictions, settings.scoring),
+        truth=truth,
+        probabilities=probabilities,
+        predictions=predictions,
+        threshold=metadata.get("threshold"),
+        files=[str(path) for path in settings.test_data_files()],
+    )
+
+
+def _write_pdf(
+    path: Path,
+    settings: Settings,
+    release: Release,
+    metadata: dict[str, Any],
+    test: _TestResults,
+    diagnostics: dict[str, Any],
+    risk: pd.DataFrame,
+    top_group: TopGroupChange,
+) -> None:
+    pdf_metadata = {
+        "Title": f"Attrition risk report, release {release.version}",
+        # Dated by the release, not by the clock, so that an unchanged report has unchanged bytes.
+        "CreationDate": datetime.fromisoformat(release.created_at),
+    }
+    with PdfPages(path, metadata=pdf_metadata) as pdf:
+        _TextPages(pdf, "Attrition risk report").write(
+            _overview_sections(settings, release, metadata, test, diagnostics)
+        )
+        pdf.savefig(_curves_figure(test, release.version))
+        diagnostic_sections = [
+            (title, lines) for title, lines in section_texts(diagnostics).items()
+        ]
+        _TextPages(pdf, f"Diagnostics of {diagnostics['time']}").write(diagnostic_sections)
+        _TextPages(pdf, "Highest-risk clients").write(_risk_sections(settings, risk, top_group))
+        pdf.savefig(_trends_figure(settings))
+
+
+# --- Text pages --------------------------------------------------------------------------------
+
+
+class _TextPages:
+    """Flows titled sections of fixed-width lines onto as many A4 pages as they need."""
+
+    TOP, BOTTOM, LEFT = 0.93, 0.05, 0.06
+
+    def __init__(self, pdf: PdfPages, title: str) -> None:
+        self.pdf = pdf
+        self.title = title
+        self.figure: Figure | None = None
+        self.pages = 0
+        self.y = 0.0
+
+    def write(self, sections: list[tuple[str, list[str]]]) -> None:
+        for heading, lines in sections:
+            # A heading never ends a page alone.
+            self._make_room(3 * LINE_HEIGHT)
+            self._put(heading, size=11, weight="bold", family="sans-serif", height=2 * LINE_HEIGHT)
+            for line in lines:
+                self._make_room(LINE_HEIGHT)
+                self._put(line, size=TEXT_SIZE, weight="normal", family="monospace",
+                          height=LINE_HEIGHT)
+            self.y -= LINE_HEIGHT
+        self._finish_page()
+
+    def _make_room(self, height: float) -> None:
+        if self.figure is None or self.y - height < self.BOTTOM:
+            self._finish_page()
+            self.figure = Figure(figsize=A4_PORTRAIT)
+            self.pages += 1
+            title = self.title if self.pages == 1 else f"{self.title} (continued)"
+            self.figure.text(self.LEFT, 0.965, title, fontsize=15, weight="bold", va="top")
+            self.y = self.TOP
+
+    def _put(self, text: str, *, size: float, weight: str, family: str, height: float) -> None:
+        assert self.figure is not None
+        self.figure.text(
+            self.LEFT, self.y, text, fontsize=size, weight=weight, family=family, va="top"
+        )
+        self.y -= height
+
+    def _finish_page(self) -> None:
+        if self.figure is not None:
+            self.pdf.savefig(self.figure)
+            self.figure = None
+
+
+def _overview_sections(
+    settings: Settings,
+    release: Release,
+    metadata: dict[str, Any],
+    test: _TestResults,
+    diagnostics: dict[str, Any],
+) -> list[tuple[str, list[str]]]:
+    training = metadata.get("training_data", {})
+    rows, leavers = training.get("rows"), training.get("leavers")
+    libraries = ", ".join(f"{k} {v}" for k, v in metadata.get("library_versions", {}).items())
+    threshold = metadata.get("threshold")
+    threshold_text = "-" if threshold is None else (
+        f"{threshold:.4f} ({metadata.get('threshold_source', '')})"
+    )
+    release_lines = [
+        f"  version          {release.version}",
+        f"  released         {release.created_at} (trained {metadata.get('trained_at', '-')})",
+        f"  training data    {_count(rows)} rows, {_count(leavers)} leavers"
+        + (f" ({leavers / rows:.1%})" if rows and leavers is not None else ""),
+        f"  data file        {training.get('path', '-')}",
+        f"  data sha256      {training.get('sha256', '-')}",
+        f"  threshold        {threshold_text}",
+        f"  F1 at release    {'-' if release.f1 is None else f'{release.f1:.4f}'}",
+        f"  libraries        {libraries or '-'}",
+        f"  diagnostics of   {diagnostics['time']}",
+    ]
+    m = test.metrics
+    confidence = f"{settings.scoring.confidence:.0%}"
+    auc = "n/a (one class only)" if m.roc_auc is None else f"{m.roc_auc:.4f}"
+    metric_lines = [
+        *(f"  test data        {name}" for name in test.files),
+        f"  rows             {m.rows:,}",
+        f"  F1               {m.f1:.4f}   ({confidence} bootstrap interval {m.f1_low:.4f} "
+        f"to {m.f1_high:.4f})",
+        f"  precision        {m.precision:.4f}",
+        f"  recall           {m.recall:.4f}",
+        f"  ROC AUC          {auc}",
+        f"  leavers          {m.leaver_share:.1%} of rows, "
+        f"{m.predicted_leaver_share:.1%} predicted",
+    ]
+    return [
+        ("Deployed release", release_lines),
+        ("Model metrics on the test data", metric_lines),
+        ("Files ingested", _ingested_lines(settings, release)),
+    ]
+
+
+def _count(value: Any) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def _ingested_lines(settings: Settings, release: Release) -> list[str]:
+    in_release = _file_lines(release.ingested_files_path)
+    since = [name for name in _file_lines(settings.ingested_files_path) if name not in in_release]
+    lines = [f"  {name}" for name in in_release] or ["  none recorded in the release"]
+    if since:
+        lines += ["  ingested after this release was trained:", *(f"    {n}" for n in since)]
+    return lines
+
+
+def _file_lines(path: Path) -> list[str]:
+    if not path.is_file():
+        return []
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _risk_sections(
+    settings: Settings, risk: pd.DataFrame, top_group: TopGroupChange
+) -> list[tuple[str, list[str]]]:
+    ids = list(settings.schema.id_columns)
+    predicted = f"predicted_{settings.schema.target}"
+    shown = risk.head(min(REPORT_TOP_ROWS, settings.diagnostics.risk_top_n))
+    clients = client_ids(shown, settings.schema)
+    id_header = " / ".join(ids)
+    id_width = max([12, len(id_header), *map(len, clients)])
+    lines = [f"  {'rank':>6}  {id_header:<{id_width}}  {'probability':>11}  {predicted}"]
+    for client, row in zip(clients, shown.itertuples(index=False), strict=True):
+        lines.append(
+            f"  {row.rank:>6}  {client:<{id_width}}  {row.probability:>11.4f}  "
+            f"{getattr(row, predicted)}"
+        )
+    lines.append(f"  ... {len(risk):,} clients in all: {settings.risk_scores_path}")
+    change_lines = [f"  {top_group.note}"]
+    if top_group.entered is not None and top_group.left is not None:
+        change_lines += _wrapped("entered", top_group.entered) + _wrapped("left", top_group.left)
+    return [
+        (f"Top of the risk list (model {risk['model_version'].iloc[0]})", lines),
+        (f"Changes in the top {top_group.top_n} since the previous release", change_lines),
+    ]
+
+
+def _wrapped(label: str, names: list[str], width: int = 96) -> list[str]:
+    if not names:
+        return [f"  {label}: none"]
+    lines, current = [], f"  {label}:"
+    for name in names:
+        if len(current) + len(name) + 1 > width:
+            lines.append(current)
+            current = "    "
+        current += f" {name}"
+    return [*lines, current]
+
+
+# --- Figures -----------------------------------------------------------------------------------
+
+
+def _confusion_matrix_figure(test: _TestResults, version: str) -> Figure:
+    figure = Figure(figsize=(5.5, 4.8), layout="constrained")
+    _draw_confusion_matrix(figure.add_subplot(), test, version)
+    return figure
+
+
+def _draw_confusion_matrix(ax: Axes, test: _TestResults, version: str) -> None:
+    matrix = confusion_matrix(test.truth, test.predictions, labels=[0, 1])
+    ax.imshow(matrix, cmap="Blues", vmin=0)
+    for (actual, predicted), count in np.ndenumerate(matrix):
+        row_total = matrix[actual].sum()
+        share = f"{count / row_total:.0%} of actual" if row_total else ""
+        ax.text(
+            predicted, actual, f"{count:,}\n{share}", ha="center", va="center", fontsize=11,
+            color="white" if count > matrix.max() / 2 else "black",
+        )
+    ax.set_xticks([0, 1], labels=CLASS_LABELS)
+    ax.set_yticks([0, 1], labels=CLASS_LABELS)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    threshold = "" if test.threshold is None else f", threshold {test.threshold:.3f}"
+    ax.set_title(
+        f"Confusion matrix on the test data ({len(test.truth):,} rows{threshold})\n"
+        f"model {version}",
+        fontsize=9,
+    )
+
+
+def _curves_figure(test: _TestResults, version: str) -> Figure:
+    # Fixed positions rather than a layout engine: the report is drawn every cycle, and
+    # constrained layout would double the time it takes.
+    figure = Figure(figsize=A4_PORTRAIT)
+    figure.suptitle("Confusion matrix, ROC and precision-recall curves", fontsize=15,
+                    weight="bold", y=0.975)
+    _draw_confusion_matrix(figure.add_axes((0.22, 0.53, 0.6, 0.36)), test, version)
+    roc_ax = figure.add_axes((0.09, 0.08, 0.37, 0.33))
+    pr_ax = figure.add_axes((0.59, 0.08, 0.37, 0.33))
+    if test.metrics.roc_auc is None:
+        for ax in (roc_ax, pr_ax):
+            ax.text(0.5, 0.5, "the test data holds one class only", ha="center", va="center")
+            ax.set_axis_off()
+        return figure
+    false_positive_rate, true_positive_rate, _ = roc_curve(test.truth, test.probabilities)
+    roc_ax.plot(false_positive_rate, true_positive_rate, label=f"AUC {test.metrics.roc_auc:.3f}")
+    roc_ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")
+    roc_ax.set(title="ROC curve", xlabel="false positive rate", ylabel="true positive rate")
+    roc_ax.legend(loc="lower right", fontsize=8)
+    precision, recall, _ = precision_recall_curve(test.truth, test.probabilities)
+    pr_ax.plot(recall, precision, label="model")
+    pr_ax.axhline(test.metrics.leaver_share, linestyle="--", color="grey", label="chance")
+    pr_ax.plot(
+        [test.metrics.recall], [test.metrics.precision], marker="o", linestyle="none",
+        label=f"threshold (F1 {test.metrics.f1:.3f})",
+    )
+    pr_ax.set(title="Precision-recall curve", xlabel="recall", ylabel="precision", ylim=(0, 1.02))
+    pr_ax.legend(loc="upper right", fontsize=8)
+    return figure
+
+
+def _trends_figure(settings: Settings) -> Figure:
+    trends = _trend_series(settings)
+    figure = Figure(figsize=A4_PORTRAIT)
+    figure.suptitle("Trends over earlier runs", fontsize=15, weight="bold", y=0.975)
+    axes = figure.subplots(5, 1, gridspec_kw={
+        "left": 0.1, "right": 0.96, "top": 0.92, "bottom": 0.05, "hspace": 0.55,
+    })
+    plots = [
+        ("F1 of recorded scores, by purpose", "F1", trends["f1"]),
+        ("ROC AUC of recorded scores, by purpose", "ROC AUC", trends["roc_auc"]),
+        ("Share of leavers", "share", trends["leavers"]),
+        ("Missing data (mean over columns)", "% of cells", trends["missing"]),
+        ("Stage timings", "seconds", trends["timings"]),
+    ]
+    for ax, (title, unit, series) in zip(axes, plots, strict=True):
+        _draw_trend(ax, title, unit, series)
+    return figure
+
+
+Series = dict[str, list[tuple[datetime, float]]]
+
+
+def _trend_series(settings: Settings) -> dict[str, Series]:
+    """Time series of the recorded scores and diagnostics runs, oldest first."""
+    database = settings.records_path
+    scores = records.query(
+        database,
+        "SELECT time, purpose, f1, roc_auc FROM scores ORDER BY id DESC LIMIT ?",
+        (TREND_RUNS,),
+    )[::-1]
+    runs = records.query(
+        database, "SELECT time, payload FROM diagnostics ORDER BY id DESC LIMIT ?", (TREND_RUNS,)
+    )[::-1]
+    trends: dict[str, Series] = {
+        "f1": {}, "roc_auc": {}, "leavers": {}, "missing": {}, "timings": {}
+    }
+
+    def add(name: str, label: str, time: str, value: Any) -> None:
+        if value is not None:
+            trends[name].setdefault(label, []).append((datetime.fromisoformat(time), float(value)))
+
+    for score in scores:
+        add("f1", score["purpose"], score["time"], score["f1"])
+        add("roc_auc", score["purpose"], score["time"], score["roc_auc"])
+    for run in runs:
+        payload = json.loads(run["payload"])
+        time = run["time"]
+        add("leavers", "master dataset", time, (payload.get("master_dataset") or {}).get(
+            "leaver_share"))
+        add("leavers", "newest batch", time, ((payload.get("data_drift") or {}).get(
+            "leavers") or {}).get("current_share"))
+        missing = payload.get("missing_data") or {}
+        add("missing", "missing cells", time,
+            sum(missing.values()) / len(missing) if missing else None)
+        for stage, seconds in (payload.get("stage_timings") or {}).items():
+            add("timings", stage, time, seconds)
+    return trends
+
+
+def _draw_trend(ax: Axes, title: str, unit: str, series: Series) -> None:
+    ax.set_title(title, fontsize=10, loc="left")
+    if not series:
+        ax.text(0.5, 0.5, "no runs recorded yet", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return
+    for label, points in series.items():
+        times, values = zip(*points, strict=True)
+        runs = f"{len(points)} run" + ("" if len(points) == 1 else "s")
+        ax.plot(times, values, marker="o", markersize=3, label=f"{label} ({runs})")
+    times = [time for points in series.values() for time, _ in points]
+    if max(times) - min(times) < timedelta(hours=1):
+        # A single run (or a burst of them) would otherwise sit in years of empty axis.
+        middle = min(times) + (max(times) - min(times)) / 2
+        ax.set_xlim(middle - timedelta(hours=1), middle + timedelta(hours=1))
+    locator = mdates.AutoDateLocator()
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+    ax.set_ylabel(unit, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+
+
+# --- Command line ------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_config_argument(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = load_settings(args.config)
+    result = build_report(settings)
+    print(result.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
