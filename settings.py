@@ -143,11 +143,20 @@ class DiagnosticsSettings:
 
 @dataclass(frozen=True)
 class ApiSettings:
-    """How apicalls.py reaches the API and what the API accepts."""
+    """How apicalls.py reaches the API and what the API accepts.
+
+    base_url: where apicalls.py finds the API (--url and $RISK_API_URL take precedence).
+    max_request_bytes: larger request bodies are refused with 413 (16 MiB holds about 150,000
+    JSON records).
+    token_env_var: the environment variable holding the API token; when it is set, every endpoint
+    but /health requires it as a bearer token, and apicalls.py sends it.
+    timeout_seconds: how long apicalls.py waits for each answer before it gives up.
+    """
 
     base_url: str = "http://127.0.0.1:8000"
     max_request_bytes: int = 16 * 1024 * 1024
     token_env_var: str = "RISK_API_TOKEN"
+    timeout_seconds: float = 60.0
 
 
 SECTIONS: dict[str, type] = {

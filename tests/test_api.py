@@ -1,0 +1,665 @@
+"""The API, through Flask's test client (every endpoint and bad input), and once under gunicorn."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import requests
+
+import apicalls
+import atomicio
+import deployment
+import diagnostics
+import generate_data
+import records
+import reporting
+from app import create_app, status_for
+from conftest import PROJECT_DIR, TEST_ROWS
+from errors import (
+    ConfigError,
+    DataError,
+    DeploymentError,
+    InsufficientDataError,
+    ModelNotDeployedError,
+    ModelNotFoundError,
+)
+from ingestion import ingest
+from scoring import score
+from training import train
+
+TOKEN = "test-token-5f2c"
+TEST_FILE = "testdata/testdata.csv"
+FEATURES = ["lastmonth_activity", "lastyear_activity", "number_of_employees"]
+
+
+@pytest.fixture(autouse=True)
+def no_token_from_the_environment(monkeypatch):
+    monkeypatch.delenv("RISK_API_TOKEN", raising=False)
+
+
+@pytest.fixture
+def client(deployed):
+    app = create_app(deployed)
+    app.testing = True
+    return app.test_client()
+
+
+@pytest.fixture
+def undeployed_client(workspace):
+    app = create_app(workspace)
+    app.testing = True
+    return app.test_client()
+
+
+@pytest.fixture
+def token_client(deployed, monkeypatch):
+    monkeypatch.setenv("RISK_API_TOKEN", TOKEN)
+    app = create_app(deployed)
+    app.testing = True
+    return app.test_client()
+
+
+def rows_of_test_file(settings, count=None) -> list[dict]:
+    frame = pd.read_csv(settings.base_dir / TEST_FILE, dtype={"corporation": "str"})
+    frame = frame.drop(columns="exited")
+    return frame.head(count).to_dict(orient="records") if count else frame.to_dict("records")
+
+
+def predict(client, **request):
+    response = client.post("/prediction", **request)
+    assert response.status_code == 200, response.json
+    return response.json
+
+
+def retrain_and_deploy(settings) -> str:
+    """A new release of the same data: training stamps a new version."""
+    train(settings)
+    score(settings)
+    return deployment.deploy(settings).version
+
+
+def error_of(response) -> str:
+    assert response.is_json
+    return response.json["error"]
+
+
+# --- Health and readiness ----------------------------------------------------------------------
+
+
+def test_health_answers_without_a_deployment(undeployed_client):
+    response = undeployed_client.get("/health")
+
+    assert (response.status_code, response.json) == (200, {"status": "ok"})
+
+
+def test_ready_names_the_deployed_release(client, deployed):
+    response = client.get("/ready")
+
+    assert response.status_code == 200
+    assert response.json["model_version"] == deployment.current_release(deployed).version
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "request_args"),
+    [
+        ("get", "/ready", {}),
+        ("post", "/prediction", {"json": {"filepath": TEST_FILE}}),
+        ("get", "/scoring", {}),
+    ],
+)
+def test_endpoints_needing_a_model_answer_503_until_one_is_deployed(
+    undeployed_client, method, path, request_args
+):
+    response = getattr(undeployed_client, method)(path, **request_args)
+
+    assert response.status_code == 503
+    assert "deployment.py" in error_of(response)
+
+
+# --- Prediction: good input --------------------------------------------------------------------
+
+
+def test_prediction_of_a_named_file_follows_its_row_order(client, deployed):
+    answer = predict(client, json={"filepath": TEST_FILE})
+
+    assert answer["ids"] == [row["corporation"] for row in rows_of_test_file(deployed)]
+    assert len(answer["predictions"]) == len(answer["probabilities"]) == TEST_ROWS
+    assert answer["model_version"] == deployment.current_release(deployed).version
+
+
+@pytest.mark.parametrize(
+    "request_args",
+    [
+        {"data": {"filepath": TEST_FILE}},
+        {"data": {"filepath": TEST_FILE}, "content_type": "multipart/form-data"},
+        {"query_string": {"filepath": TEST_FILE}},
+    ],
+    ids=["urlencoded-form", "multipart-form", "query-parameter"],
+)
+def test_prediction_takes_the_filepath_as_form_field_or_query_parameter(client, request_args):
+    assert predict(client, **request_args) == predict(client, json={"filepath": TEST_FILE})
+
+
+def test_prediction_of_records_matches_the_same_rows_in_a_file(client, deployed):
+    from_records = predict(client, json={"records": rows_of_test_file(deployed, 25)})
+    from_file = predict(client, json={"filepath": TEST_FILE})
+
+    assert from_records["ids"] == from_file["ids"][:25]
+    assert from_records["predictions"] == from_file["predictions"][:25]
+    assert from_records["probabilities"] == pytest.approx(from_file["probabilities"][:25])
+
+
+def test_prediction_reads_numbers_given_as_json_strings_like_numbers(client, deployed):
+    rows = rows_of_test_file(deployed, 5)
+    as_text = [{key: str(value) for key, value in row.items()} for row in rows]
+
+    assert predict(client, json={"records": as_text}) == predict(client, json={"records": rows})
+
+
+def test_prediction_of_a_csv_body_matches_the_same_file_by_name(client, deployed):
+    body = (deployed.base_dir / TEST_FILE).read_bytes()
+
+    from_body = predict(client, data=body, content_type="text/csv")
+
+    assert from_body == predict(client, json={"filepath": TEST_FILE})
+
+
+def test_prediction_treats_null_as_a_missing_value_to_impute(client, deployed):
+    row = {**rows_of_test_file(deployed, 1)[0], "number_of_employees": None}
+
+    answer = predict(client, json={"records": [row]})
+
+    assert 0 <= answer["probabilities"][0] <= 1
+
+
+# --- Prediction: bad input ---------------------------------------------------------------------
+
+
+GOOD_ROW = {
+    "corporation": "abcdef", "lastmonth_activity": 30, "lastyear_activity": 400,
+    "number_of_employees": 12,
+}
+CSV_HEADER = "corporation,lastmonth_activity,lastyear_activity,number_of_employees\n"
+
+
+@pytest.mark.parametrize(
+    ("request_args", "status", "message"),
+    [
+        ({}, 400, "no input"),
+        ({"data": "", "content_type": "application/json"}, 400, "no input"),
+        ({"data": "{not json", "content_type": "application/json"}, 400, "not valid JSON"),
+        ({"json": ["abcdef", 1, 2, 3]}, 400, "unexpected JSON body"),
+        ({"json": {"rows": [GOOD_ROW]}}, 400, "unexpected JSON body"),
+        ({"json": {"records": [GOOD_ROW], "filepath": TEST_FILE}}, 400, "unexpected JSON body"),
+        ({"json": {"records": []}}, 400, "non-empty list"),
+        ({"json": {"records": GOOD_ROW}}, 400, "non-empty list"),
+        ({"json": {"records": [GOOD_ROW, "abcdef"]}}, 400, "record 2 is not an object"),
+        ({"json": {"records": [{k: v for k, v in GOOD_ROW.items() if k != "lastyear_activity"}]}},
+         400, "record 1 lacks lastyear_activity"),
+        ({"json": {"records": [{**GOOD_ROW, "lastmonth_activity": "lots"}]}},
+         400, "lastmonth_activity 'lots' is not a number"),
+        ({"json": {"records": [{**GOOD_ROW, "number_of_employees": True}]}},
+         400, "number_of_employees is true"),
+        ({"json": {"records": [{**GOOD_ROW, "number_of_employees": [12]}]}},
+         400, "number_of_employees is [12]"),
+        ({"json": {"records": [GOOD_ROW, {**GOOD_ROW, "lastmonth_activity": -4}]}},
+         400, "row 2: lastmonth_activity '-4' is negative"),
+        ({"json": {"records": [{**GOOD_ROW, "corporation": None}]}}, 400, "missing client id"),
+        ({"data": "", "content_type": "text/csv"}, 400, "no input"),
+        ({"data": "corporation,lastmonth_activity\nabc,3\n", "content_type": "text/csv"},
+         400, "lacks required column(s) lastyear_activity, number_of_employees"),
+        ({"data": CSV_HEADER, "content_type": "text/csv"}, 400, "no data rows"),
+        ({"data": CSV_HEADER + "abc,3,x40,5\n", "content_type": "text/csv"},
+         400, "lastyear_activity 'x40' is not a number"),
+        ({"data": "abc,3,40,5", "content_type": "text/plain"}, 415, "cannot read a body of type"),
+        ({"data": {"file": TEST_FILE}}, 400, "the form has no filepath field"),
+        ({"json": {"filepath": TEST_FILE}, "query_string": {"filepath": TEST_FILE}},
+         400, "not both"),
+    ],
+    ids=[
+        "empty-body", "empty-json", "invalid-json", "json-list", "json-unknown-key",
+        "json-two-inputs", "no-records", "records-not-a-list", "record-not-an-object",
+        "record-missing-column", "record-not-a-number", "record-boolean", "record-nested-value",
+        "record-negative-count", "record-without-id", "empty-csv", "csv-missing-column",
+        "csv-header-only", "csv-not-a-number", "unsupported-content-type",
+        "form-without-filepath", "body-and-query",
+    ],
+)
+def test_prediction_rejects_bad_input_naming_the_problem(client, request_args, status, message):
+    response = client.post("/prediction", **request_args)
+
+    assert response.status_code == status
+    assert message in error_of(response)
+
+
+@pytest.mark.parametrize(
+    ("filepath", "message"),
+    [
+        ("../workspace/testdata/testdata.csv", "must not contain '..'"),
+        ("testdata/../testdata/testdata.csv", "must not contain '..'"),
+        ("models/trainingsample.csv", "outside the data folders"),
+        ("production_deployment/riskscores.csv", "outside the data folders"),
+        ("config.csv", "outside the data folders"),
+        ("config.json", "not a .csv file"),
+        ("ingesteddata/ingestedfiles.txt", "not a .csv file"),
+        ("", "must be a file name"),
+        (42, "must be a file name"),
+    ],
+)
+def test_prediction_rejects_path_outside_data_folders(client, filepath, message):
+    response = client.post("/prediction", json={"filepath": filepath})
+
+    assert response.status_code == 400
+    assert message in error_of(response)
+
+
+def test_prediction_rejects_an_absolute_path_even_to_a_data_file(client, deployed):
+    response = client.post("/prediction", json={"filepath": str(deployed.base_dir / TEST_FILE)})
+
+    assert response.status_code == 400
+    assert "must be relative" in error_of(response)
+
+
+@pytest.mark.parametrize(
+    ("link", "target", "filepath"),
+    [
+        ("testdata/link.csv", "outside/secret.csv", "testdata/link.csv"),
+        ("sourcedata/linked", "outside", "sourcedata/linked/secret.csv"),
+        ("testdata/inside.csv", "testdata/testdata.csv", "testdata/inside.csv"),
+    ],
+    ids=["file-link-out", "folder-link-out", "file-link-within"],
+)
+def test_prediction_refuses_a_symbolic_link_inside_a_data_folder(
+    client, deployed, link, target, filepath
+):
+    outside = deployed.base_dir / "outside"
+    outside.mkdir()
+    (outside / "secret.csv").write_bytes((deployed.base_dir / TEST_FILE).read_bytes())
+    (deployed.base_dir / link).symlink_to(deployed.base_dir / target)
+
+    response = client.post("/prediction", json={"filepath": filepath})
+
+    assert response.status_code == 400
+    assert "symbolic link" in error_of(response)
+
+
+@pytest.mark.parametrize("filepath", ["testdata/absent.csv", "sourcedata/nofolder/absent.csv"])
+def test_prediction_of_an_unknown_file_is_404(client, filepath):
+    response = client.post("/prediction", json={"filepath": filepath})
+
+    assert response.status_code == 404
+    assert f"no file '{filepath}'" in error_of(response)
+
+
+def test_prediction_of_a_named_file_with_a_bad_row_names_the_row(client, deployed):
+    rows = rows_of_test_file(deployed, 3)
+    rows[2]["lastyear_activity"] = "unknown!"
+    pd.DataFrame(rows).to_csv(deployed.input_folder / "typo.csv", index=False)
+
+    response = client.post("/prediction", json={"filepath": "sourcedata/typo.csv"})
+
+    assert response.status_code == 400
+    assert error_of(response).startswith("sourcedata/typo.csv has 1 invalid row(s): row 3: ")
+    assert "lastyear_activity 'unknown!' is not a number" in error_of(response)
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        {},
+        # A chunked body has no Content-Length; werkzeug would cut it at the limit unless refused.
+        {"headers": {"Transfer-Encoding": "chunked"},
+         "environ_base": {"wsgi.input_terminated": True}},
+    ],
+    ids=["content-length", "chunked"],
+)
+def test_body_over_the_size_limit_is_refused_with_413(deployed, framing):
+    limited = dataclasses.replace(
+        deployed, api=dataclasses.replace(deployed.api, max_request_bytes=1000)
+    )
+    client = create_app(limited).test_client()
+    body = (CSV_HEADER + "abcdef,30,400,12\n" * 100).encode()
+
+    response = client.post(
+        "/prediction", input_stream=io.BytesIO(body), content_type="text/csv", **framing
+    )
+
+    assert response.status_code == 413
+    assert response.is_json
+
+
+def test_error_quoting_a_huge_input_is_cut_short(client):
+    response = client.post("/prediction", data="x" * 100_000 + "\n1\n", content_type="text/csv")
+
+    assert response.status_code == 400
+    assert len(error_of(response)) < 3000
+
+
+# --- Releases: a new one is served at once, a broken one never ---------------------------------
+
+
+def test_new_release_is_served_on_the_next_request_without_restart(client, deployed):
+    first = predict(client, json={"filepath": TEST_FILE})["model_version"]
+
+    second = retrain_and_deploy(deployed)
+
+    assert second != first
+    assert predict(client, json={"filepath": TEST_FILE})["model_version"] == second
+    assert client.get("/ready").json["model_version"] == second
+
+
+def test_release_failing_its_checksum_is_refused_not_replaced_by_the_cached_model(client, deployed):
+    predict(client, json={"filepath": TEST_FILE})
+    release = deployment.current_release(deployed)
+    with open(release.model_path, "ab") as model_file:
+        model_file.write(b"tampered")
+    # Rewriting the manifest (as a rollback to this release would) makes every server look again.
+    atomicio.write_json(deployment.manifest_path(deployed), deployment.read_manifest(deployed))
+
+    prediction = client.post("/prediction", json={"filepath": TEST_FILE})
+    readiness = client.get("/ready")
+
+    assert prediction.status_code == readiness.status_code == 503
+    assert "checksum" in error_of(prediction)
+
+
+# --- Scoring, statistics, diagnostics ----------------------------------------------------------
+
+
+def test_scoring_reports_the_deployed_model_f1_on_the_test_data(client, deployed):
+    response = client.get("/scoring")
+
+    assert response.status_code == 200
+    assert response.json["f1"] == pytest.approx(deployment.current_release(deployed).f1)
+    assert response.json["rows"] == TEST_ROWS
+    assert response.json["test_data"] == [TEST_FILE]
+
+
+def test_scoring_follows_a_change_of_the_test_data(client, deployed):
+    client.get("/scoring")
+    generate_data.write_csv(
+        generate_data.make_clients(150, seed=31, id_offset=500_000), deployed.base_dir / TEST_FILE
+    )
+
+    assert client.get("/scoring").json["rows"] == 150
+
+
+def test_summary_statistics_are_those_of_the_master_dataset(client, deployed):
+    response = client.get("/summarystats")
+
+    assert response.status_code == 200
+    assert response.json["statistics"] == diagnostics.summary_statistics(deployed)
+    assert set(response.json["statistics"]) == set(FEATURES)
+
+
+def test_summary_statistics_before_ingestion_are_503_naming_ingestion(undeployed_client):
+    response = undeployed_client.get("/summarystats")
+
+    assert response.status_code == 503
+    assert "ingestion.py" in error_of(response)
+
+
+def test_diagnostics_before_any_run_are_503_naming_diagnostics_py(client):
+    response = client.get("/diagnostics")
+
+    assert response.status_code == 503
+    assert "diagnostics.py" in error_of(response)
+
+
+def test_diagnostics_serve_the_latest_recorded_run(client, deployed):
+    diagnostics.run_diagnostics(deployed, timing=False, dependencies=False)
+    latest = diagnostics.run_diagnostics(deployed, timing=False, dependencies=False)
+
+    response = client.get("/diagnostics")
+
+    assert response.status_code == 200
+    assert response.json == latest
+
+
+def test_diagnostics_refresh_records_a_new_run(client, deployed, monkeypatch):
+    run = diagnostics.run_diagnostics
+    # The timing and dependency sections take seconds and are diagnostics.py's own business here.
+    monkeypatch.setattr(
+        diagnostics, "run_diagnostics",
+        lambda settings, **_: run(settings, timing=False, dependencies=False),
+    )
+
+    response = client.get("/diagnostics?refresh=1")
+
+    assert response.status_code == 200
+    assert response.json == diagnostics.latest_diagnostics(deployed)
+    assert len(records.query(deployed.records_path, "SELECT id FROM diagnostics")) == 1
+
+
+@pytest.mark.parametrize("value", ["maybe", "2"])
+def test_diagnostics_refresh_rejects_an_unclear_value(client, value):
+    response = client.get(f"/diagnostics?refresh={value}")
+
+    assert response.status_code == 400
+    assert "refresh must be 1 or 0" in error_of(response)
+
+
+# --- Risk list and report ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def risk_list(deployed) -> pd.DataFrame:
+    ranked = reporting.risk_scores(deployed)
+    atomicio.write_with(deployed.risk_scores_path, lambda p: ranked.to_csv(p, index=False))
+    return ranked
+
+
+@pytest.mark.parametrize(("query", "expected"), [("", 10), ("?top=3", 3), ("?top=100000", None)])
+def test_risk_returns_the_highest_risk_clients_first(client, risk_list, query, expected):
+    expected = expected or len(risk_list)
+
+    response = client.get(f"/risk{query}")
+
+    assert response.status_code == 200
+    clients = response.json["clients"]
+    assert response.json["top"] == len(clients) == expected
+    assert [c["corporation"] for c in clients] == risk_list["corporation"].head(expected).tolist()
+    assert [c["rank"] for c in clients] == list(range(1, expected + 1))
+
+
+@pytest.mark.parametrize("top", ["0", "-3", "ten", "1.5", "", "²"])
+def test_risk_rejects_a_top_that_is_not_a_positive_whole_number(client, risk_list, top):
+    response = client.get("/risk", query_string={"top": top})
+
+    assert response.status_code == 400
+    assert "top must be a whole number of at least 1" in error_of(response)
+
+
+def test_risk_before_reporting_is_503_naming_reporting_py(client):
+    response = client.get("/risk")
+
+    assert response.status_code == 503
+    assert "reporting.py" in error_of(response)
+
+
+def test_report_is_served_as_a_pdf_download(client, deployed):
+    atomicio.write_bytes(deployed.report_path, b"%PDF-1.7 stand-in for the report")
+
+    with client.get("/report") as response:
+        assert response.status_code == 200
+        assert response.mimetype == "application/pdf"
+        assert response.headers["Content-Disposition"].startswith("attachment")
+        assert response.data == b"%PDF-1.7 stand-in for the report"
+
+
+def test_report_before_reporting_is_503_naming_reporting_py(client):
+    response = client.get("/report")
+
+    assert response.status_code == 503
+    assert "reporting.py" in error_of(response)
+
+
+# --- What every endpoint shares ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [("get", "/nothing-here", 404), ("get", "/prediction", 405), ("post", "/scoring", 405)],
+)
+def test_unknown_path_or_method_answers_json(client, method, path, status):
+    response = getattr(client, method)(path)
+
+    assert response.status_code == status
+    assert error_of(response)
+
+
+def test_no_request_changes_data_models_deployments_or_records(client, deployed, risk_list):
+    def state():
+        files = {
+            path: path.read_bytes() for path in deployed.base_dir.rglob("*")
+            if path.is_file() and not path.name.startswith(deployed.records_path.name)
+        }
+        counts = {
+            table: len(records.query(deployed.records_path, f"SELECT id FROM {table}"))
+            for table in records.SCHEMA
+        }
+        return files, counts
+
+    before = state()
+    for path in ["/health", "/ready", "/scoring", "/summarystats", "/diagnostics", "/risk",
+                 "/report"]:
+        client.get(path)
+    predict(client, json={"filepath": TEST_FILE})
+
+    assert state() == before
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (DataError("x"), 400),
+        (InsufficientDataError("x"), 400),
+        (ModelNotDeployedError("x"), 503),
+        (ModelNotFoundError("x"), 503),
+        (DeploymentError("x"), 503),
+        (ConfigError("x"), 500),
+    ],
+)
+def test_each_pipeline_error_has_its_status(error, status):
+    assert status_for(error) == status
+
+
+# --- Token -------------------------------------------------------------------------------------
+
+
+ENDPOINTS = [
+    ("get", "/ready"), ("post", "/prediction"), ("get", "/scoring"), ("get", "/summarystats"),
+    ("get", "/diagnostics"), ("get", "/risk"), ("get", "/report"), ("get", "/nothing-here"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), ENDPOINTS)
+@pytest.mark.parametrize(
+    "authorization", [None, "Bearer wrong-token", TOKEN, f"Basic {TOKEN}", "Bearer"],
+)
+def test_token_is_required_on_every_endpoint_but_health(
+    token_client, method, path, authorization
+):
+    headers = {"Authorization": authorization} if authorization else {}
+
+    response = getattr(token_client, method)(path, headers=headers)
+
+    assert response.status_code == 401
+    assert "RISK_API_TOKEN" in error_of(response)
+    assert response.headers["WWW-Authenticate"].lower().startswith("bearer")
+
+
+def test_right_token_is_accepted(token_client):
+    response = token_client.get("/ready", headers={"Authorization": f"Bearer {TOKEN}"})
+
+    assert response.status_code == 200
+
+
+def test_health_needs_no_token(token_client):
+    assert token_client.get("/health").status_code == 200
+
+
+# --- Under gunicorn ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_healthy(base_url: str, server: subprocess.Popen, log_path: Path) -> None:
+    """Poll /health until the server answers; fail at once if it exits, or after ~60 s."""
+    for _ in range(600):
+        try:
+            if requests.get(f"{base_url}/health", timeout=5).ok:
+                return
+        except (requests.ConnectionError, requests.Timeout):
+            pass  # not listening yet, or its workers are still importing
+        try:
+            server.wait(timeout=0.1)  # the pause between polls, and it notices a crashed server
+        except subprocess.TimeoutExpired:
+            continue
+        pytest.fail(f"gunicorn exited with {server.returncode}:\n{log_path.read_text()}")
+    pytest.fail(f"gunicorn did not answer /health:\n{log_path.read_text()}")
+
+
+@pytest.fixture
+def gunicorn_url(deployed, tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RISK_API_TOKEN"}
+    env["RISK_CONFIG"] = str(deployed.config_path)
+    log_path = tmp_path / "gunicorn.log"
+    with open(log_path, "wb") as log_file:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "2",
+             "wsgi:app"],
+            cwd=PROJECT_DIR, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(base_url, server, log_path)
+        yield base_url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def test_gunicorn_serves_every_endpoint_and_a_new_release_without_restart(
+    deployed, risk_list, gunicorn_url
+):
+    diagnostics.run_diagnostics(deployed, timing=False, dependencies=False)
+    atomicio.write_bytes(deployed.report_path, b"%PDF-1.7 stand-in for the report")
+    first = deployment.current_release(deployed).version
+
+    assert apicalls.main(["--config", str(deployed.config_path), "--url", gunicorn_url]) == 0
+    saved = deployed.api_returns_path.read_text()
+    assert saved.count("\n200 OK") == len(apicalls.endpoint_calls(deployed))
+    assert first in saved
+
+    generate_data.write_csv(
+        generate_data.make_clients(400, seed=41, id_offset=300_000),
+        deployed.input_folder / "batch3.csv",
+    )
+    ingest(deployed)
+    second = retrain_and_deploy(deployed)
+
+    # Two workers, each with its own cache: every answer, whichever worker gives it, is the new one.
+    versions = {
+        requests.post(f"{gunicorn_url}/prediction", json={"filepath": TEST_FILE}, timeout=30)
+        .json()["model_version"]
+        for _ in range(6)
+    }
+    assert versions == {second}
