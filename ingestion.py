@@ -39,7 +39,9 @@ TARGET_LABELS = {
     "1": 1, "0": 0, "1.0": 1, "0.0": 0,
     "yes": 1, "no": 0, "y": 1, "n": 0, "true": 1, "false": 0,
 }
-QUARANTINE_COLUMNS = ["source_file", "source_line", "reason"]
+# Counts are stored as 64-bit integers; beyond 2**53 a float no longer holds every whole number, and
+# no client has that many employees or actions.
+MAX_COUNT = 2**53
 
 
 @dataclass(frozen=True)
@@ -410,13 +412,14 @@ def _row_problems(frame: pd.DataFrame, schema: Schema) -> pd.Series:
         raw = frame[column]
         numbers = _as_numbers(raw)
         check(raw.notna().to_numpy() & np.isnan(numbers), raw, f"{column} {{value}} is not a number")
+        check(np.isinf(numbers), raw, f"{column} {{value}} is not finite")
         if column in schema.count_columns:
             with np.errstate(invalid="ignore"):
                 check(numbers < 0, raw, f"{column} {{value}} is negative")
                 finite = np.isfinite(numbers)
                 check(finite & (np.mod(numbers, 1, where=finite, out=np.zeros_like(numbers)) != 0),
                       raw, f"{column} {{value}} is not a whole number")
-            check(np.isinf(numbers), raw, f"{column} {{value}} is not finite")
+                check(finite & (numbers > MAX_COUNT), raw, f"{column} {{value}} is too large")
 
     target = frame[schema.target]
     labels = _target_labels(target)

@@ -227,3 +227,16 @@ def test_command_line_prints_the_report(workspace, capsys):
     assert main(["--config", str(workspace.config_path)]) == 0
 
     assert "Ingested 2 new file(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("cell", "reason"),
+    [("inf", "is not finite"), ("1e20", "is too large"), ("-inf", "is not finite")],
+)
+def test_impossible_counts_are_quarantined(workspace, cell, reason):
+    (workspace.input_folder / "odd.csv").write_text(HEADER + f"zzz,{cell},2,3,1\n")
+
+    ingest(workspace)
+
+    quarantine = pd.read_csv(workspace.quarantine_path, dtype=str, keep_default_na=False)
+    assert reason in quarantine["reason"].iloc[0]
