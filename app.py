@@ -41,7 +41,7 @@ from errors import (
     ModelNotFoundError,
     PipelineError,
 )
-from ingestion import MISSING_MARKERS, validate_frame
+from ingestion import csv_read_options, validate_frame
 from scoring import read_test_data, score_frame
 from settings import Schema, Settings, load_settings
 
@@ -357,28 +357,13 @@ def frame_from_records(records: Any, schema: Schema) -> pd.DataFrame:
 def frame_from_csv(csv: io.BytesIO | Path, schema: Schema, *, source: str) -> pd.DataFrame:
     """Read and validate CSV; `source` names it in messages as the client knows it."""
     try:
-        frame = pd.read_csv(csv, **csv_options(schema))
+        frame = pd.read_csv(csv, **csv_read_options(schema))
     except pd.errors.EmptyDataError:
         raise DataError(f"{source} is empty") from None
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as error:
         first_line = str(error).strip().splitlines()[0]
         raise DataError(f"{source} cannot be read as CSV: {first_line}") from None
     return validate_frame(frame, schema, source=source, require_target=False)
-
-
-def csv_options(schema: Schema) -> dict[str, Any]:
-    """Read a CSV body as ingestion reads a data file: text stays text, same missing markers."""
-    text_columns = schema.id_columns + schema.categorical_features
-    na_values: dict[str, list[str]] = {
-        c: MISSING_MARKERS for c in schema.numeric_features + (schema.target,)
-    }
-    na_values.update({c: [""] for c in text_columns})
-    return {
-        "dtype": {c: "str" for c in text_columns},
-        "keep_default_na": False,
-        "na_values": na_values,
-        "skipinitialspace": True,
-    }
 
 
 def frame_from_file(filepath: Any, settings: Settings) -> pd.DataFrame:

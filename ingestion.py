@@ -12,14 +12,12 @@ data?" through find_new_files() without paying for it.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import atomicio
 import records
@@ -27,6 +25,8 @@ from errors import DataError, run_cli
 from settings import Schema, Settings, add_config_argument, load_settings
 
 if TYPE_CHECKING:
+    import argparse
+
     import numpy as np
     import pandas as pd
 
@@ -44,8 +44,7 @@ TARGET_LABELS = {
 MAX_COUNT = 2**53
 
 
-@dataclass(frozen=True)
-class SourceFile:
+class SourceFile(NamedTuple):
     """A data file in the input folder, identified by its content."""
 
     path: Path
@@ -54,20 +53,32 @@ class SourceFile:
     mtime_ns: int
 
 
-@dataclass
 class FileOutcome:
-    """What became of one input file."""
+    """What became of one input file: filled in as the file is read, then checked for duplicates.
 
-    file: str
-    checksum: str
-    status: str  # ingested | rejected
-    rows_read: int = 0
-    accepted: int = 0
-    duplicate: int = 0
-    quarantined: int = 0
-    missing_cells: int = 0
-    reason: str | None = None
-    ignored_columns: list[str] = field(default_factory=list)
+    A plain class rather than a dataclass, because defining dataclasses at import slows the cron
+    check that imports this module every 10 minutes.
+    """
+
+    __slots__ = (
+        "file", "checksum", "status", "rows_read", "accepted", "duplicate", "quarantined",
+        "missing_cells", "reason", "ignored_columns",
+    )
+
+    def __init__(self, file: str, checksum: str, status: str) -> None:
+        self.file = file
+        self.checksum = checksum
+        self.status = status  # ingested | rejected
+        self.rows_read = 0
+        self.accepted = 0
+        self.duplicate = 0
+        self.quarantined = 0
+        self.missing_cells = 0
+        self.reason: str | None = None
+        self.ignored_columns: list[str] = []
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
 
     def line(self) -> str:
         if self.status == "rejected":
@@ -83,8 +94,7 @@ class FileOutcome:
         return text
 
 
-@dataclass
-class IngestReport:
+class IngestReport(NamedTuple):
     """The outcome of one ingestion run."""
 
     run_id: str
@@ -241,7 +251,7 @@ def read_master(settings: Settings) -> pd.DataFrame:
     path = settings.finaldata_path
     if not path.exists():
         return _empty_frame(schema)
-    frame = pd.read_csv(path, **_read_options(schema))
+    frame = pd.read_csv(path, **csv_read_options(schema))
     missing = [c for c in schema.columns if c not in frame.columns]
     if missing:
         raise DataError(
@@ -257,7 +267,9 @@ def _empty_frame(schema: Schema) -> pd.DataFrame:
     return _typed(pd.DataFrame({c: pd.Series(dtype="str") for c in schema.columns}), schema)
 
 
-def _read_options(schema: Schema) -> dict:
+def csv_read_options(schema: Schema) -> dict:
+    """pandas.read_csv options that read a data file as ingestion does: ids and categories stay
+    text, and the usual spellings of a missing cell are missing."""
     text_columns = schema.id_columns + schema.categorical_features
     na_values = {c: MISSING_MARKERS for c in schema.numeric_features + (schema.target,)}
     na_values.update({c: [""] for c in text_columns})
@@ -297,7 +309,7 @@ def read_dataset(path: Path, schema: Schema, *, require_target: bool = True) -> 
     if not path.is_file():
         raise DataError(f"no data file at {path}")
     try:
-        frame = pd.read_csv(path, **_read_options(schema))
+        frame = pd.read_csv(path, **csv_read_options(schema))
     except pd.errors.EmptyDataError:
         raise DataError(f"data file {path} is empty") from None
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as error:
@@ -310,31 +322,33 @@ def validate_frame(
     frame: pd.DataFrame, schema: Schema, *, source: str, require_target: bool = True
 ) -> pd.DataFrame:
     """Check a whole table against the schema; return it typed, or raise naming the bad rows."""
-    frame = frame.rename(columns=lambda c: str(c).strip())
+    import numpy as np
+    import pandas as pd
+
+    names = {str(column).strip(): column for column in frame.columns}
     needed = schema.columns if require_target else schema.id_columns + schema.features
-    missing = [c for c in needed if c not in frame.columns]
+    missing = [c for c in needed if c not in names]
     if missing:
         raise DataError(
             f"{source} lacks required column(s) {', '.join(missing)} "
-            f"(found: {', '.join(map(str, frame.columns)) or 'none'})"
+            f"(found: {', '.join(names) or 'none'})"
         )
     if frame.empty:
         raise DataError(f"{source} has no data rows")
-    present = [c for c in schema.columns if c in frame.columns]
-    labelled = schema.target in frame.columns
-    frame = frame[present].reset_index(drop=True)
+    labelled = schema.target in names
+    cells = {c: frame[names[c]].to_numpy() for c in schema.columns if c in names}
     if not labelled:
-        frame = frame.assign(**{schema.target: "0"})
-    frame = _stripped_text(frame, schema)
-    bad = _row_problems(frame, schema)
+        cells[schema.target] = np.zeros(len(frame))  # a valid label, dropped again below
+    index = pd.RangeIndex(len(frame))
+    values, bad = _parse_rows(cells, index, schema)
     if len(bad):
         examples = "; ".join(
             f"row {index + 1}: {reason}" for index, reason in bad.head(3).items()
         )
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
         raise DataError(f"{source} has {len(bad)} invalid row(s): {examples}{more}")
-    typed = _typed(_coerced(frame, schema), schema)
-    return typed if labelled else typed.drop(columns=[schema.target])
+    columns = schema.columns if labelled else schema.id_columns + schema.features
+    return _frame_of(values, columns, schema, index)
 
 
 def _read_source(
@@ -345,7 +359,7 @@ def _read_source(
 
     outcome = FileOutcome(file=source.path.name, checksum=source.checksum, status="rejected")
     try:
-        frame = pd.read_csv(source.path, **_read_options(schema))
+        frame = pd.read_csv(source.path, **csv_read_options(schema))
     except pd.errors.EmptyDataError:
         outcome.reason = "the file is empty"
         return outcome, None, None
@@ -372,11 +386,14 @@ def _read_source(
     outcome.status = "ingested"
     outcome.rows_read = len(frame)
     outcome.ignored_columns = [c for c in frame.columns if c not in schema.columns]
-    frame = _stripped_text(frame[list(schema.columns)], schema)
-    reasons = _row_problems(frame, schema)
+    frame = frame[list(schema.columns)]
+    cells = {column: frame[column].to_numpy() for column in schema.columns}
+    values, reasons = _parse_rows(cells, frame.index, schema)
     bad = frame.index.isin(reasons.index)
     outcome.quarantined = int(bad.sum())
-    valid = _typed(_coerced(frame.loc[~bad], schema), schema)
+    valid = _frame_of(
+        {c: v[~bad] for c, v in values.items()}, schema.columns, schema, frame.index[~bad]
+    )
     outcome.missing_cells = int(valid[list(schema.features)].isna().to_numpy().sum())
 
     quarantined = None
@@ -389,96 +406,126 @@ def _read_source(
     return outcome, valid, quarantined
 
 
-def _row_problems(frame: pd.DataFrame, schema: Schema) -> pd.Series:
-    """The reason of every invalid row (indexed like `frame`), naming each problem the row has.
+def _parse_rows(
+    cells: dict[str, np.ndarray], index: pd.Index, schema: Schema
+) -> tuple[dict[str, np.ndarray], pd.Series]:
+    """Parse the cells of every schema column, and give the reason of every invalid row.
 
-    The checks run on whole columns; messages are only built for the rows that fail, which are few,
-    so a million clean rows cost a handful of vectorised comparisons.
+    Returns the parsed columns as arrays (text stripped, a blank cell missing as None; numbers as
+    float64 with NaN; the target as 0/1, NaN where it is not a label) and the reasons, indexed by
+    `index`, naming each problem a row has. Checks run on whole columns and messages are built only
+    for the rows that fail, so a million clean rows cost a handful of array operations and a single
+    row (an API request) costs little more than a function call.
     """
     import numpy as np
     import pandas as pd
 
-    failures: list[tuple[np.ndarray, pd.Series, str]] = []  # (positions, raw values, message)
+    values: dict[str, np.ndarray] = {}
+    failures: list[tuple[np.ndarray, np.ndarray, str]] = []  # (failing rows, raw cells, message)
 
-    def check(mask: object, raw: pd.Series, message: str) -> None:
-        positions = np.flatnonzero(np.asarray(mask, dtype=bool))
-        if len(positions):
-            failures.append((positions, raw, message))
+    def check(mask: np.ndarray, raw: np.ndarray, message: str) -> None:
+        if mask.any():
+            failures.append((np.flatnonzero(mask), raw, message))
 
+    for column in schema.id_columns + schema.categorical_features:
+        values[column] = _stripped(cells[column])
     for column in schema.id_columns:
-        check(frame[column].isna().to_numpy(), frame[column], f"missing client id ({column})")
+        check(pd.isna(values[column]), values[column], f"missing client id ({column})")
 
     for column in schema.numeric_features:
-        raw = frame[column]
-        numbers = _as_numbers(raw)
-        check(raw.notna().to_numpy() & np.isnan(numbers), raw, f"{column} {{value}} is not a number")
+        raw = cells[column]
+        numbers = values[column] = _as_numbers(raw)
+        check(~pd.isna(raw) & np.isnan(numbers), raw, f"{column} {{value}} is not a number")
         check(np.isinf(numbers), raw, f"{column} {{value}} is not finite")
         if column in schema.count_columns:
+            finite = np.isfinite(numbers)
             with np.errstate(invalid="ignore"):
                 check(numbers < 0, raw, f"{column} {{value}} is negative")
-                finite = np.isfinite(numbers)
                 check(finite & (np.mod(numbers, 1, where=finite, out=np.zeros_like(numbers)) != 0),
                       raw, f"{column} {{value}} is not a whole number")
                 check(finite & (numbers > MAX_COUNT), raw, f"{column} {{value}} is too large")
 
-    target = frame[schema.target]
-    labels = _target_labels(target)
-    check(target.isna().to_numpy(), target, f"missing target ({schema.target})")
-    check(target.notna().to_numpy() & labels.isna().to_numpy(), target,
+    raw_target = cells[schema.target]
+    values[schema.target] = labels = _target_labels(raw_target)
+    missing_target = pd.isna(raw_target)
+    check(missing_target, raw_target, f"missing target ({schema.target})")
+    check(~missing_target & np.isnan(labels), raw_target,
           f"target {schema.target} {{value}} is not a label (0/1, yes/no, true/false)")
 
     reasons: dict[int, list[str]] = {}
-    for positions, raw, message in failures:
-        values = raw.to_numpy()
-        for position in positions:
-            reasons.setdefault(int(position), []).append(
-                message.format(value=f"'{values[position]}'")
-            )
+    for rows, raw, message in failures:
+        for row in rows:
+            reasons.setdefault(int(row), []).append(message.format(value=f"'{raw[row]}'"))
     ordered = sorted(reasons)
-    return pd.Series(
-        ["; ".join(reasons[p]) for p in ordered], index=frame.index[ordered], dtype="str"
+    return values, pd.Series(
+        ["; ".join(reasons[row]) for row in ordered], index=index[ordered], dtype="str"
     )
 
 
-def _as_numbers(values: pd.Series) -> np.ndarray:
+def _stripped(cells: np.ndarray) -> np.ndarray:
+    """Text without surrounding blanks, as objects; a missing or blank cell becomes None."""
+    import numpy as np
+
+    stripped = np.empty(len(cells), dtype=object)
+    stripped[:] = [_stripped_text(cell) for cell in cells]
+    return stripped
+
+
+def _stripped_text(cell: object) -> str | None:
+    if cell is None or (isinstance(cell, float) and cell != cell):  # None or NaN: missing
+        return None
+    return str(cell).strip() or None
+
+
+def _as_numbers(cells: np.ndarray) -> np.ndarray:
     """float64 values, NaN where a cell is missing or not a number."""
+    import numpy as np
     import pandas as pd
 
-    return pd.to_numeric(values, errors="coerce").to_numpy(dtype="float64", na_value=float("nan"))
+    if cells.dtype.kind in "iuf":
+        return cells.astype("float64")
+    numbers = pd.to_numeric(pd.Series(cells, copy=False), errors="coerce")
+    return numbers.to_numpy(dtype="float64", na_value=np.nan)
 
 
-def _target_labels(target: pd.Series) -> pd.Series:
-    """0/1 for every understood label, missing for anything else."""
+def _target_labels(cells: np.ndarray) -> np.ndarray:
+    """1.0 or 0.0 for every understood label, NaN for anything else."""
+    import numpy as np
     import pandas as pd
 
-    if pd.api.types.is_numeric_dtype(target):
-        return target.astype("Float64").where(target.isin([0, 1]))
+    if cells.dtype.kind in "iuf":
+        numbers = cells.astype("float64")
+        return np.where((numbers == 0) | (numbers == 1), numbers, np.nan)
     # Map each distinct spelling once, not each of a million cells.
-    codes, spellings = pd.factorize(target)
-    labels = [TARGET_LABELS.get(str(s).strip().lower()) for s in spellings]
-    mapped = pd.array([labels[c] if c >= 0 else None for c in range(len(spellings))] + [None],
-                      dtype="Float64")
-    return pd.Series(mapped[codes], index=target.index)
+    codes, spellings = pd.factorize(cells)
+    mapped = np.array(
+        [TARGET_LABELS.get(str(spelling).strip().lower(), np.nan) for spelling in spellings]
+        + [np.nan],
+        dtype="float64",
+    )
+    return mapped[codes]  # code -1 (a missing cell) picks the trailing NaN
 
 
-def _coerced(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
-    """Valid rows with numbers parsed and labels mapped to 0/1."""
+def _frame_of(
+    values: dict[str, np.ndarray], names: tuple[str, ...], schema: Schema, index: pd.Index
+) -> pd.DataFrame:
+    """Parsed, valid columns as the master dataset types them (counts as nullable integers)."""
+    import numpy as np
     import pandas as pd
 
-    frame = frame.copy()
-    for column in schema.numeric_features:
-        frame[column] = pd.to_numeric(frame[column], errors="coerce")
-    frame[schema.target] = _target_labels(frame[schema.target])
-    return frame
-
-
-def _stripped_text(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
-    """Ids and categories without surrounding blanks; a blank cell is a missing one."""
-    frame = frame.copy()
-    for column in schema.id_columns + schema.categorical_features:
-        text = frame[column].astype("str").str.strip()
-        frame[column] = text.where(frame[column].notna() & (text != ""))
-    return frame
+    columns = {}
+    for column in names:
+        cells = values[column]
+        if column in schema.id_columns or column in schema.categorical_features:
+            columns[column] = pd.array(cells, dtype="str")
+        elif column in schema.count_columns or column == schema.target:
+            missing = np.isnan(cells)
+            columns[column] = pd.arrays.IntegerArray(
+                np.where(missing, 0, cells).astype("int64"), missing
+            )
+        else:
+            columns[column] = cells
+    return pd.DataFrame(columns, index=index)
 
 
 def _append_without_duplicates(
@@ -557,6 +604,8 @@ def _write_ingested_files_list(settings: Settings) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    import argparse  # here, not at the top: fullprocess.py imports this module on its fast path
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_config_argument(parser)
     return parser.parse_args(argv)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -36,9 +35,7 @@ def index_answers(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 def _with_diagnostics(settings: Settings, **options) -> Settings:
-    return dataclasses.replace(
-        settings, diagnostics=dataclasses.replace(settings.diagnostics, **options)
-    )
+    return settings._replace(diagnostics=settings.diagnostics._replace(**options))
 
 
 def _test_frame(settings: Settings) -> pd.DataFrame:
@@ -335,11 +332,11 @@ def test_drift_reports_the_change_in_the_share_of_leavers(deployed):
 
 
 def test_categorical_features_get_a_categorical_test(deployed):
-    schema = dataclasses.replace(deployed.schema, categorical_features=("region",))
+    schema = deployed.schema._replace(categorical_features=("region",))
     reference = pd.DataFrame({"region": ["north"] * 300 + ["south"] * 300 + ["east"] * 300,
                               "exited": [0, 1, 0] * 300})
     current = pd.DataFrame({"region": ["north"] * 500 + ["west"] * 100, "exited": [0, 1] * 300})
-    schema = dataclasses.replace(schema, numeric_features=(), count_columns=())
+    schema = schema._replace(numeric_features=(), count_columns=())
 
     drift = diagnostics.compare_datasets(reference, current, schema, deployed.diagnostics)
 
@@ -399,3 +396,16 @@ def test_command_prints_a_readable_summary(deployed, capsys):
     assert "Summary statistics" in out
     assert "no dataset drift" in out
     assert "skipped on request" in out
+
+
+def test_timings_measured_by_the_caller_are_recorded_instead_of_a_scratch_run(deployed, monkeypatch):
+    def no_scratch_run(settings):
+        raise AssertionError("stage timings were measured again")
+
+    monkeypatch.setattr(diagnostics, "stage_timings", no_scratch_run)
+
+    payload = diagnostics.run_diagnostics(
+        deployed, dependencies=False, measured_timings={"ingestion": 0.5, "training": 1.25}
+    )
+
+    assert payload["stage_timings"] == {"ingestion": 0.5, "training": 1.25}

@@ -130,3 +130,57 @@ def test_command_line_trains_and_prints_a_summary(workspace, capsys):
     assert main(["--config", str(workspace.config_path)]) == 0
 
     assert "decision threshold" in capsys.readouterr().out
+
+
+def test_linear_scorer_gives_the_models_own_probabilities_and_classes(workspace):
+    import numpy as np
+
+    from ingestion import read_dataset
+    from training import linear_scorer
+
+    (workspace.input_folder / "gaps.csv").write_text(HEADER + "gap1,,100,5,1\ngap2,3,,,0\n")
+    ingest(workspace)
+    model = train(workspace).model
+    frame = read_dataset(workspace.test_data_files()[0], workspace.schema)
+    frame.loc[:9, "lastmonth_activity"] = pd.NA
+
+    scorer = linear_scorer(model)
+
+    expected = model.predict_proba(frame)[:, 1]
+    assert np.allclose(scorer.probabilities(frame), expected, rtol=1e-12, atol=1e-15)
+    assert ((scorer.probabilities(frame) >= scorer.threshold) == model.predict(frame)).all()
+
+
+def test_linear_scorer_handles_categorical_features(tmp_path):
+    import numpy as np
+
+    from conftest import build_workspace, write_config
+    from ingestion import read_dataset
+    from settings import load_settings
+    from training import linear_scorer
+
+    build_workspace(tmp_path)
+    for path in list((tmp_path / "sourcedata").glob("*.csv")) + [tmp_path / "testdata/testdata.csv"]:
+        frame = pd.read_csv(path)
+        frame["region"] = np.where(frame["number_of_employees"] > 30, "north", "south")
+        frame.loc[::7, "region"] = None
+        frame.to_csv(path, index=False)
+    settings = load_settings(write_config(
+        tmp_path, schema={"categorical_features": ["region"]}
+    ))
+    ingest(settings)
+    model = train(settings).model
+    frame = read_dataset(settings.test_data_files()[0], settings.schema)
+    frame.loc[:3, "region"] = "unseen"
+
+    scorer = linear_scorer(model)
+
+    assert np.allclose(scorer.probabilities(frame), model.predict_proba(frame)[:, 1], rtol=1e-12)
+
+
+def test_a_model_of_another_shape_has_no_linear_scorer():
+    from sklearn.dummy import DummyClassifier
+
+    from training import linear_scorer
+
+    assert linear_scorer(DummyClassifier()) is None
