@@ -8,7 +8,6 @@ never half of one, and a crash leaves no partial output behind.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -92,6 +91,8 @@ def open_atomic(target: Path, mode: str = "w", **kwargs: Any) -> Iterator[IO[Any
 
 def sha256_of(path: Path) -> str:
     """The SHA-256 hex digest of a file's bytes."""
+    import hashlib  # here, not at the top: loading OpenSSL would slow the cron no-op check
+
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
         for block in iter(lambda: stream.read(1 << 20), b""):

@@ -11,18 +11,19 @@ anything is deployed on its every-10-minutes fast path.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import atomicio
 import records
 from errors import DeploymentError, ModelNotDeployedError, run_cli
 from settings import Settings, add_config_argument, load_settings
+
+if TYPE_CHECKING:
+    import argparse
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,7 @@ INGESTED_FILE = "ingestedfiles.txt"
 TRAINING_SAMPLE_FILE = "trainingsample.csv"
 
 
-@dataclass(frozen=True)
-class Release:
+class Release(NamedTuple):
     """One deployed (or deployable) set of model, metadata, score and ingest record."""
 
     version: str
@@ -318,6 +318,8 @@ def describe_releases(releases: list[Release]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    import argparse  # here, not at the top: fullprocess.py imports this module on its fast path
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_config_argument(parser)
     action = parser.add_mutually_exclusive_group()

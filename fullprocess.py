@@ -5,11 +5,12 @@
 Almost every run finds nothing new and must cost little more than starting Python, so this module
 and what it imports at the top (ingestion, deployment, records, settings) never load pandas,
 scikit-learn or matplotlib: the stages that need them are imported only once there is work to do.
+For the same reason these modules define no dataclasses, and cron's plain command line is read
+without argparse.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import logging
@@ -18,9 +19,9 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import atomicio
 import deployment
@@ -28,6 +29,9 @@ import ingestion
 import records
 from errors import CycleBusyError, PipelineError, run_cli
 from settings import DriftSettings, Settings, add_config_argument, load_settings
+
+if TYPE_CHECKING:
+    import argparse
 
 log = logging.getLogger("fullprocess")
 
@@ -39,34 +43,39 @@ MIN_HELD_OUT_ROWS = 20
 Z_FOR_CONFIDENCE = {0.8: 1.2816, 0.9: 1.6449, 0.95: 1.96, 0.98: 2.3263, 0.99: 2.5758}
 
 
-@dataclass
-class DriftDecision:
+class DriftDecision(NamedTuple):
     """Whether the deployed model has drifted on new data, and the numbers behind the verdict."""
 
     drifted: bool
     reason: str
-    numbers: dict[str, Any] = field(default_factory=dict)
+    numbers: dict[str, Any]
 
 
-@dataclass
-class DeployDecision:
+class DeployDecision(NamedTuple):
     """Whether a retrained model replaces the deployed one."""
 
     deploy: bool
     reason: str
-    numbers: dict[str, Any] = field(default_factory=dict)
+    numbers: dict[str, Any]
 
 
-@dataclass
 class CycleOutcome:
-    """What one cycle found, decided and did."""
+    """What one cycle found, decided and did; the cycle's steps fill it in as they go.
 
-    decision: str
-    message: str
-    new_files: list[str] = field(default_factory=list)
-    release: str | None = None
-    details: dict[str, Any] = field(default_factory=dict)
-    steps: list[str] = field(default_factory=list)
+    A plain class rather than a dataclass, because defining dataclasses at import slows the no-op
+    cycle, which is nearly every cycle.
+    """
+
+    __slots__ = ("decision", "message", "new_files", "release", "details", "steps", "timings")
+
+    def __init__(self, decision: str, message: str, new_files: list[str]) -> None:
+        self.decision = decision
+        self.message = message
+        self.new_files = new_files
+        self.release: str | None = None
+        self.details: dict[str, Any] = {}
+        self.steps: list[str] = []
+        self.timings: dict[str, float] = {}  # seconds of the stages this cycle ran
 
     def summary(self) -> str:
         lines = [f"{self.decision}: {self.message}"]
@@ -183,15 +192,17 @@ def run_cycle(settings: Settings, *, force: bool = False) -> CycleOutcome:
 
     outcome = CycleOutcome("", "", names)
     if new_files:
+        started = time.perf_counter()
         report = ingestion.ingest(settings)
+        outcome.timings["ingestion"] = time.perf_counter() - started
         outcome.steps.append(_ingest_step(report))
-        outcome.details["ingestion"] = [asdict(f) for f in report.files]
+        outcome.details["ingestion"] = [f.as_dict() for f in report.files]
         if not report.accepted_rows and not force:
             outcome.decision, outcome.message = "no-usable-rows", "new files added no new rows"
             return outcome
         if report.accepted_rows:
             drift = check_drift(settings)
-            outcome.details["drift"] = asdict(drift)
+            outcome.details["drift"] = drift._asdict()
             outcome.steps.append(f"drift check: {drift.reason}")
             if not drift.drifted and not force:
                 outcome.decision, outcome.message = "no-drift", drift.reason
@@ -203,9 +214,11 @@ def run_cycle(settings: Settings, *, force: bool = False) -> CycleOutcome:
 def first_deployment(settings: Settings, new_files: list[str]) -> CycleOutcome:
     """Nothing deployed yet: ingest, train, score and deploy the first release."""
     outcome = CycleOutcome("first-deployment", "", new_files)
+    started = time.perf_counter()
     report = ingestion.ingest(settings)
+    outcome.timings["ingestion"] = time.perf_counter() - started
     outcome.steps.append(_ingest_step(report))
-    outcome.details["ingestion"] = [asdict(f) for f in report.files]
+    outcome.details["ingestion"] = [f.as_dict() for f in report.files]
     candidate = train_and_score(settings, outcome)
     release = deployment.deploy(settings)
     outcome.release = release.version
@@ -240,9 +253,10 @@ def check_drift(settings: Settings) -> DriftDecision:
         new.leaver_share, new.rows,
     )
     if decision.numbers["leavers"].get("changed"):
-        decision.reason += (
-            f"; the share of leavers moved from {deployed_test_score['leaver_share']:.1%} to "
-            f"{new.leaver_share:.1%}, which moves F1 even for an unchanged model"
+        decision = decision._replace(
+            reason=f"{decision.reason}; the share of leavers moved from "
+            f"{deployed_test_score['leaver_share']:.1%} to {new.leaver_share:.1%}, which moves F1 "
+            "even for an unchanged model"
         )
     return decision
 
@@ -262,7 +276,9 @@ def train_and_score(settings: Settings, outcome: CycleOutcome, held_out: Any = N
     from scoring import score
     from training import train
 
+    started = time.perf_counter()
     trained = train(settings, held_out=held_out)
+    outcome.timings["training"] = time.perf_counter() - started
     rows = trained.metadata["training_data"]["rows"]
     kept_back = f", {len(held_out)} new rows held out to judge it" if held_out is not None else ""
     outcome.steps.append(f"trained model {trained.version} on {rows} rows{kept_back}")
@@ -315,7 +331,7 @@ def retrain_and_redeploy(settings: Settings, outcome: CycleOutcome, forced: bool
         settings.scoring,
     )
     decision = deploy_decision(comparison, evaluation_name, forced=forced)
-    outcome.details["deploy"] = asdict(decision)
+    outcome.details["deploy"] = decision._asdict()
     outcome.steps.append(decision.reason)
     if not decision.deploy:
         outcome.decision = "drift-kept-deployed"
@@ -348,7 +364,10 @@ def after_deployment(settings: Settings, outcome: CycleOutcome) -> None:
     import diagnostics
     import reporting
 
-    diagnostics.run_diagnostics(settings)
+    # The stages this cycle just ran were timed for real; timing them again on a scratch copy
+    # would only add seconds to every retrain.
+    timings = outcome.timings if {"ingestion", "training"} <= set(outcome.timings) else None
+    diagnostics.run_diagnostics(settings, measured_timings=timings)
     outcome.steps.append("recorded diagnostics")
     report = reporting.build_report(settings)
     outcome.steps.append(f"wrote the report and risk list ({report.report_path.name})")
@@ -459,8 +478,8 @@ def record_cycle(
             "seconds": round(seconds, 3),
             "new_files": outcome.new_files if outcome else None,
             "decision": outcome.decision if outcome else None,
-            "details": {**(outcome.details if outcome else {}),
-                        "steps": outcome.steps if outcome else []},
+            "details": {**outcome.details, "steps": outcome.steps,
+                        "stage_seconds": outcome.timings} if outcome else {},
             "release": outcome.release if outcome else None,
             "outcome": status,
             "message": message,
@@ -469,14 +488,28 @@ def record_cycle(
     log.info("cycle %s in %.2f s: %s", status, seconds, message)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def argument_parser() -> argparse.ArgumentParser:
+    import argparse  # here, not at the top: see parse_args
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_config_argument(parser)
     parser.add_argument("--dry-run", action="store_true", help="say what would be done, do nothing")
     parser.add_argument(
         "--force", action="store_true", help="retrain and redeploy whether or not there is drift"
     )
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace | SimpleNamespace:
+    """The options; cron's own `--config PATH` is read as argparse would, without argparse.
+
+    Importing argparse and building the parser (which loads gettext, locale and shutil) costs more
+    than all of a no-op cycle's own work. Any other command line goes to argparse.
+    """
+    arguments = sys.argv[1:] if argv is None else argv
+    if len(arguments) == 2 and arguments[0] == "--config" and not arguments[1].startswith("-"):
+        return SimpleNamespace(config=arguments[1], dry_run=False, force=False)
+    return argument_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

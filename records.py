@@ -15,6 +15,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+# Stored in the database's user_version once its tables exist; raise it when SCHEMA gains a table.
+SCHEMA_VERSION = 1
+
 SCHEMA = {
     "ingestions": """
         CREATE TABLE IF NOT EXISTS ingestions (
@@ -112,12 +115,23 @@ def connect(database: Path) -> Iterator[sqlite3.Connection]:
         # database and spares an fsync per record, which the 10-minute no-op cycle would pay.
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=NORMAL")
-        for statement in SCHEMA.values():
-            connection.execute(statement)
+        _create_tables(connection)
         with connection:
             yield connection
     finally:
         connection.close()
+
+
+def _create_tables(connection: sqlite3.Connection) -> None:
+    """Create the tables a database lacks; one that has them all says so in its user_version.
+
+    Checking the marker spares the cron no-op cycle the CREATE statements on every connection.
+    """
+    if connection.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+        return
+    for statement in SCHEMA.values():
+        connection.execute(statement)
+    connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
 def add(database: Path, table: str, values: Mapping[str, Any]) -> int:

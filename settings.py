@@ -6,17 +6,19 @@ is optional and documented in DEFAULTS below and in the README. Relative paths a
 the folder that holds config.json, so the scripts work from any working directory (cron).
 """
 
-from __future__ import annotations
+# Unlike the other modules, no `from __future__ import annotations`: with it, NamedTuple would
+# compile each field's annotation string at import, a cost the 10-minute cron check pays every run.
 
-import argparse
 import json
 import logging
 import os
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from errors import ConfigError
+
+if TYPE_CHECKING:
+    import argparse
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +35,11 @@ REQUIRED_PATH_KEYS = (
 )
 
 
-@dataclass(frozen=True)
-class Schema:
+# The settings are NamedTuples rather than frozen dataclasses: just as immutable, but far cheaper to
+# define at import, which the 10-minute cron check pays on every run. Make variants with _replace().
+
+
+class Schema(NamedTuple):
     """Which columns the data has and what each is for."""
 
     target: str = "exited"
@@ -63,8 +68,7 @@ class Schema:
         return self.id_columns + self.features + (self.target,)
 
 
-@dataclass(frozen=True)
-class ModelSettings:
+class ModelSettings(NamedTuple):
     """How the attrition model is trained."""
 
     C: float = 1.0
@@ -80,8 +84,7 @@ class ModelSettings:
     max_tuning_rows: int = 200_000
 
 
-@dataclass(frozen=True)
-class ScoringSettings:
+class ScoringSettings(NamedTuple):
     """How a model is scored on the test data."""
 
     bootstrap_samples: int = 1000
@@ -89,15 +92,13 @@ class ScoringSettings:
     random_state: int = 0
 
 
-@dataclass(frozen=True)
-class DeploymentSettings:
+class DeploymentSettings(NamedTuple):
     """How many earlier releases production keeps for rollback."""
 
     keep_releases: int = 10
 
 
-@dataclass(frozen=True)
-class DriftSettings:
+class DriftSettings(NamedTuple):
     """When a fall of F1 on newly arrived data counts as model drift (fullprocess.py, README).
 
     rule "interval" (default): drift when the deployed F1 exceeds the new batch's F1 by more than
@@ -112,15 +113,8 @@ class DriftSettings:
     rule: str = "interval"
     tolerance: float = 0.0
 
-    def __post_init__(self) -> None:
-        if self.rule not in ("interval", "raw"):
-            raise ConfigError(f"drift.rule must be 'interval' or 'raw', not {self.rule!r}")
-        if self.tolerance < 0:
-            raise ConfigError(f"drift.tolerance must not be negative, got {self.tolerance}")
 
-
-@dataclass(frozen=True)
-class DiagnosticsSettings:
+class DiagnosticsSettings(NamedTuple):
     """Dependency checks, drift tests and the risk list (see diagnostics.py and reporting.py)."""
 
     # How long an answer from the package index is reused, so that the 10-minute cycle does not ask
@@ -141,8 +135,7 @@ class DiagnosticsSettings:
     risk_top_n: int = 100
 
 
-@dataclass(frozen=True)
-class ApiSettings:
+class ApiSettings(NamedTuple):
     """How apicalls.py reaches the API and what the API accepts.
 
     base_url: where apicalls.py finds the API (--url and $RISK_API_URL take precedence).
@@ -169,8 +162,7 @@ SECTIONS: dict[str, type] = {
 }
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(NamedTuple):
     """Resolved paths, schema and options shared by every stage."""
 
     config_path: Path
@@ -180,13 +172,13 @@ class Settings:
     model_folder: Path
     deployment_folder: Path
     log_path: Path
-    schema: Schema = field(default_factory=Schema)
-    model: ModelSettings = field(default_factory=ModelSettings)
-    scoring: ScoringSettings = field(default_factory=ScoringSettings)
-    deployment: DeploymentSettings = field(default_factory=DeploymentSettings)
-    drift: DriftSettings = field(default_factory=DriftSettings)
-    diagnostics: DiagnosticsSettings = field(default_factory=DiagnosticsSettings)
-    api: ApiSettings = field(default_factory=ApiSettings)
+    schema: Schema = Schema()
+    model: ModelSettings = ModelSettings()
+    scoring: ScoringSettings = ScoringSettings()
+    deployment: DeploymentSettings = DeploymentSettings()
+    drift: DriftSettings = DriftSettings()
+    diagnostics: DiagnosticsSettings = DiagnosticsSettings()
+    api: ApiSettings = ApiSettings()
 
     @property
     def base_dir(self) -> Path:
@@ -307,6 +299,7 @@ def settings_from_mapping(raw: Any, config_path: Path) -> Settings:
     log_path = _resolve_path(raw.get("log_path", "logs/fullprocess.log"), "log_path", config_path)
 
     sections = {name: _section(raw.get(name, {}), cls, name, where) for name, cls in SECTIONS.items()}
+    _check_drift(sections["drift"], where)
     return Settings(
         config_path=config_path,
         input_folder=paths["input_folder_path"],
@@ -330,7 +323,7 @@ def _resolve_path(value: Any, key: str, config_path: Path) -> Path:
 def _section(raw: Any, cls: type, name: str, where: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{name!r} must be a JSON object {where}")
-    defaults = {f.name: f.default for f in fields(cls)}
+    defaults = cls._field_defaults
     unknown = sorted(set(raw) - set(defaults))
     if unknown:
         raise ConfigError(f"unknown key {', '.join(unknown)} in {name!r} {where}")
@@ -347,11 +340,18 @@ def _section(raw: Any, cls: type, name: str, where: str) -> Any:
     return cls(**values)
 
 
+def _check_drift(drift: DriftSettings, where: str) -> None:
+    if drift.rule not in ("interval", "raw"):
+        raise ConfigError(f"drift.rule must be 'interval' or 'raw', not {drift.rule!r} {where}")
+    if drift.tolerance < 0:
+        raise ConfigError(f"drift.tolerance must not be negative, got {drift.tolerance} {where}")
+
+
 def _schema(raw: Any, where: str) -> Schema:
     if not isinstance(raw, dict):
         raise ConfigError(f"'schema' must be a JSON object {where}")
     default = Schema()
-    allowed = {f.name for f in fields(Schema)}
+    allowed = set(Schema._fields)
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise ConfigError(f"unknown key {', '.join(unknown)} in 'schema' {where}")
@@ -384,7 +384,7 @@ def _schema(raw: Any, where: str) -> Schema:
     return schema
 
 
-def add_config_argument(parser: argparse.ArgumentParser) -> None:
+def add_config_argument(parser: "argparse.ArgumentParser") -> None:
     """The --config option every script takes."""
     parser.add_argument(
         "--config",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import os
 import socket
@@ -322,9 +321,7 @@ def test_prediction_of_a_named_file_with_a_bad_row_names_the_row(client, deploye
     ids=["content-length", "chunked"],
 )
 def test_body_over_the_size_limit_is_refused_with_413(deployed, framing):
-    limited = dataclasses.replace(
-        deployed, api=dataclasses.replace(deployed.api, max_request_bytes=1000)
-    )
+    limited = deployed._replace(api=deployed.api._replace(max_request_bytes=1000))
     client = create_app(limited).test_client()
     body = (CSV_HEADER + "abcdef,30,400,12\n" * 100).encode()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import socket
 import threading
@@ -151,7 +150,7 @@ def test_base_url_comes_from_flag_then_environment_then_config(
 ):
     if env:
         monkeypatch.setenv(apicalls.API_URL_ENV_VAR, env)
-    settings = dataclasses.replace(deployed, api=dataclasses.replace(deployed.api, base_url=config))
+    settings = deployed._replace(api=deployed.api._replace(base_url=config))
 
     assert resolve_base_url(settings, flag) == expected
 
@@ -166,7 +165,7 @@ def test_test_data_outside_the_project_is_sent_as_csv(deployed, tmp_path):
     outside = tmp_path / "elsewhere" / "tests.csv"
     outside.parent.mkdir()
     outside.write_bytes(deployed.test_data_files()[0].read_bytes())
-    settings = dataclasses.replace(deployed, test_data_path=outside)
+    settings = deployed._replace(test_data_path=outside)
 
     call = apicalls.prediction_call(settings)
 

@@ -103,11 +103,9 @@ def test_crash_while_staging_leaves_the_current_release_serving(deployed, monkey
 
 
 def test_only_the_configured_number_of_releases_is_kept(deployed):
-    from dataclasses import replace
-
     from settings import DeploymentSettings
 
-    settings = replace(deployed, deployment=DeploymentSettings(keep_releases=2))
+    settings = deployed._replace(deployment=DeploymentSettings(keep_releases=2))
     for _ in range(2):
         retrain_and_deploy(settings)
 

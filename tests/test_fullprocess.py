@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -310,3 +309,14 @@ def test_cycle_log_rotates_when_it_grows_too_large(cycle_settings):
     rotated = cycle_settings.log_path.with_name(cycle_settings.log_path.name + ".1")
     assert rotated.stat().st_size == 2_000_000
     assert "cycle ok" in cycle_settings.log_path.read_text()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--config", "cfg.json"], ["--config=cfg.json"], ["--config", "cfg.json", "--dry-run"],
+     ["--force", "--config", "cfg.json"], ["--conf", "cfg.json"], []],
+)
+def test_command_line_is_read_as_argparse_reads_it(argv):
+    expected = fullprocess.argument_parser().parse_args(argv)
+
+    assert vars(fullprocess.parse_args(argv)) == vars(expected)

@@ -62,13 +62,16 @@ def _broken_configs(root: Path) -> dict[str, tuple[str, str]]:
             json.dumps({**good, "schema": {"numeric_features": ["corporation"]}}), "twice"
         ),
         "not an object": ("[1, 2]", "JSON object"),
+        "negative drift tolerance": (
+            json.dumps({**good, "drift": {"tolerance": -0.1}}), "drift.tolerance"
+        ),
     }
 
 
 @pytest.mark.parametrize(
     "case",
     ["malformed json", "missing key", "missing input folder", "wrong type",
-     "unknown section key", "id used as feature", "not an object"],
+     "unknown section key", "id used as feature", "not an object", "negative drift tolerance"],
 )
 def test_bad_config_is_one_clear_line_and_exit_code_2(tmp_path, capsys, case):
     build_workspace(tmp_path)
