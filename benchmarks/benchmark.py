@@ -37,6 +37,9 @@ import generate_data  # noqa: E402
 PYTHON = sys.executable
 RESULTS_PATH = PROJECT_DIR / "benchmarks" / "results" / "benchmark.json"
 STAGES = ("ingestion", "training", "scoring", "deployment", "diagnostics", "reporting")
+# What each stage's process imports before it does any work (ingestion imports pandas inside its
+# functions, so that the cron check stays light; its floor includes it all the same).
+STAGE_IMPORTS = {stage: stage for stage in STAGES} | {"ingestion": "ingestion, pandas"}
 CYCLE_MODULES = "fullprocess, ingestion, training, scoring, deployment, diagnostics, reporting, apicalls"
 TARGETS = {
     "noop_cycle_ratio": 5.0,
@@ -165,7 +168,7 @@ def bench_stages(rows: int, runs: int, scratch: Path, floors: dict[str, Measurem
             stage, stage_argv(stage, workspace), stage_runs, PROJECT_DIR, env=env
         )
     for stage, result in results.items():
-        result.floor = f"import {stage}"
+        result.floor = f"import {STAGE_IMPORTS[stage]}"
         result.floor_seconds = floors[stage].median
     pipeline_seconds = sum(results[s].median for s in ("ingestion", "training", "scoring"))
     pipeline_peak = max(results[s].peak_mb for s in ("ingestion", "training", "scoring"))
@@ -399,13 +402,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def compile_project() -> None:
+    """Write the project's bytecode, as a server that runs the scripts every 10 minutes has it.
+
+    Where PYTHONDONTWRITEBYTECODE is set, every process would otherwise compile the project's
+    modules from source, a cost no deployed cron job pays.
+    """
+    scripts = sorted(str(path) for path in PROJECT_DIR.glob("*.py"))
+    subprocess.run([PYTHON, "-m", "compileall", "-q", *scripts], check=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    compile_project()
     sizes = [int(s) for s in args.sizes.split(",") if s]
     floor_runs = max(args.runs * 2, 10)
     floors = {"pass": floor("python -c pass", "pass", floor_runs)}
     for stage in STAGES:
-        floors[stage] = floor(f"import {stage}", f"import {stage}", args.runs)
+        floors[stage] = floor(f"import {STAGE_IMPORTS[stage]}", f"import {STAGE_IMPORTS[stage]}",
+                              args.runs)
     floors["cycle"] = floor(f"import {CYCLE_MODULES}", f"import {CYCLE_MODULES}", args.runs)
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
