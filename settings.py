@@ -2,7 +2,7 @@
 
 The original keys (input_folder_path, output_folder_path, test_data_path, output_model_path,
 prod_deployment_path) are required, so an original-format config works unchanged. Every other key
-is optional and documented in DEFAULTS below and in the README. Relative paths are resolved against
+is optional, with the defaults and meaning given in the classes below and in the README. Relative paths are resolved against
 the folder that holds config.json, so the scripts work from any working directory (cron).
 """
 
