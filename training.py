@@ -208,7 +208,12 @@ def train(settings: Settings, held_out: pd.DataFrame | None = None) -> TrainingR
     seconds = time.perf_counter() - started
 
     target = frame[schema.target].astype(int).to_numpy()
-    probabilities = model.predict_proba(frame[list(schema.features)])[:, 1]
+    # In-sample metrics only describe the fit; on a sample as large as threshold tuning uses they
+    # are as precise, and scoring a million rows twice more would double a large training's tail.
+    measured = frame.sample(n=min(len(frame), settings.model.max_tuning_rows),
+                            random_state=settings.model.random_state)
+    measured_target = measured[schema.target].astype(int).to_numpy()
+    probabilities = model.predict_proba(measured[list(schema.features)])[:, 1]
     trained_at = datetime.now(UTC)
     # Milliseconds keep versions distinct when the same data is trained twice in a second.
     version = f"{trained_at:%Y%m%dT%H%M%S}.{trained_at.microsecond // 1000:03d}Z-{data_checksum[:8]}"
@@ -235,8 +240,11 @@ def train(settings: Settings, held_out: pd.DataFrame | None = None) -> TrainingR
         "model_settings": settings.model._asdict(),
         "training_metrics": {
             "cv_f1": threshold_info["cv_f1"],
-            "train_f1": float(f1_score(target, probabilities >= threshold_info["threshold"])),
-            "train_roc_auc": float(roc_auc_score(target, probabilities)),
+            "train_f1": float(
+                f1_score(measured_target, probabilities >= threshold_info["threshold"])
+            ),
+            "train_roc_auc": float(roc_auc_score(measured_target, probabilities)),
+            "train_metric_rows": len(measured),
         },
         "training_seconds": round(seconds, 3),
         "library_versions": library_versions(),
@@ -337,7 +345,8 @@ class LinearScorer:
             raise ValueError("not a ColumnTransformer and a binary LogisticRegression")
         self.threshold = float(model.threshold)
         self.intercept = float(classifier.intercept_[0])
-        self.numeric: list[tuple[str, float, bool, float, float, float]] = []
+        # (column, log1p before imputing, fill, log1p after imputing, mean, scale, weight)
+        self.numeric: list[tuple[str, bool, float, bool, float, float, float]] = []
         self.categorical: list[tuple[str, str, dict[str, float]]] = []
         weights = iter(classifier.coef_[0])
         for _, steps, columns in preprocess.transformers_:
@@ -353,19 +362,22 @@ class LinearScorer:
             raise ValueError("the model has more weights than the pipeline has outputs")
 
     def _read_numeric(self, steps: Pipeline, columns: list[str], weights: Any) -> None:
-        imputer, *middle, scaler = steps
-        log_scale = [step.func for step in middle if isinstance(step, FunctionTransformer)]
-        if not isinstance(imputer, SimpleImputer) or not isinstance(scaler, StandardScaler) or (
-            len(middle) != len(log_scale) or log_scale not in ([], [np.log1p])
+        *transforms, scaler = steps
+        imputers = [step for step in transforms if isinstance(step, SimpleImputer)]
+        logs = [step for step in transforms if isinstance(step, FunctionTransformer)]
+        if not isinstance(scaler, StandardScaler) or len(imputers) != 1 or (
+            len(imputers) + len(logs) != len(transforms)
+            or any(step.func is not np.log1p for step in logs) or len(logs) > 1
         ):
             raise ValueError(f"unexpected numeric steps {steps!r}")
+        log_first = bool(logs) and transforms.index(logs[0]) < transforms.index(imputers[0])
+        log_after = bool(logs) and not log_first
         means = scaler.mean_ if scaler.mean_ is not None else np.zeros(len(columns))
         scales = scaler.scale_ if scaler.scale_ is not None else np.ones(len(columns))
-        for column, fill, mean, scale in zip(columns, imputer.statistics_, means, scales,
+        for column, fill, mean, scale in zip(columns, imputers[0].statistics_, means, scales,
                                              strict=True):
-            self.numeric.append(
-                (column, float(fill), bool(log_scale), float(mean), float(scale), next(weights))
-            )
+            self.numeric.append((column, log_first, float(fill), log_after, float(mean),
+                                 float(scale), next(weights)))
 
     def _read_categorical(self, steps: Pipeline, columns: list[str], weights: Any) -> None:
         imputer, encoder = steps
@@ -380,10 +392,12 @@ class LinearScorer:
     def probabilities(self, frame: pd.DataFrame) -> np.ndarray:
         """The probability of leaving for each row, as model.predict_proba(frame)[:, 1] gives it."""
         logit = np.full(len(frame), self.intercept)
-        for column, fill, log_scale, mean, scale, weight in self.numeric:
+        for column, log_first, fill, log_after, mean, scale, weight in self.numeric:
             values = frame[column].to_numpy(dtype="float64", na_value=np.nan)
+            if log_first:
+                values = np.log1p(values)
             values = np.where(np.isnan(values), fill, values)
-            if log_scale:
+            if log_after:
                 values = np.log1p(values)
             logit += (values - mean) / scale * weight
         for column, fill, category_weights in self.categorical:

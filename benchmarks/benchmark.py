@@ -75,25 +75,34 @@ class Measurement:
         return {**asdict(self), "median": self.median, "ratio": self.ratio}
 
 
-def run_process(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
-    """Run one process to completion; its wall seconds and peak resident memory in MB.
+# Times one command and reads its peak memory. Linux carries a process's peak resident size across
+# exec, and a child spawned from this benchmark (large: it holds generated data) would report this
+# process's size; a child forked from a small launcher starts from the launcher's few megabytes.
+LAUNCHER = """
+import os, sys, time
+started = time.perf_counter()
+child = os.fork()
+if child == 0:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # the command's own output is not measured
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(child, 0)
+print(time.perf_counter() - started, usage.ru_maxrss, os.waitstatus_to_exitcode(status))
+"""
 
-    The child is started with posix_spawn (no cwd, close_fds=False): a forked child would count
-    this benchmark's own memory, copied before exec, in its peak.
-    """
+
+def run_process(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
+    """Run one process to completion; its wall seconds and peak resident memory in MB."""
     with tempfile.TemporaryFile() as errors:
-        started = time.perf_counter()
-        process = subprocess.Popen(
-            argv, env=env, stdout=subprocess.DEVNULL, stderr=errors, close_fds=False
+        done = subprocess.run(
+            [PYTHON, "-c", LAUNCHER, *argv], env=env, stdout=subprocess.PIPE, stderr=errors,
+            text=True, check=True,
         )
-        _, status, usage = os.wait4(process.pid, 0)
-        seconds = time.perf_counter() - started
-        process.returncode = os.waitstatus_to_exitcode(status)
-        if process.returncode != 0:
+        seconds, peak_kib, exit_code = done.stdout.split()
+        if int(exit_code) != 0:
             errors.seek(0)
             tail = errors.read().decode(errors="replace")[-2000:]
-            raise RuntimeError(f"{' '.join(argv)} failed ({process.returncode}):\n{tail}")
-    return seconds, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+            raise RuntimeError(f"{' '.join(argv)} failed ({exit_code}):\n{tail}")
+    return float(seconds), int(peak_kib) / 1024  # ru_maxrss is in KiB on Linux
 
 
 def measure(label: str, argv: list[str], runs: int, reset=None, env=None) -> Measurement:

@@ -240,3 +240,19 @@ def test_impossible_counts_are_quarantined(workspace, cell, reason):
 
     quarantine = pd.read_csv(workspace.quarantine_path, dtype=str, keep_default_na=False)
     assert reason in quarantine["reason"].iloc[0]
+
+
+def test_text_cells_are_stripped_alike_in_small_and_large_columns():
+    import numpy as np
+
+    from ingestion import SMALL_COLUMN, _stripped
+
+    cells = np.array([" abc ", "", "   ", None, float("nan"), "x", 42], dtype=object)
+    large = np.concatenate([cells] * (SMALL_COLUMN // len(cells) + 1))
+
+    small_result = pd.Series(_stripped(cells))
+    large_result = pd.Series(_stripped(large)[: len(cells)])
+
+    assert small_result.isna().tolist() == [False, True, True, True, True, False, False]
+    assert small_result.equals(large_result)
+    assert small_result.dropna().tolist() == ["abc", "x", "42"]
