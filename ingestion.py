@@ -267,6 +267,17 @@ def _empty_frame(schema: Schema) -> pd.DataFrame:
     return _typed(pd.DataFrame({c: pd.Series(dtype="str") for c in schema.columns}), schema)
 
 
+def _typed(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
+    """Already validated columns, typed as the master dataset keeps them (see _frame_of)."""
+    text = set(schema.id_columns + schema.categorical_features)
+    values = {
+        column: frame[column].to_numpy(dtype=object) if column in text
+        else _as_numbers(frame[column].to_numpy())
+        for column in schema.columns
+    }
+    return _frame_of(values, schema.columns, schema, frame.index)
+
+
 def csv_read_options(schema: Schema) -> dict:
     """pandas.read_csv options that read a data file as ingestion does: ids and categories stay
     text, and the usual spellings of a missing cell are missing."""
@@ -279,22 +290,6 @@ def csv_read_options(schema: Schema) -> dict:
         "na_values": na_values,
         "skipinitialspace": True,
     }
-
-
-def _typed(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
-    """Give validated columns the types the master dataset keeps (counts as nullable integers)."""
-    import pandas as pd
-
-    columns = {}
-    for column in schema.columns:
-        values = frame[column]
-        if column in schema.id_columns or column in schema.categorical_features:
-            columns[column] = values.astype("str").where(values.notna())
-        elif column in schema.count_columns or column == schema.target:
-            columns[column] = pd.to_numeric(values).astype("Int64")
-        else:
-            columns[column] = pd.to_numeric(values).astype("float64")
-    return pd.DataFrame(columns, index=frame.index)
 
 
 def read_dataset(path: Path, schema: Schema, *, require_target: bool = True) -> pd.DataFrame:
