@@ -41,7 +41,7 @@ from errors import (
     ModelNotFoundError,
     PipelineError,
 )
-from ingestion import csv_read_options, validate_frame
+from dataset import read_csv, validate_frame
 from scoring import read_test_data, score_frame
 from settings import Schema, Settings, load_settings
 
@@ -356,13 +356,7 @@ def frame_from_records(records: Any, schema: Schema) -> pd.DataFrame:
 
 def frame_from_csv(csv: io.BytesIO | Path, schema: Schema, *, source: str) -> pd.DataFrame:
     """Read and validate CSV; `source` names it in messages as the client knows it."""
-    try:
-        frame = pd.read_csv(csv, **csv_read_options(schema))
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{source} is empty") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise DataError(f"{source} cannot be read as CSV: {first_line}") from None
+    frame = read_csv(csv, schema, name=source)
     return validate_frame(frame, schema, source=source, require_target=False)
 
 

@@ -46,7 +46,8 @@ from errors import (
     PipelineError,
     run_cli,
 )
-from ingestion import ingest, list_source_files, read_dataset, read_master, validate_frame
+from dataset import read_dataset, read_master, validate_frame
+from ingestion import ingest, list_source_files
 from settings import (
     PROJECT_DIR,
     DiagnosticsSettings,

@@ -296,7 +296,7 @@ def split_new_rows(settings: Settings) -> tuple[Any, Any] | None:
     """
     from sklearn.model_selection import train_test_split
 
-    from ingestion import read_dataset
+    from dataset import read_dataset
 
     if not settings.latest_batch_path.exists():
         return None

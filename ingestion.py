@@ -6,8 +6,10 @@ not. Every input row ends up in exactly one place: the master dataset (finaldata
 duplicates, or the quarantine file with its reason. A file that cannot be used at all is rejected
 whole, with its reason, and the others still go in.
 
-pandas is imported inside the functions that read data, so that fullprocess.py can ask "is there new
-data?" through find_new_files() without paying for it.
+How a data file is read and validated is the data contract's (dataset.py). This module keeps what is
+ingestion's own: discovering new files, compiling them into the master dataset, the quarantine and
+the records. pandas and the data contract are imported only by the functions that compile, so that
+fullprocess.py can ask "is there new data?" through find_new_files() without paying for them.
 """
 
 from __future__ import annotations
@@ -27,22 +29,9 @@ from settings import Schema, Settings, add_config_argument, load_settings
 if TYPE_CHECKING:
     import argparse
 
-    import numpy as np
     import pandas as pd
 
 log = logging.getLogger(__name__)
-
-# How missing numeric or target cells are written in the files we receive; anything else that is not
-# a number is junk and quarantines its row.
-MISSING_MARKERS = ["", "NA", "N/A", "n/a", "na", "NaN", "nan", "null", "NULL", "None", "-"]
-TARGET_LABELS = {
-    "1": 1, "0": 0, "1.0": 1, "0.0": 0,
-    "yes": 1, "no": 0, "y": 1, "n": 0, "true": 1, "false": 0,
-}
-# Counts are stored as 64-bit integers; beyond 2**53 a float no longer holds every whole number, and
-# no client has that many employees or actions.
-MAX_COUNT = 2**53
-
 
 class SourceFile(NamedTuple):
     """A data file in the input folder, identified by its content."""
@@ -180,6 +169,8 @@ def ingest(settings: Settings) -> IngestReport:
     """Compile every new source file into the master dataset; record what was read."""
     import pandas as pd
 
+    from dataset import read_master
+
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + os.urandom(3).hex()
     all_files = list_source_files(settings)
     new_files = find_new_files(settings)
@@ -243,123 +234,17 @@ def _append_rows_file(master_path: Path, rows_path: Path) -> None:
             shutil.copyfileobj(rows, target)
 
 
-def read_master(settings: Settings) -> pd.DataFrame:
-    """The master dataset with the schema's column types; empty if nothing was ingested yet."""
-    import pandas as pd
-
-    schema = settings.schema
-    path = settings.finaldata_path
-    if not path.exists():
-        return _empty_frame(schema)
-    frame = pd.read_csv(path, **csv_read_options(schema))
-    missing = [c for c in schema.columns if c not in frame.columns]
-    if missing:
-        raise DataError(
-            f"master dataset {path} lacks column(s) {', '.join(missing)}: it was made with another "
-            "schema; move it away and ingest again"
-        )
-    return _typed(frame[list(schema.columns)], schema)
-
-
-def _empty_frame(schema: Schema) -> pd.DataFrame:
-    import pandas as pd
-
-    return _typed(pd.DataFrame({c: pd.Series(dtype="str") for c in schema.columns}), schema)
-
-
-def _typed(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
-    """Already validated columns, typed as the master dataset keeps them (see _frame_of)."""
-    text = set(schema.id_columns + schema.categorical_features)
-    values = {
-        column: frame[column].to_numpy(dtype=object) if column in text
-        else _as_numbers(frame[column].to_numpy())
-        for column in schema.columns
-    }
-    return _frame_of(values, schema.columns, schema, frame.index)
-
-
-def csv_read_options(schema: Schema) -> dict:
-    """pandas.read_csv options that read a data file as ingestion does: ids and categories stay
-    text, and the usual spellings of a missing cell are missing."""
-    text_columns = schema.id_columns + schema.categorical_features
-    na_values = {c: MISSING_MARKERS for c in schema.numeric_features + (schema.target,)}
-    na_values.update({c: [""] for c in text_columns})
-    return {
-        "dtype": {c: "str" for c in text_columns},
-        "keep_default_na": False,
-        "na_values": na_values,
-        "skipinitialspace": True,
-    }
-
-
-def read_dataset(path: Path, schema: Schema, *, require_target: bool = True) -> pd.DataFrame:
-    """Read a labelled (or, for predictions, unlabelled) data file, refusing any invalid row.
-
-    Unlike ingestion, which quarantines bad rows and goes on, a dataset used for scoring or
-    predictions must be whole: one bad row is an error that names it.
-    """
-    import pandas as pd
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"no data file at {path}")
-    try:
-        frame = pd.read_csv(path, **csv_read_options(schema))
-    except pd.errors.EmptyDataError:
-        raise DataError(f"data file {path} is empty") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise DataError(f"data file {path} cannot be read as CSV: {first_line}") from None
-    return validate_frame(frame, schema, source=str(path), require_target=require_target)
-
-
-def validate_frame(
-    frame: pd.DataFrame, schema: Schema, *, source: str, require_target: bool = True
-) -> pd.DataFrame:
-    """Check a whole table against the schema; return it typed, or raise naming the bad rows."""
-    import numpy as np
-    import pandas as pd
-
-    names = {str(column).strip(): column for column in frame.columns}
-    needed = schema.columns if require_target else schema.id_columns + schema.features
-    missing = [c for c in needed if c not in names]
-    if missing:
-        raise DataError(
-            f"{source} lacks required column(s) {', '.join(missing)} "
-            f"(found: {', '.join(names) or 'none'})"
-        )
-    if frame.empty:
-        raise DataError(f"{source} has no data rows")
-    labelled = schema.target in names
-    cells = {c: frame[names[c]].to_numpy() for c in schema.columns if c in names}
-    if not labelled:
-        cells[schema.target] = np.zeros(len(frame))  # a valid label, dropped again below
-    index = pd.RangeIndex(len(frame))
-    values, bad = _parse_rows(cells, index, schema)
-    if len(bad):
-        examples = "; ".join(
-            f"row {index + 1}: {reason}" for index, reason in bad.head(3).items()
-        )
-        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
-        raise DataError(f"{source} has {len(bad)} invalid row(s): {examples}{more}")
-    columns = schema.columns if labelled else schema.id_columns + schema.features
-    return _frame_of(values, columns, schema, index)
-
-
 def _read_source(
     source: SourceFile, schema: Schema
 ) -> tuple[FileOutcome, pd.DataFrame | None, pd.DataFrame | None]:
     """Read and validate one file: its outcome, its valid rows, and its quarantined rows."""
-    import pandas as pd
+    from dataset import frame_of, parse_rows, read_csv
 
     outcome = FileOutcome(file=source.path.name, checksum=source.checksum, status="rejected")
     try:
-        frame = pd.read_csv(source.path, **csv_read_options(schema))
-    except pd.errors.EmptyDataError:
-        outcome.reason = "the file is empty"
-        return outcome, None, None
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as error:
-        outcome.reason = f"cannot be read as CSV: {str(error).strip().splitlines()[0]}"
+        frame = read_csv(source.path, schema, name="the file")
+    except DataError as error:
+        outcome.reason = str(error)
         return outcome, None, None
 
     frame.columns = [str(c).strip() for c in frame.columns]
@@ -383,10 +268,10 @@ def _read_source(
     outcome.ignored_columns = [c for c in frame.columns if c not in schema.columns]
     frame = frame[list(schema.columns)]
     cells = {column: frame[column].to_numpy() for column in schema.columns}
-    values, reasons = _parse_rows(cells, frame.index, schema)
+    values, reasons = parse_rows(cells, frame.index, schema)
     bad = frame.index.isin(reasons.index)
     outcome.quarantined = int(bad.sum())
-    valid = _frame_of(
+    valid = frame_of(
         {c: v[~bad] for c, v in values.items()}, schema.columns, schema, frame.index[~bad]
     )
     outcome.missing_cells = int(valid[list(schema.features)].isna().to_numpy().sum())
@@ -401,135 +286,6 @@ def _read_source(
     return outcome, valid, quarantined
 
 
-def _parse_rows(
-    cells: dict[str, np.ndarray], index: pd.Index, schema: Schema
-) -> tuple[dict[str, np.ndarray], pd.Series]:
-    """Parse the cells of every schema column, and give the reason of every invalid row.
-
-    Returns the parsed columns as arrays (text stripped, a blank cell missing; numbers as
-    float64 with NaN; the target as 0/1, NaN where it is not a label) and the reasons, indexed by
-    `index`, naming each problem a row has. Checks run on whole columns and messages are built only
-    for the rows that fail, so a million clean rows cost a handful of array operations and a single
-    row (an API request) costs little more than a function call.
-    """
-    import numpy as np
-    import pandas as pd
-
-    values: dict[str, np.ndarray] = {}
-    failures: list[tuple[np.ndarray, np.ndarray, str]] = []  # (failing rows, raw cells, message)
-
-    def check(mask: np.ndarray, raw: np.ndarray, message: str) -> None:
-        if mask.any():
-            failures.append((np.flatnonzero(mask), raw, message))
-
-    for column in schema.id_columns + schema.categorical_features:
-        values[column] = _stripped(cells[column])
-    for column in schema.id_columns:
-        check(pd.isna(values[column]), values[column], f"missing client id ({column})")
-
-    for column in schema.numeric_features:
-        raw = cells[column]
-        numbers = values[column] = _as_numbers(raw)
-        check(~pd.isna(raw) & np.isnan(numbers), raw, f"{column} {{value}} is not a number")
-        check(np.isinf(numbers), raw, f"{column} {{value}} is not finite")
-        if column in schema.count_columns:
-            finite = np.isfinite(numbers)
-            with np.errstate(invalid="ignore"):
-                check(numbers < 0, raw, f"{column} {{value}} is negative")
-                check(finite & (np.mod(numbers, 1, where=finite, out=np.zeros_like(numbers)) != 0),
-                      raw, f"{column} {{value}} is not a whole number")
-                check(finite & (numbers > MAX_COUNT), raw, f"{column} {{value}} is too large")
-
-    raw_target = cells[schema.target]
-    values[schema.target] = labels = _target_labels(raw_target)
-    missing_target = pd.isna(raw_target)
-    check(missing_target, raw_target, f"missing target ({schema.target})")
-    check(~missing_target & np.isnan(labels), raw_target,
-          f"target {schema.target} {{value}} is not a label (0/1, yes/no, true/false)")
-
-    reasons: dict[int, list[str]] = {}
-    for rows, raw, message in failures:
-        for row in rows:
-            reasons.setdefault(int(row), []).append(message.format(value=f"'{raw[row]}'"))
-    ordered = sorted(reasons)
-    return values, pd.Series(
-        ["; ".join(reasons[row]) for row in ordered], index=index[ordered], dtype="str"
-    )
-
-
-# Below this many cells a plain loop beats pandas' fixed cost per call (an API request is one row).
-SMALL_COLUMN = 1000
-
-
-def _stripped(cells: np.ndarray) -> np.ndarray:
-    """Text without surrounding blanks, as objects; a missing or blank cell becomes NaN."""
-    import numpy as np
-    import pandas as pd
-
-    if len(cells) < SMALL_COLUMN:
-        return np.array([_stripped_text(cell) for cell in cells] or [], dtype=object)
-    text = pd.Series(cells, dtype=object, copy=False)
-    stripped = text.astype("str").str.strip()
-    return stripped.where(text.notna() & (stripped != "")).to_numpy(dtype=object)
-
-
-def _stripped_text(cell: object) -> object:
-    if cell is None or (isinstance(cell, float) and cell != cell):  # None or NaN: missing
-        return float("nan")
-    return str(cell).strip() or float("nan")
-
-
-def _as_numbers(cells: np.ndarray) -> np.ndarray:
-    """float64 values, NaN where a cell is missing or not a number."""
-    import numpy as np
-    import pandas as pd
-
-    if cells.dtype.kind in "iuf":
-        return cells.astype("float64")
-    numbers = pd.to_numeric(pd.Series(cells, copy=False), errors="coerce")
-    return numbers.to_numpy(dtype="float64", na_value=np.nan)
-
-
-def _target_labels(cells: np.ndarray) -> np.ndarray:
-    """1.0 or 0.0 for every understood label, NaN for anything else."""
-    import numpy as np
-    import pandas as pd
-
-    if cells.dtype.kind in "iuf":
-        numbers = cells.astype("float64")
-        return np.where((numbers == 0) | (numbers == 1), numbers, np.nan)
-    # Map each distinct spelling once, not each of a million cells.
-    codes, spellings = pd.factorize(cells)
-    mapped = np.array(
-        [TARGET_LABELS.get(str(spelling).strip().lower(), np.nan) for spelling in spellings]
-        + [np.nan],
-        dtype="float64",
-    )
-    return mapped[codes]  # code -1 (a missing cell) picks the trailing NaN
-
-
-def _frame_of(
-    values: dict[str, np.ndarray], names: tuple[str, ...], schema: Schema, index: pd.Index
-) -> pd.DataFrame:
-    """Parsed, valid columns as the master dataset types them (counts as nullable integers)."""
-    import numpy as np
-    import pandas as pd
-
-    columns = {}
-    for column in names:
-        cells = values[column]
-        if column in schema.id_columns or column in schema.categorical_features:
-            columns[column] = pd.array(cells, dtype="str")
-        elif column in schema.count_columns or column == schema.target:
-            missing = np.isnan(cells)
-            columns[column] = pd.arrays.IntegerArray(
-                np.where(missing, 0, cells).astype("int64"), missing
-            )
-        else:
-            columns[column] = cells
-    return pd.DataFrame(columns, index=index)
-
-
 def _append_without_duplicates(
     master: pd.DataFrame,
     batches: list[pd.DataFrame],
@@ -539,8 +295,10 @@ def _append_without_duplicates(
     """The new rows that are in neither the master dataset nor an earlier row of this run."""
     import pandas as pd
 
+    from dataset import empty_frame
+
     if not batches:
-        return _empty_frame(schema)
+        return empty_frame(schema)
     columns = list(schema.columns)
     new_rows = pd.concat(batches, ignore_index=True)
     stacked = pd.concat([master[columns], new_rows[columns]], ignore_index=True)

@@ -41,7 +41,7 @@ from diagnostics import (
     section_texts,
 )
 from errors import InsufficientDataError, run_cli
-from ingestion import read_master
+from dataset import read_master
 from scoring import Metrics, compute_metrics, read_test_data
 from settings import Settings, add_config_argument, load_settings
 

@@ -22,7 +22,7 @@ from sklearn.metrics import roc_auc_score
 import atomicio
 import records
 from errors import DataError, run_cli
-from ingestion import read_dataset
+from dataset import read_dataset
 from settings import ScoringSettings, Settings, add_config_argument, load_settings
 from training import load_model
 

@@ -37,7 +37,7 @@ from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardSc
 import atomicio
 import records
 from errors import DeploymentError, InsufficientDataError, ModelNotFoundError, run_cli
-from ingestion import read_master
+from dataset import read_master, row_hashes
 from settings import ModelSettings, Schema, Settings, add_config_argument, load_settings
 
 log = logging.getLogger(__name__)
@@ -271,11 +271,6 @@ def train(settings: Settings, held_out: pd.DataFrame | None = None) -> TrainingR
     )
     log.info("trained model %s on %d rows", version, len(frame))
     return TrainingResult(model, settings.model_path, settings.model_metadata_path, metadata)
-
-
-def row_hashes(frame: pd.DataFrame, schema: Schema) -> pd.Series:
-    """A 64-bit hash of each row's schema columns, to match rows between tables cheaply."""
-    return pd.util.hash_pandas_object(frame[list(schema.columns)], index=False)
 
 
 def library_versions() -> dict[str, str]:

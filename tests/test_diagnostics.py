@@ -17,7 +17,8 @@ import generate_data
 import records
 from deployment import current_release, load_deployed_model
 from errors import DataError, InsufficientDataError, ModelNotDeployedError
-from ingestion import ingest, read_dataset
+from dataset import read_dataset
+from ingestion import ingest
 from settings import Settings, load_settings
 
 

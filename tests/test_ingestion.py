@@ -11,7 +11,8 @@ import pytest
 import generate_data
 import records
 from errors import DataError
-from ingestion import find_new_files, ingest, main, read_dataset, read_master
+from dataset import read_dataset, read_master
+from ingestion import find_new_files, ingest, main
 
 HEADER = "corporation,lastmonth_activity,lastyear_activity,number_of_employees,exited\n"
 
@@ -245,7 +246,7 @@ def test_impossible_counts_are_quarantined(workspace, cell, reason):
 def test_text_cells_are_stripped_alike_in_small_and_large_columns():
     import numpy as np
 
-    from ingestion import SMALL_COLUMN, _stripped
+    from dataset import SMALL_COLUMN, _stripped
 
     cells = np.array([" abc ", "", "   ", None, float("nan"), "x", 42], dtype=object)
     large = np.concatenate([cells] * (SMALL_COLUMN // len(cells) + 1))

@@ -14,7 +14,8 @@ import records
 import reporting
 from deployment import current_release, deploy, load_deployed_model
 from errors import ModelNotDeployedError
-from ingestion import ingest, read_master
+from dataset import read_master
+from ingestion import ingest
 from scoring import score
 from settings import Settings, load_settings
 from training import train

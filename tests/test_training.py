@@ -135,7 +135,7 @@ def test_command_line_trains_and_prints_a_summary(workspace, capsys):
 def test_linear_scorer_gives_the_models_own_probabilities_and_classes(workspace):
     import numpy as np
 
-    from ingestion import read_dataset
+    from dataset import read_dataset
     from training import linear_scorer
 
     (workspace.input_folder / "gaps.csv").write_text(HEADER + "gap1,,100,5,1\ngap2,3,,,0\n")
@@ -155,7 +155,7 @@ def test_linear_scorer_handles_categorical_features(tmp_path):
     import numpy as np
 
     from conftest import build_workspace, write_config
-    from ingestion import read_dataset
+    from dataset import read_dataset
     from settings import load_settings
     from training import linear_scorer
 
