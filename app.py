@@ -42,7 +42,7 @@ from errors import (
     PipelineError,
 )
 from dataset import read_csv, validate_frame
-from scoring import read_test_data, score_frame
+from scoring import evaluate, predict_frame, read_test_data
 from settings import Schema, Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     def prediction() -> Response:
         loaded = models.get()
         frame = prediction_frame(settings)
-        result = diagnostics.predict_frame(
+        result = predict_frame(
             loaded.model, loaded.release.version, frame, settings.schema
         )
         return jsonify(result.as_dict())
@@ -431,7 +431,7 @@ def score_deployed(settings: Settings, loaded: LoadedModel, test_files: list[Pat
         frame = read_test_data(settings)
     except DataError as error:
         raise ServiceUnavailable(f"the test data cannot be scored: {error}") from None
-    metrics = score_frame(loaded.model, frame, settings)
+    metrics = evaluate(loaded.model, frame, settings).metrics
     return {
         "model_version": loaded.release.version,
         "test_data": [relative_name(p, settings) for p in test_files],

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import atomicio
 import records
-from errors import DeploymentError, ModelNotDeployedError, run_cli
+from errors import DataError, DeploymentError, ModelNotDeployedError, run_cli
 from settings import Settings, add_config_argument, load_settings
 
 if TYPE_CHECKING:
@@ -107,7 +107,7 @@ def is_deployed(settings: Settings) -> bool:
 
 def load_deployed_model(settings: Settings) -> tuple[Any, Release]:
     """The current release's model, after checking the pickle against the release's checksum."""
-    from training import load_model  # scikit-learn only when a model is actually loaded
+    from scoring import load_model  # pandas and the model's libraries only when one is loaded
 
     release = current_release(settings)
     verify_release(release)
@@ -164,18 +164,16 @@ def deploy(settings: Settings) -> Release:
             f"{settings.model_path} does not match the checksum in {settings.model_metadata_path}: "
             "train again before deploying"
         )
-    f1 = _read_f1(settings.score_path)
+    from scoring import read_score_file
+
+    try:
+        f1 = read_score_file(settings.score_path)
+    except DataError as error:
+        raise DeploymentError(f"cannot deploy: {error}") from None
     version = metadata["version"]
     release = _stage_release(settings, version, sources, f1)
     _switch_to(settings, release, action="deploy")
     return release
-
-
-def _read_f1(path: Path) -> float:
-    try:
-        return float(path.read_text(encoding="utf-8").strip())
-    except ValueError:
-        raise DeploymentError(f"{path} does not hold an F1 score; run scoring.py again") from None
 
 
 def _stage_release(

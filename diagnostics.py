@@ -56,7 +56,8 @@ from settings import (
     add_config_argument,
     load_settings,
 )
-from training import linear_scorer, train
+from scoring import PredictionResult, predict_frame
+from training import train
 
 log = logging.getLogger(__name__)
 
@@ -68,94 +69,6 @@ MAX_CATEGORY_LIKE_VALUES = 5
 
 
 # --- Predictions -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PredictionResult:
-    """The deployed model's answer for each row of a dataset, in the dataset's order."""
-
-    model_version: str
-    ids: list[str]
-    predictions: list[int]
-    probabilities: list[float]
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "model_version": self.model_version,
-            "predictions": self.predictions,
-            "probabilities": self.probabilities,
-            "ids": self.ids,
-        }
-
-
-def predict_frame(
-    model: Any, model_version: str, frame: pd.DataFrame, schema: Schema
-) -> PredictionResult:
-    """Class and probability of leaving for each row of a validated frame; no disk, no checks.
-
-    The API calls this for every request with a cached model, so it asks the model once: the class
-    is the probability against the model's own decision threshold, exactly as model.predict does.
-    Our own models are scored by their LinearScorer, without scikit-learn's per-call overhead.
-    """
-    scorer = linear_scorer(model)
-    if scorer is not None:
-        probabilities = scorer.probabilities(frame)
-        return PredictionResult(
-            model_version=model_version,
-            ids=client_ids(frame, schema),
-            predictions=(probabilities >= scorer.threshold).astype(int).tolist(),
-            probabilities=probabilities.tolist(),
-        )
-    features = _model_input(frame, schema)
-    probabilities = model.predict_proba(features)[:, 1]
-    threshold = _decision_threshold(model)
-    if threshold is None:
-        predictions = np.asarray(model.predict(features)).astype(int)
-    else:
-        predictions = (probabilities >= threshold).astype(int)
-    return PredictionResult(
-        model_version=model_version,
-        ids=client_ids(frame, schema),
-        predictions=predictions.tolist(),
-        probabilities=probabilities.tolist(),
-    )
-
-
-def _model_input(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
-    # Nullable Int64 columns take a slow path through scikit-learn's input checks; plain float64
-    # (missing as NaN) gives the model the same numbers faster.
-    columns = {
-        column: (
-            frame[column].to_numpy(dtype="float64", na_value=np.nan)
-            if column in schema.numeric_features
-            else frame[column]
-        )
-        for column in schema.features
-    }
-    return pd.DataFrame(columns, index=frame.index, copy=False)
-
-
-def _decision_threshold(model: Any) -> float | None:
-    """The probability threshold model.predict applies, when the model is one of ours."""
-    if list(getattr(model, "classes_", [])) != [0, 1]:
-        return None
-    if getattr(model, "response_method", None) not in ("auto", "predict_proba"):
-        return None
-    # TunedThresholdClassifierCV keeps the tuned value; FixedThresholdClassifier its parameter.
-    threshold = getattr(model, "best_threshold_", getattr(model, "threshold", None))
-    if isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
-        return float(threshold)
-    return None
-
-
-def client_ids(frame: pd.DataFrame, schema: Schema) -> list[str]:
-    """Each row's client id as text (several id columns joined by " / "; row numbers if none)."""
-    id_columns = list(schema.id_columns)
-    if not id_columns or any(column not in frame.columns for column in id_columns):
-        return [str(number) for number in range(1, len(frame) + 1)]
-    if len(id_columns) == 1:
-        return frame[id_columns[0]].astype("str").tolist()
-    return frame[id_columns].astype("str").agg(" / ".join, axis=1).tolist()
 
 
 def model_predictions(settings: Settings, dataset: pd.DataFrame | Path) -> PredictionResult:

@@ -313,8 +313,14 @@ def split_new_rows(settings: Settings) -> tuple[Any, Any] | None:
 
 def retrain_and_redeploy(settings: Settings, outcome: CycleOutcome, forced: bool) -> None:
     """Retrain, compare with the deployed model on unseen rows, deploy unless it is worse."""
-    from scoring import compare_predictions, read_test_data, record_score, score_frame
-    from training import load_model
+    from scoring import (
+        compare_predictions,
+        evaluate,
+        load_model,
+        read_test_data,
+        record_score,
+        write_score_file,
+    )
 
     split = split_new_rows(settings) if outcome.new_files else None
     held_out = split[1] if split else None
@@ -341,10 +347,10 @@ def retrain_and_redeploy(settings: Settings, outcome: CycleOutcome, forced: bool
     if held_out is not None:
         # The release's score must describe the business as it is now, or the next batch from the
         # same (changed) process would look like drift again.
-        metrics = score_frame(candidate_model, held_out, settings)
+        metrics = evaluate(candidate_model, held_out, settings).metrics
         record_score(settings, metrics, "drift-holdout", _metadata(settings),
                      settings.model_path, f"{len(held_out)} held-out rows of the newest batch")
-        atomicio.write_text(settings.score_path, f"{metrics.f1}\n")
+        write_score_file(settings.score_path, metrics.f1)
         outcome.steps.append(f"release score: F1 {metrics.f1:.3f} on the held-out new rows")
     new_release = deployment.deploy(settings)
     outcome.release = new_release.version

@@ -33,16 +33,10 @@ from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_curve
 import atomicio
 import records
 from deployment import Release, list_releases, load_deployed_model, read_manifest
-from diagnostics import (
-    client_ids,
-    latest_diagnostics,
-    predict_frame,
-    run_diagnostics,
-    section_texts,
-)
+from diagnostics import latest_diagnostics, run_diagnostics, section_texts
 from errors import InsufficientDataError, run_cli
 from dataset import read_master
-from scoring import Metrics, compute_metrics, read_test_data
+from scoring import Evaluation, client_ids, evaluate, predict_frame, read_test_data
 from settings import Settings, add_config_argument, load_settings
 
 log = logging.getLogger(__name__)
@@ -178,12 +172,27 @@ class ReportResult:
 
 @dataclass(frozen=True)
 class _TestResults:
-    metrics: Metrics
-    truth: np.ndarray
-    probabilities: np.ndarray
-    predictions: np.ndarray
+    """The deployed model evaluated on the test data, with what the report says about it."""
+
+    evaluation: Evaluation
     threshold: float | None
     files: list[str]
+
+    @property
+    def metrics(self):  # noqa: ANN201 - the Metrics of the evaluation
+        return self.evaluation.metrics
+
+    @property
+    def truth(self) -> np.ndarray:
+        return self.evaluation.truth
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        return self.evaluation.probabilities
+
+    @property
+    def predictions(self) -> np.ndarray:
+        return self.evaluation.predictions
 
 
 def build_report(settings: Settings) -> ReportResult:
@@ -234,16 +243,8 @@ def _score_test_data(
     settings: Settings, model: ClassifierMixin, release: Release, metadata: dict[str, Any]
 ) -> _TestResults:
     """The deployed model on the test data, without recording a score (the report only reads)."""
-    frame = read_test_data(settings)
-    prediction = predict_frame(model, release.version, frame, settings.schema)
-    truth = frame[settings.schema.target].to_numpy(dtype=int)
-    probabilities = np.asarray(prediction.probabilities)
-    predictions = np.asarray(prediction.predictions)
     return _TestResults(
-        metrics=compute_metrics(truth, probabilities, predictions, settings.scoring),
-        truth=truth,
-        probabilities=probabilities,
-        predictions=predictions,
+        evaluation=evaluate(model, read_test_data(settings), settings),
         threshold=metadata.get("threshold"),
         files=[str(path) for path in settings.test_data_files()],
     )

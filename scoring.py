@@ -1,32 +1,221 @@
-"""Scoring: measure a model on the test data (F1 and more) and record it.
+"""Scoring: the model in use. Load a model, predict a frame, measure it on labelled data, record it.
 
-F1 alone goes to latestscore.txt, the original format that deployment and the drift check read; the
-full metrics, with a bootstrap interval of F1 so that a reader can tell a real change from noise, go
-to the records database.
+Everything that turns a fitted model and rows into answers lives here, so the API, the report, the
+cycle and this command agree by construction:
+
+- `load_model` unpickles a model this project saved, after checking its checksum;
+- `predict_frame` gives each row's class and probability of leaving, through `LinearScorer` (the
+  model's arithmetic in numpy, from `training.linear_model_params`) when the model is ours;
+- `evaluate` measures a model on a labelled frame (F1 with a bootstrap interval, precision, recall,
+  ROC AUC, base rates);
+- `score` is the stage: the trained model on the test data, F1 to latestscore.txt (the original
+  format; `write_score_file` and `read_score_file` are its only writer and reader) and the full
+  metrics to the records database.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
+import pickle
 import sys
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.base import ClassifierMixin
-from sklearn.metrics import roc_auc_score
 
 import atomicio
 import records
-from errors import DataError, run_cli
 from dataset import read_dataset
-from settings import ScoringSettings, Settings, add_config_argument, load_settings
-from training import load_model
+from errors import DataError, DeploymentError, ModelNotFoundError, run_cli
+from settings import Schema, ScoringSettings, Settings, add_config_argument, load_settings
 
 log = logging.getLogger(__name__)
+
+
+# --- The model in use --------------------------------------------------------------------------
+
+
+def load_model(model_path: Path, expected_sha256: str | None = None) -> Any:
+    """Unpickle a model this project saved; with a checksum, refuse a file that differs from it."""
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise ModelNotFoundError(f"no model at {model_path}: run training.py first")
+    data = model_path.read_bytes()
+    if expected_sha256 is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected_sha256:
+            raise DeploymentError(
+                f"model {model_path} does not match its recorded checksum "
+                f"(expected {expected_sha256[:12]}…, found {actual[:12]}…): refusing to load it; "
+                "redeploy or roll back"
+            )
+    # Only ever our own, checksummed files reach this point: a pickle runs code when loaded.
+    return pickle.loads(data)  # noqa: S301
+
+
+class LinearScorer:
+    """A linear model's arithmetic in plain numpy, for predictions that must answer in microseconds.
+
+    model.predict_proba spends ~4 ms per call in scikit-learn's input checks, whatever the number of
+    rows; the API answers single-record requests, where that is nearly all the time. The parameters
+    are plain data (training.linear_model_params): per numeric column the median fill, log1p, the
+    scaler's mean and scale and the weight; per categorical column the weight of each category.
+    """
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        if params.get("kind") != "logistic-regression":
+            raise ValueError(f"not a logistic regression: {params.get('kind')!r}")
+        self.params = params
+        self.threshold = float(params["threshold"])
+        self.intercept = float(params["intercept"])
+        self.numeric = params["numeric"]
+        self.categorical = params["categorical"]
+
+    def logits(self, frame: pd.DataFrame) -> np.ndarray:
+        """The log-odds of leaving for each row."""
+        logit = np.full(len(frame), self.intercept)
+        for term in self.numeric:
+            logit += self.numeric_terms(frame, term)
+        for term in self.categorical:
+            logit += self.categorical_terms(frame, term)
+        return logit
+
+    def numeric_terms(self, frame: pd.DataFrame, term: dict[str, Any]) -> np.ndarray:
+        """One numeric column's contribution to the log-odds, row by row."""
+        values = frame[term["column"]].to_numpy(dtype="float64", na_value=np.nan)
+        if term["log1p"] == "before-imputing":
+            values = np.log1p(values)
+        values = np.where(np.isnan(values), term["fill"], values)
+        if term["log1p"] == "after-imputing":
+            values = np.log1p(values)
+        return (values - term["mean"]) / term["scale"] * term["weight"]
+
+    @staticmethod
+    def categorical_terms(frame: pd.DataFrame, term: dict[str, Any]) -> np.ndarray:
+        """One categorical column's contribution; a category unseen in training adds nothing."""
+        weights, fill = term["weights"], term["fill"]
+        cells = frame[term["column"]].to_numpy(dtype=object)
+        return np.array(
+            [weights.get(fill if pd.isna(cell) else str(cell), 0.0) for cell in cells],
+            dtype="float64",
+        )
+
+    def probabilities(self, frame: pd.DataFrame) -> np.ndarray:
+        """The probability of leaving for each row, as model.predict_proba(frame)[:, 1] gives it."""
+        # 1 / (1 + e^-x), computed without overflow for large |x|.
+        return np.exp(-np.logaddexp(0.0, -self.logits(frame)))
+
+
+_scorers: weakref.WeakKeyDictionary[Any, LinearScorer | None] = weakref.WeakKeyDictionary()
+
+
+def linear_scorer(model: Any) -> LinearScorer | None:
+    """The model's LinearScorer, made once per model object; None for a model of another shape."""
+    if model not in _scorers:
+        from training import linear_model_params  # the model is a scikit-learn object already
+
+        try:
+            _scorers[model] = LinearScorer(linear_model_params(model))
+        except ValueError as error:
+            log.info("predictions use predict_proba: %s", error)
+            _scorers[model] = None
+    return _scorers[model]
+
+
+@dataclass(frozen=True)
+class PredictionResult:
+    """The model's answer for each row of a dataset, in the dataset's order."""
+
+    model_version: str
+    ids: list[str]
+    predictions: list[int]
+    probabilities: list[float]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model_version": self.model_version,
+            "predictions": self.predictions,
+            "probabilities": self.probabilities,
+            "ids": self.ids,
+        }
+
+
+def predict_frame(
+    model: Any, model_version: str, frame: pd.DataFrame, schema: Schema
+) -> PredictionResult:
+    """Class and probability of leaving for each row of a validated frame; no disk, no checks.
+
+    The API calls this for every request with a cached model, so it asks the model once: the class
+    is the probability against the model's own decision threshold, exactly as model.predict does.
+    Our own models are scored by their LinearScorer, without scikit-learn's per-call overhead.
+    """
+    scorer = linear_scorer(model)
+    if scorer is not None:
+        probabilities = scorer.probabilities(frame)
+        return PredictionResult(
+            model_version=model_version,
+            ids=client_ids(frame, schema),
+            predictions=(probabilities >= scorer.threshold).astype(int).tolist(),
+            probabilities=probabilities.tolist(),
+        )
+    features = _model_input(frame, schema)
+    probabilities = model.predict_proba(features)[:, 1]
+    threshold = _decision_threshold(model)
+    if threshold is None:
+        predictions = np.asarray(model.predict(features)).astype(int)
+    else:
+        predictions = (probabilities >= threshold).astype(int)
+    return PredictionResult(
+        model_version=model_version,
+        ids=client_ids(frame, schema),
+        predictions=predictions.tolist(),
+        probabilities=probabilities.tolist(),
+    )
+
+
+def _model_input(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
+    # Nullable Int64 columns take a slow path through scikit-learn's input checks; plain float64
+    # (missing as NaN) gives the model the same numbers faster.
+    columns = {
+        column: (
+            frame[column].to_numpy(dtype="float64", na_value=np.nan)
+            if column in schema.numeric_features
+            else frame[column]
+        )
+        for column in schema.features
+    }
+    return pd.DataFrame(columns, index=frame.index, copy=False)
+
+
+def _decision_threshold(model: Any) -> float | None:
+    """The probability threshold model.predict applies, when the model is one of ours."""
+    if list(getattr(model, "classes_", [])) != [0, 1]:
+        return None
+    if getattr(model, "response_method", None) not in ("auto", "predict_proba"):
+        return None
+    # TunedThresholdClassifierCV keeps the tuned value; FixedThresholdClassifier its parameter.
+    threshold = getattr(model, "best_threshold_", getattr(model, "threshold", None))
+    if isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
+        return float(threshold)
+    return None
+
+
+def client_ids(frame: pd.DataFrame, schema: Schema) -> list[str]:
+    """Each row's client id as text (several id columns joined by " / "; row numbers if none)."""
+    id_columns = list(schema.id_columns)
+    if not id_columns or any(column not in frame.columns for column in id_columns):
+        return [str(number) for number in range(1, len(frame) + 1)]
+    if len(id_columns) == 1:
+        return frame[id_columns[0]].astype("str").tolist()
+    return frame[id_columns].astype("str").agg(" / ".join, axis=1).tolist()
+
+
+# --- Measuring ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -72,6 +261,23 @@ class ScoreReport:
         return "\n".join(lines)
 
 
+def roc_auc(truth: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve: the chance a random leaver scores above a random stayer (ties half).
+
+    The Mann-Whitney form with average ranks gives exactly what sklearn.metrics.roc_auc_score
+    gives, without importing scikit-learn into scoring.
+    """
+    truth = np.asarray(truth, dtype=bool)
+    scores = np.asarray(scores, dtype="float64")
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    average_ranks = (ends - (counts - 1) / 2.0)[inverse]  # 1-based ranks, ties averaged
+    positives = int(truth.sum())
+    negatives = len(truth) - positives
+    rank_sum = float(average_ranks[truth].sum())
+    return (rank_sum - positives * (positives + 1) / 2.0) / (positives * negatives)
+
+
 def f1_from_counts(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
     """F1 = 2TP / (2TP + FP + FN), taken as 0 where there is nothing to score."""
     denominator = 2 * tp + fp + fn
@@ -99,7 +305,7 @@ def compute_metrics(
         f1_high=high,
         precision=tp / (tp + fp) if tp + fp else 0.0,
         recall=tp / (tp + fn) if tp + fn else 0.0,
-        roc_auc=float(roc_auc_score(truth, probabilities)) if 0 < truth.sum() < rows else None,
+        roc_auc=roc_auc(truth, probabilities) if 0 < truth.sum() < rows else None,
         leaver_share=float(truth.mean()),
         predicted_leaver_share=float(predictions.mean()),
     )
@@ -179,15 +385,27 @@ def compare_predictions(
     )
 
 
-def score_frame(
-    model: ClassifierMixin, frame: pd.DataFrame, settings: Settings
-) -> Metrics:
-    """Metrics of `model` on a labelled, validated frame."""
-    schema = settings.schema
-    probabilities = model.predict_proba(frame[list(schema.features)])[:, 1]
-    predictions = model.predict(frame[list(schema.features)])
-    return compute_metrics(
-        frame[schema.target].to_numpy(dtype=int), probabilities, predictions, settings.scoring
+@dataclass(frozen=True)
+class Evaluation:
+    """A model's predictions on labelled rows and the metrics they give."""
+
+    metrics: Metrics
+    truth: np.ndarray
+    probabilities: np.ndarray
+    predictions: np.ndarray
+
+
+def evaluate(model: Any, frame: pd.DataFrame, settings: Settings) -> Evaluation:
+    """Measure `model` on a labelled, validated frame, through the same path as every prediction."""
+    prediction = predict_frame(model, "", frame, settings.schema)
+    truth = frame[settings.schema.target].to_numpy(dtype=int)
+    probabilities = np.asarray(prediction.probabilities)
+    predictions = np.asarray(prediction.predictions)
+    return Evaluation(
+        metrics=compute_metrics(truth, probabilities, predictions, settings.scoring),
+        truth=truth,
+        probabilities=probabilities,
+        predictions=predictions,
     )
 
 
@@ -224,11 +442,11 @@ def score(
     else:
         frame = read_dataset(Path(data_path), settings.schema)
         data_label = str(data_path)
-    metrics = score_frame(model, frame, settings)
+    metrics = evaluate(model, frame, settings).metrics
     score_path = None
     if writes_score:
         score_path = settings.score_path
-        atomicio.write_text(score_path, f"{metrics.f1}\n")
+        write_score_file(score_path, metrics.f1)
     record_score(settings, metrics, purpose, metadata, model_path, data_label)
     return ScoreReport(
         metrics=metrics,
@@ -263,6 +481,11 @@ def record_score(
             **values,
         },
     )
+
+
+def write_score_file(path: Path, f1: float) -> None:
+    """Write F1 as latestscore.txt holds it: the number alone, as the original course reads it."""
+    atomicio.write_text(path, f"{f1}\n")
 
 
 def read_score_file(path: Path) -> float:

@@ -9,13 +9,11 @@ threshold is tuned for F1 by cross-validation and travels inside the pickle, whe
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import pickle
 import platform
 import sys
 import time
-import weakref
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,7 +22,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import sklearn
-from scipy.special import expit
 from sklearn.base import ClassifierMixin
 from sklearn.compose import ColumnTransformer
 from sklearn.impute import SimpleImputer
@@ -36,7 +33,7 @@ from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardSc
 
 import atomicio
 import records
-from errors import DeploymentError, InsufficientDataError, ModelNotFoundError, run_cli
+from errors import InsufficientDataError, run_cli
 from dataset import read_master, row_hashes
 from settings import ModelSettings, Schema, Settings, add_config_argument, load_settings
 
@@ -283,22 +280,82 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def load_model(model_path: Path, expected_sha256: str | None = None) -> ClassifierMixin:
-    """Unpickle a model this project saved; with a checksum, refuse a file that differs from it."""
-    model_path = Path(model_path)
-    if not model_path.is_file():
-        raise ModelNotFoundError(f"no model at {model_path}: run training.py first")
-    data = model_path.read_bytes()
-    if expected_sha256 is not None:
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != expected_sha256:
-            raise DeploymentError(
-                f"model {model_path} does not match its recorded checksum "
-                f"(expected {expected_sha256[:12]}…, found {actual[:12]}…): refusing to load it; "
-                "redeploy or roll back"
-            )
-    # Only ever our own, checksummed files reach this point: a pickle runs code when loaded.
-    return pickle.loads(data)  # noqa: S301
+def linear_model_params(model: ClassifierMixin) -> dict[str, Any]:
+    """The fitted model's arithmetic as plain data, for scoring with numpy alone (scoring.py).
+
+    Reads the pipeline build_pipeline() makes inside its FixedThresholdClassifier: imputer
+    statistics, log1p, scaler, one-hot categories, the logistic regression's weights and the
+    decision threshold. A model of any other shape raises ValueError; its users fall back to
+    model.predict_proba.
+    """
+    pipeline = getattr(model, "estimator_", None)
+    if not isinstance(model, FixedThresholdClassifier) or not isinstance(pipeline, Pipeline):
+        raise ValueError("not a FixedThresholdClassifier around a fitted Pipeline")
+    preprocess, classifier = pipeline.named_steps.get("preprocess"), pipeline[-1]
+    if not isinstance(preprocess, ColumnTransformer) or not isinstance(
+        classifier, LogisticRegression
+    ) or classifier.coef_.shape[0] != 1 or list(classifier.classes_) != [0, 1]:
+        raise ValueError("not a ColumnTransformer and a binary LogisticRegression")
+    weights = iter(classifier.coef_[0])
+    numeric: list[dict[str, Any]] = []
+    categorical: list[dict[str, Any]] = []
+    for _, steps, columns in preprocess.transformers_:
+        if steps == "drop":
+            continue
+        if not isinstance(steps, Pipeline):
+            raise ValueError(f"unexpected transformer {steps!r}")
+        if isinstance(steps[-1], OneHotEncoder):
+            categorical += _categorical_params(steps, columns, weights)
+        else:
+            numeric += _numeric_params(steps, columns, weights)
+    if next(weights, None) is not None:
+        raise ValueError("the model has more weights than the pipeline has outputs")
+    return {
+        "kind": "logistic-regression",
+        "threshold": float(model.threshold),
+        "intercept": float(classifier.intercept_[0]),
+        "numeric": numeric,
+        "categorical": categorical,
+    }
+
+
+def _numeric_params(steps: Pipeline, columns: list[str], weights: Any) -> list[dict[str, Any]]:
+    *transforms, scaler = steps
+    imputers = [step for step in transforms if isinstance(step, SimpleImputer)]
+    logs = [step for step in transforms if isinstance(step, FunctionTransformer)]
+    if not isinstance(scaler, StandardScaler) or len(imputers) != 1 or (
+        len(imputers) + len(logs) != len(transforms)
+        or any(step.func is not np.log1p for step in logs) or len(logs) > 1
+    ):
+        raise ValueError(f"unexpected numeric steps {steps!r}")
+    if not logs:
+        log1p = None
+    elif transforms.index(logs[0]) < transforms.index(imputers[0]):
+        log1p = "before-imputing"
+    else:
+        log1p = "after-imputing"
+    means = scaler.mean_ if scaler.mean_ is not None else np.zeros(len(columns))
+    scales = scaler.scale_ if scaler.scale_ is not None else np.ones(len(columns))
+    return [
+        {"column": column, "log1p": log1p, "fill": float(fill), "mean": float(mean),
+         "scale": float(scale), "weight": float(next(weights))}
+        for column, fill, mean, scale in zip(columns, imputers[0].statistics_, means, scales,
+                                             strict=True)
+    ]
+
+
+def _categorical_params(
+    steps: Pipeline, columns: list[str], weights: Any
+) -> list[dict[str, Any]]:
+    imputer, encoder = steps
+    if not isinstance(imputer, SimpleImputer) or encoder.drop is not None:
+        raise ValueError(f"unexpected categorical steps {steps!r}")
+    return [
+        {"column": column, "fill": str(fill),
+         "weights": {str(c): float(next(weights)) for c in categories}}
+        for column, fill, categories in zip(columns, imputer.statistics_, encoder.categories_,
+                                            strict=True)
+    ]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -317,101 +374,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))
-
-
-class LinearScorer:
-    """A trained model's arithmetic in plain numpy, for predictions that must answer in microseconds.
-
-    model.predict_proba spends ~4 ms per call in scikit-learn's input checks, whatever the number of
-    rows; the API answers single-record requests, where that is nearly all the time. This reads the
-    fitted parameters of the pipeline build_pipeline() makes (imputer statistics, log1p, scaler,
-    one-hot categories, logistic regression) and computes the same probabilities. A model of any
-    other shape is refused with ValueError, and callers fall back to predict_proba.
-    """
-
-    def __init__(self, model: ClassifierMixin) -> None:
-        pipeline = getattr(model, "estimator_", None)
-        if not isinstance(model, FixedThresholdClassifier) or not isinstance(pipeline, Pipeline):
-            raise ValueError("not a FixedThresholdClassifier around a fitted Pipeline")
-        preprocess, classifier = pipeline.named_steps.get("preprocess"), pipeline[-1]
-        if not isinstance(preprocess, ColumnTransformer) or not isinstance(
-            classifier, LogisticRegression
-        ) or classifier.coef_.shape[0] != 1 or list(classifier.classes_) != [0, 1]:
-            raise ValueError("not a ColumnTransformer and a binary LogisticRegression")
-        self.threshold = float(model.threshold)
-        self.intercept = float(classifier.intercept_[0])
-        # (column, log1p before imputing, fill, log1p after imputing, mean, scale, weight)
-        self.numeric: list[tuple[str, bool, float, bool, float, float, float]] = []
-        self.categorical: list[tuple[str, str, dict[str, float]]] = []
-        weights = iter(classifier.coef_[0])
-        for _, steps, columns in preprocess.transformers_:
-            if steps == "drop":
-                continue
-            if not isinstance(steps, Pipeline):
-                raise ValueError(f"unexpected transformer {steps!r}")
-            if isinstance(steps[-1], OneHotEncoder):
-                self._read_categorical(steps, columns, weights)
-            else:
-                self._read_numeric(steps, columns, weights)
-        if next(weights, None) is not None:
-            raise ValueError("the model has more weights than the pipeline has outputs")
-
-    def _read_numeric(self, steps: Pipeline, columns: list[str], weights: Any) -> None:
-        *transforms, scaler = steps
-        imputers = [step for step in transforms if isinstance(step, SimpleImputer)]
-        logs = [step for step in transforms if isinstance(step, FunctionTransformer)]
-        if not isinstance(scaler, StandardScaler) or len(imputers) != 1 or (
-            len(imputers) + len(logs) != len(transforms)
-            or any(step.func is not np.log1p for step in logs) or len(logs) > 1
-        ):
-            raise ValueError(f"unexpected numeric steps {steps!r}")
-        log_first = bool(logs) and transforms.index(logs[0]) < transforms.index(imputers[0])
-        log_after = bool(logs) and not log_first
-        means = scaler.mean_ if scaler.mean_ is not None else np.zeros(len(columns))
-        scales = scaler.scale_ if scaler.scale_ is not None else np.ones(len(columns))
-        for column, fill, mean, scale in zip(columns, imputers[0].statistics_, means, scales,
-                                             strict=True):
-            self.numeric.append((column, log_first, float(fill), log_after, float(mean),
-                                 float(scale), next(weights)))
-
-    def _read_categorical(self, steps: Pipeline, columns: list[str], weights: Any) -> None:
-        imputer, encoder = steps
-        if not isinstance(imputer, SimpleImputer) or encoder.drop is not None:
-            raise ValueError(f"unexpected categorical steps {steps!r}")
-        for column, fill, categories in zip(columns, imputer.statistics_, encoder.categories_,
-                                            strict=True):
-            self.categorical.append(
-                (column, str(fill), {str(c): float(next(weights)) for c in categories})
-            )
-
-    def probabilities(self, frame: pd.DataFrame) -> np.ndarray:
-        """The probability of leaving for each row, as model.predict_proba(frame)[:, 1] gives it."""
-        logit = np.full(len(frame), self.intercept)
-        for column, log_first, fill, log_after, mean, scale, weight in self.numeric:
-            values = frame[column].to_numpy(dtype="float64", na_value=np.nan)
-            if log_first:
-                values = np.log1p(values)
-            values = np.where(np.isnan(values), fill, values)
-            if log_after:
-                values = np.log1p(values)
-            logit += (values - mean) / scale * weight
-        for column, fill, category_weights in self.categorical:
-            cells = frame[column].to_numpy(dtype=object)
-            logit += np.array([
-                category_weights.get(fill if pd.isna(cell) else str(cell), 0.0) for cell in cells
-            ])
-        return expit(logit)
-
-
-_scorers: weakref.WeakKeyDictionary[Any, LinearScorer | None] = weakref.WeakKeyDictionary()
-
-
-def linear_scorer(model: ClassifierMixin) -> LinearScorer | None:
-    """The model's LinearScorer, made once per model object; None for a model of another shape."""
-    if model not in _scorers:
-        try:
-            _scorers[model] = LinearScorer(model)
-        except ValueError as error:
-            log.info("predictions use predict_proba: %s", error)
-            _scorers[model] = None
-    return _scorers[model]

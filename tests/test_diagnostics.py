@@ -15,6 +15,7 @@ from conftest import write_config
 import diagnostics
 import generate_data
 import records
+import scoring
 from deployment import current_release, load_deployed_model
 from errors import DataError, InsufficientDataError, ModelNotDeployedError
 from dataset import read_dataset
@@ -69,7 +70,7 @@ def test_prediction_classes_and_probabilities_are_the_models_own(deployed):
     frame = _test_frame(deployed)
     features = frame[list(deployed.schema.features)]
 
-    result = diagnostics.predict_frame(model, release.version, frame, deployed.schema)
+    result = scoring.predict_frame(model, release.version, frame, deployed.schema)
 
     assert result.model_version == release.version
     assert result.predictions == model.predict(features).tolist()

@@ -104,3 +104,30 @@ def test_paired_comparison_of_a_model_with_itself_is_no_change():
 
     assert comparison.difference == comparison.difference_low == comparison.difference_high == 0
     assert not comparison.candidate_significantly_worse
+
+
+@pytest.mark.parametrize("rows", [5, 60, 2000])
+def test_roc_auc_matches_scikit_learn_with_ties(rows):
+    from sklearn.metrics import roc_auc_score
+
+    from scoring import roc_auc
+
+    rng = np.random.default_rng(rows)
+    truth = np.r_[0, 1, rng.integers(0, 2, rows - 2)]
+    scores = np.round(rng.random(rows), 1)  # coarse values: many ties
+
+    assert roc_auc(truth, scores) == pytest.approx(roc_auc_score(truth, scores), abs=1e-12)
+
+
+def test_evaluate_scores_known_rows_through_the_prediction_path(deployed):
+    from deployment import load_deployed_model
+    from scoring import evaluate, read_test_data
+
+    model, _ = load_deployed_model(deployed)
+    frame = read_test_data(deployed)
+
+    evaluation = evaluate(model, frame, deployed)
+
+    assert evaluation.probabilities == pytest.approx(model.predict_proba(frame)[:, 1], abs=1e-12)
+    assert (evaluation.predictions == model.predict(frame)).all()
+    assert evaluation.metrics.rows == len(frame)

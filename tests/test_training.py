@@ -12,7 +12,8 @@ import generate_data
 import records
 from errors import InsufficientDataError, ModelNotFoundError, DeploymentError
 from ingestion import ingest
-from training import load_model, main, train
+from scoring import load_model
+from training import main, train
 
 HEADER = "corporation,lastmonth_activity,lastyear_activity,number_of_employees,exited\n"
 
@@ -136,7 +137,7 @@ def test_linear_scorer_gives_the_models_own_probabilities_and_classes(workspace)
     import numpy as np
 
     from dataset import read_dataset
-    from training import linear_scorer
+    from scoring import linear_scorer
 
     (workspace.input_folder / "gaps.csv").write_text(HEADER + "gap1,,100,5,1\ngap2,3,,,0\n")
     ingest(workspace)
@@ -157,7 +158,7 @@ def test_linear_scorer_handles_categorical_features(tmp_path):
     from conftest import build_workspace, write_config
     from dataset import read_dataset
     from settings import load_settings
-    from training import linear_scorer
+    from scoring import linear_scorer
 
     build_workspace(tmp_path)
     for path in list((tmp_path / "sourcedata").glob("*.csv")) + [tmp_path / "testdata/testdata.csv"]:
@@ -181,6 +182,6 @@ def test_linear_scorer_handles_categorical_features(tmp_path):
 def test_a_model_of_another_shape_has_no_linear_scorer():
     from sklearn.dummy import DummyClassifier
 
-    from training import linear_scorer
+    from scoring import linear_scorer
 
     assert linear_scorer(DummyClassifier()) is None
