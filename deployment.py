@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -144,6 +145,7 @@ def _release_from_manifest(folder: Path, is_current: bool = False) -> Release:
 
 def deploy(settings: Settings) -> Release:
     """Make the trained model, its score and the ingest record the current production release."""
+    started = time.perf_counter()
     sources = {
         MODEL_FILE: settings.model_path,
         METADATA_FILE: settings.model_metadata_path,
@@ -173,6 +175,7 @@ def deploy(settings: Settings) -> Release:
     version = metadata["version"]
     release = _stage_release(settings, version, sources, f1)
     _switch_to(settings, release, action="deploy")
+    records.add_stage_run(settings.records_path, "deployment", time.perf_counter() - started)
     return release
 
 

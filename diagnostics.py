@@ -1,16 +1,18 @@
 """Diagnostics: is the deployed model, and the data it sees, healthy?
 
-Each check is a function that the API and fullprocess.py call in-process: predictions of the
-deployed model, summary statistics and missing data of the master dataset, how long ingestion and
-training take, the state of the dependencies, and data drift between the data the deployed model
-was trained on and the newest ingested batch. The script runs them all, records the run in the
-records database (so that the report can draw trends) and prints a readable summary, or JSON with
---json.
+Each check is a function that the API and fullprocess.py call in-process, and each reads what the
+pipeline produced and recorded rather than redoing it: summary statistics and missing data of the
+master dataset, how long each stage took when it last ran (from the records), the state of the
+dependencies, and data drift between the data the deployed model was trained on and the newest
+ingested batch. The script runs them all, records the run in the records database (so that the
+report can draw trends) and prints a readable summary, or JSON with --json. Predictions are the
+model in use's (scoring.py); model_predictions stays here as the course's function list has it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib.metadata
 import json
@@ -21,8 +23,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -56,10 +59,15 @@ from settings import (
     add_config_argument,
     load_settings,
 )
-from scoring import PredictionResult, predict_frame
+from scoring import PredictionResult, predict_frame, two_proportion_z
 from training import train
 
 log = logging.getLogger(__name__)
+
+
+class DependencyCheckPending(PipelineError):
+    """The package index has not answered yet; the answer is cached for the next run."""
+
 
 DEFAULT_REQUIREMENTS_PATH = PROJECT_DIR / "requirements.txt"
 # Each pip process costs about a second of CPU; more at once than this only queues on the cores.
@@ -137,14 +145,28 @@ def _master_overview(master: pd.DataFrame, schema: Schema) -> dict[str, Any]:
 # --- Timing ------------------------------------------------------------------------------------
 
 
-def stage_timings(settings: Settings) -> dict[str, float]:
-    """Seconds that ingestion and training take, measured on a scratch copy of the source data.
+def recorded_stage_timings(settings: Settings) -> dict[str, float]:
+    """Seconds each stage took the last time it really ran (cycle or by hand), from the records."""
+    rows = records.query(
+        settings.records_path,
+        "SELECT stage, seconds FROM stage_runs WHERE id IN "
+        "(SELECT MAX(id) FROM stage_runs GROUP BY stage) ORDER BY id",
+    )
+    if not rows:
+        raise InsufficientDataError("no stage has recorded a run yet: run fullprocess.py")
+    return {row["stage"]: row["seconds"] for row in rows}
 
-    Both stages run in-process on copies in a temporary folder, with their own records database, so
-    the measurement never changes ingested data, models, production files or records.
+
+def stage_timings(settings: Settings) -> dict[str, float]:
+    """Seconds that ingestion and training take, measured now on a scratch copy of the source data.
+
+    Only on request (diagnostics.py --time-stages): both stages run in-process on copies in a
+    temporary folder, with their own records database, so the measurement never changes ingested
+    data, models, production files or records, and their log lines are held back so that nobody
+    reads "trained model ..." as a real training.
     """
     sources = list_source_files(settings)
-    with tempfile.TemporaryDirectory(prefix="risk-timing-") as folder:
+    with tempfile.TemporaryDirectory(prefix="risk-timing-") as folder, _quiet_stages():
         scratch = Path(folder)
         (scratch / "sourcedata").mkdir()
         for path in sources:
@@ -164,6 +186,19 @@ def stage_timings(settings: Settings) -> dict[str, float]:
         train(scratch_settings)
         trained = time.perf_counter()
     return {"ingestion": round(ingested - started, 3), "training": round(trained - ingested, 3)}
+
+
+@contextlib.contextmanager
+def _quiet_stages() -> Iterator[None]:
+    stage_logs = [logging.getLogger(name) for name in ("ingestion", "training")]
+    levels = [stage_log.level for stage_log in stage_logs]
+    for stage_log in stage_logs:
+        stage_log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for stage_log, level in zip(stage_logs, levels, strict=True):
+            stage_log.setLevel(level)
 
 
 # --- Dependencies ------------------------------------------------------------------------------
@@ -476,22 +511,10 @@ def _chi_squared(reference: pd.Series, current: pd.Series, options: DiagnosticsS
 
 def _z_test(reference: pd.Series, current: pd.Series, options: DiagnosticsSettings) -> Verdict:
     counts = _category_counts(reference, current)
-    statistic, p_value = _two_proportion_z(
+    statistic, p_value = two_proportion_z(
         counts[0, 0], counts[0].sum(), counts[1, 0], counts[1].sum()
     )
     return _p_value_verdict("z-test of proportions", statistic, p_value, options)
-
-
-def _two_proportion_z(
-    hits_a: float, rows_a: float, hits_b: float, rows_b: float
-) -> tuple[float, float]:
-    """z statistic and two-sided p-value of the difference of two proportions (pooled)."""
-    pooled = (hits_a + hits_b) / (rows_a + rows_b)
-    spread = math.sqrt(pooled * (1 - pooled) * (1 / rows_a + 1 / rows_b))
-    if spread == 0:
-        return 0.0, 1.0
-    z = (hits_a / rows_a - hits_b / rows_b) / spread
-    return z, float(2 * stats.norm.sf(abs(z)))
 
 
 def _jensen_shannon(
@@ -530,7 +553,7 @@ def _leaver_change(
     reference = reference.dropna().astype("float64")
     current = current.dropna().astype("float64")
     ref_share, cur_share = float(reference.mean()), float(current.mean())
-    _, p_value = _two_proportion_z(reference.sum(), len(reference), current.sum(), len(current))
+    _, p_value = two_proportion_z(reference.sum(), len(reference), current.sum(), len(current))
     return {
         "reference_share": ref_share,
         "current_share": cur_share,
@@ -546,15 +569,17 @@ def _leaver_change(
 def run_diagnostics(
     settings: Settings,
     *,
-    timing: bool = True,
+    time_stages: bool = False,
     dependencies: bool = True,
     refresh_dependencies: bool = False,
-    measured_timings: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Run every diagnostic, record the run in the records database, and return it as JSON data.
+    """Compute every diagnostic from what is recorded, record the run, and return it as JSON data.
 
-    `measured_timings` are stage seconds a caller has just measured for real (the cycle that
-    ingested and trained a moment ago); they stand in for a second run on a scratch copy.
+    Diagnostics read; they do not redo: stage timings are those the stages recorded when they ran
+    (`time_stages` times ingestion and training again on a scratch copy, for the command line only).
+    The dependency check asks the package index in the background while the other sections are
+    computed, and waits for it at most `diagnostics.dependency_wait_seconds`; an answer that comes
+    later is cached for the next run.
 
     A section that cannot be computed (nothing ingested, nothing deployed, no new batch) is None,
     with its reason under "unavailable", so one missing piece never hides the others.
@@ -565,18 +590,22 @@ def run_diagnostics(
         "model_version": _deployed_version(settings),
     }
     unavailable: dict[str, str] = {}
+    pending_dependencies = (
+        _Background(lambda: dependency_status(settings, refresh=refresh_dependencies))
+        if dependencies else None
+    )
     master = functools.cache(lambda: _read_master_or_raise(settings))
     sections: dict[str, Callable[[], Any] | str] = {
         "master_dataset": lambda: _master_overview(master(), settings.schema),
         "summary_statistics": lambda: _statistics_of(master(), settings.schema),
         "missing_data": lambda: _missing_of(master()),
         "stage_timings": (
-            (lambda: measured_timings or stage_timings(settings)) if timing
-            else "skipped on request"
+            (lambda: stage_timings(settings)) if time_stages
+            else (lambda: recorded_stage_timings(settings))
         ),
         "dependencies": (
-            (lambda: dependency_status(settings, refresh=refresh_dependencies))
-            if dependencies else "skipped on request"
+            (lambda: pending_dependencies.result(settings.diagnostics.dependency_wait_seconds))
+            if pending_dependencies else "skipped on request"
         ),
         "data_drift": lambda: data_drift(settings),
     }
@@ -589,6 +618,9 @@ def run_diagnostics(
         except PipelineError as error:
             payload[name], unavailable[name] = None, str(error)
             log.warning("diagnostics: %s not available: %s", name.replace("_", " "), error)
+    payload["stage_timings_source"] = (
+        "measured now on a scratch copy" if time_stages else "recorded when each stage last ran"
+    )
     payload["unavailable"] = unavailable
     payload["seconds"] = round(time.perf_counter() - started, 3)
     records.add(
@@ -597,6 +629,33 @@ def run_diagnostics(
         {"time": payload["time"], "model_version": payload["model_version"], "payload": payload},
     )
     return payload
+
+
+class _Background:
+    """A computation running in a thread of its own, whose result is waited for a bounded time."""
+
+    def __init__(self, compute: Callable[[], Any]) -> None:
+        self._result: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(compute,), name="dependencies")
+        self._thread.start()
+
+    def _run(self, compute: Callable[[], Any]) -> None:
+        try:
+            self._result = compute()
+        except BaseException as error:  # handed to the caller of result()
+            self._error = error
+
+    def result(self, wait_seconds: float) -> Any:
+        self._thread.join(wait_seconds)
+        if self._thread.is_alive():
+            raise DependencyCheckPending(
+                f"the package index is still being asked after {wait_seconds:g} s; the answer "
+                "is cached for the next diagnostics run"
+            )
+        if self._error is not None:
+            raise self._error
+        return self._result
 
 
 def latest_diagnostics(settings: Settings) -> dict[str, Any] | None:
@@ -761,7 +820,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_config_argument(parser)
     parser.add_argument("--json", action="store_true", help="print the diagnostics as JSON")
     parser.add_argument(
-        "--no-timing", action="store_true", help="skip timing ingestion and training (slow)"
+        "--time-stages", action="store_true",
+        help="time ingestion and training again on a scratch copy of the source data (slow) "
+        "instead of reporting the times they recorded when they last ran",
     )
     parser.add_argument(
         "--no-dependencies", action="store_true", help="skip the dependency check"
@@ -778,7 +839,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings(args.config)
     payload = run_diagnostics(
         settings,
-        timing=not args.no_timing,
+        time_stages=args.time_stages,
         dependencies=not args.no_dependencies,
         refresh_dependencies=args.refresh_dependencies,
     )

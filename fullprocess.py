@@ -33,14 +33,20 @@ from settings import DriftSettings, Settings, add_config_argument, load_settings
 if TYPE_CHECKING:
     import argparse
 
+    import pandas as pd
+    from sklearn.base import ClassifierMixin
+
+    from deployment import Release
+    from ingestion import IngestReport
+    from scoring import ModelComparison
+    from training import TrainingResult
+
 log = logging.getLogger("fullprocess")
 
 LOCK_NAME = ".fullprocess.lock"
 # On drift, this share of the new rows is kept out of retraining to judge the retrained model.
 HELD_OUT_SHARE = 0.3
 MIN_HELD_OUT_ROWS = 20
-# Two-sided normal quantiles for the confidence levels people use; others fall back to 95%.
-Z_FOR_CONFIDENCE = {0.8: 1.2816, 0.9: 1.6449, 0.95: 1.96, 0.98: 2.3263, 0.99: 2.5758}
 
 
 class DriftDecision(NamedTuple):
@@ -59,28 +65,44 @@ class DeployDecision(NamedTuple):
     numbers: dict[str, Any]
 
 
-class CycleOutcome:
-    """What one cycle found, decided and did; the cycle's steps fill it in as they go.
+class CycleOutcome(NamedTuple):
+    """What one cycle found, decided and did, built once the cycle knows.
 
-    A plain class rather than a dataclass, because defining dataclasses at import slows the no-op
+    A NamedTuple rather than a dataclass, because defining dataclasses at import slows the no-op
     cycle, which is nearly every cycle.
     """
 
-    __slots__ = ("decision", "message", "new_files", "release", "details", "steps", "timings")
-
-    def __init__(self, decision: str, message: str, new_files: list[str]) -> None:
-        self.decision = decision
-        self.message = message
-        self.new_files = new_files
-        self.release: str | None = None
-        self.details: dict[str, Any] = {}
-        self.steps: list[str] = []
-        self.timings: dict[str, float] = {}  # seconds of the stages this cycle ran
+    decision: str
+    message: str
+    new_files: list[str]
+    release: str | None = None
+    details: dict[str, Any] | None = None
+    steps: tuple[str, ...] = ()
 
     def summary(self) -> str:
         lines = [f"{self.decision}: {self.message}"]
         lines += [f"  - {step}" for step in self.steps]
         return "\n".join(lines)
+
+
+class Journal:
+    """The steps a cycle took and the numbers behind its decisions, in the order they happened."""
+
+    __slots__ = ("new_files", "steps", "details")
+
+    def __init__(self, new_files: list[str]) -> None:
+        self.new_files = new_files
+        self.steps: list[str] = []
+        self.details: dict[str, Any] = {}
+
+    def add(self, step: str, **details: Any) -> None:
+        self.steps.append(step)
+        self.details.update(details)
+
+    def outcome(self, decision: str, message: str, release: str | None = None) -> CycleOutcome:
+        return CycleOutcome(
+            decision, message, self.new_files, release, dict(self.details), tuple(self.steps)
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,24 +160,29 @@ def drift_decision(
 
 
 def base_rate_change(
-    reference_share: float | None, reference_rows: int | None, new_share: float, new_rows: int
+    reference_share: float | None, reference_rows: int | None, new_share: float, new_rows: int,
+    z: float = 1.96,
 ) -> dict[str, Any]:
     """Did the share of leavers change beyond chance? F1 moves with it even when the model does not."""
+    from scoring import two_proportion_z
+
     if reference_share is None or not reference_rows:
         return {"new_leaver_share": new_share, "changed": None}
-    pooled = (reference_share * reference_rows + new_share * new_rows) / (reference_rows + new_rows)
-    spread = math.sqrt(max(pooled * (1 - pooled), 1e-12) * (1 / reference_rows + 1 / new_rows))
-    z_score = (new_share - reference_share) / spread
+    z_score, _ = two_proportion_z(
+        new_share * new_rows, new_rows, reference_share * reference_rows, reference_rows
+    )
     return {
         "reference_leaver_share": reference_share,
         "new_leaver_share": new_share,
         "change": new_share - reference_share,
         "z": z_score,
-        "changed": abs(z_score) > 1.96,
+        "changed": abs(z_score) > z,
     }
 
 
-def deploy_decision(comparison: Any, evaluation: str, forced: bool = False) -> DeployDecision:
+def deploy_decision(
+    comparison: ModelComparison, evaluation: str, forced: bool = False
+) -> DeployDecision:
     """Deploy the retrained model unless it is clearly worse than the deployed one on the same rows."""
     numbers = {**comparison.as_dict(), "evaluated_on": evaluation}
     if forced:
@@ -182,77 +209,103 @@ def deploy_decision(comparison: Any, evaluation: str, forced: bool = False) -> D
 
 
 def run_cycle(settings: Settings, *, force: bool = False) -> CycleOutcome:
-    """One cycle: ingest what is new; on drift (or first run, or --force) retrain and redeploy."""
-    new_files = ingestion.find_new_files(settings)
-    names = [f.path.name for f in new_files]
+    """One cycle: new data? drift? deploy? Each question is answered by a function below."""
+    new_files = [source.path.name for source in ingestion.find_new_files(settings)]
     if not deployment.is_deployed(settings):
-        return first_deployment(settings, names)
+        return first_deployment(settings, new_files)
     if not new_files and not force:
-        return CycleOutcome("nothing-new", "no new data files", names)
+        return CycleOutcome("nothing-new", "no new data files", new_files)
 
-    outcome = CycleOutcome("", "", names)
+    journal = Journal(new_files)
+    accepted_rows = 0
     if new_files:
-        started = time.perf_counter()
-        report = ingestion.ingest(settings)
-        outcome.timings["ingestion"] = time.perf_counter() - started
-        outcome.steps.append(_ingest_step(report))
-        outcome.details["ingestion"] = [f.as_dict() for f in report.files]
-        if not report.accepted_rows and not force:
-            outcome.decision, outcome.message = "no-usable-rows", "new files added no new rows"
-            return outcome
-        if report.accepted_rows:
-            drift = check_drift(settings)
-            outcome.details["drift"] = drift._asdict()
-            outcome.steps.append(f"drift check: {drift.reason}")
-            if not drift.drifted and not force:
-                outcome.decision, outcome.message = "no-drift", drift.reason
-                return outcome
-    retrain_and_redeploy(settings, outcome, forced=force)
-    return outcome
+        report = ingest_new_files(settings, journal)
+        accepted_rows = report.accepted_rows
+        if not accepted_rows and not force:
+            return journal.outcome("no-usable-rows", "new files added no new rows")
+    if accepted_rows:
+        drift = check_drift(settings)
+        journal.add(f"drift check: {drift.reason}", drift=drift._asdict())
+        if not drift.drifted and not force:
+            return journal.outcome("no-drift", drift.reason)
+
+    deployed_model, served = deployment.load_deployed_model(settings)
+    candidate = retrain(settings, hold_out_new_rows=bool(accepted_rows))
+    journal.add(candidate.describe())
+    decision = deploy_decision(
+        compare_with_deployed(settings, candidate, deployed_model), candidate.judged_on,
+        forced=force,
+    )
+    journal.add(decision.reason, deploy=decision._asdict())
+    if not decision.deploy:
+        return journal.outcome("drift-kept-deployed", decision.reason, served.version)
+
+    release = release_candidate(settings, candidate)
+    journal.add(f"deployed release {release.version}")
+    for step in after_deployment(settings):
+        journal.add(step)
+    return journal.outcome(
+        "forced-redeploy" if force else "drift-redeployed",
+        f"deployed release {release.version} (was {served.version})", release.version,
+    )
 
 
 def first_deployment(settings: Settings, new_files: list[str]) -> CycleOutcome:
     """Nothing deployed yet: ingest, train, score and deploy the first release."""
-    outcome = CycleOutcome("first-deployment", "", new_files)
-    started = time.perf_counter()
-    report = ingestion.ingest(settings)
-    outcome.timings["ingestion"] = time.perf_counter() - started
-    outcome.steps.append(_ingest_step(report))
-    outcome.details["ingestion"] = [f.as_dict() for f in report.files]
-    candidate = train_and_score(settings, outcome)
+    journal = Journal(new_files)
+    ingest_new_files(settings, journal)
+    candidate = retrain(settings, hold_out_new_rows=False)
+    journal.add(candidate.describe())
     release = deployment.deploy(settings)
-    outcome.release = release.version
-    outcome.message = f"deployed the first release {release.version} (F1 {candidate.f1:.3f})"
-    outcome.steps.append(f"deployed release {release.version}")
-    after_deployment(settings, outcome)
-    return outcome
+    journal.add(f"deployed release {release.version}")
+    for step in after_deployment(settings):
+        journal.add(step)
+    return journal.outcome(
+        "first-deployment",
+        f"deployed the first release {release.version} (F1 {candidate.test_f1:.3f})",
+        release.version,
+    )
+
+
+def ingest_new_files(settings: Settings, journal: Journal) -> IngestReport:
+    """Ingest the new files and note what became of each."""
+    report = ingestion.ingest(settings)
+    rejected = f", rejected {len(report.rejected)}" if report.rejected else ""
+    journal.add(
+        f"ingested {len(report.ingested)} file(s){rejected}: {report.accepted_rows} new rows "
+        f"(master dataset {report.total_rows} rows)",
+        ingestion=[f.as_dict() for f in report.files],
+    )
+    return report
 
 
 def check_drift(settings: Settings) -> DriftDecision:
     """Score the deployed model on the newly ingested rows and compare with its deployed F1."""
-    from scoring import read_score_file, score
+    from scoring import normal_quantile, read_score_file, score
 
     release = deployment.current_release(settings)
     deployed_f1 = read_score_file(release.score_path)
-    deployed_test_score = _recorded_test_score(settings, release.version)
+    deployed_test_score = _recorded_release_score(settings, release.version)
     new = score(
         settings, model_path=release.model_path, data_path=settings.latest_batch_path,
         purpose="drift-check",
     ).metrics
+    z = normal_quantile(settings.scoring.confidence)
     decision = drift_decision(
         deployed_f1,
         (deployed_test_score.get("f1_low"), deployed_test_score.get("f1_high")),
         new.f1,
         (new.f1_low, new.f1_high),
         settings.drift,
-        Z_FOR_CONFIDENCE.get(settings.scoring.confidence, 1.96),
+        z,
     )
     decision.numbers["new_rows"] = new.rows
-    decision.numbers["leavers"] = base_rate_change(
+    leavers = base_rate_change(
         deployed_test_score.get("leaver_share"), deployed_test_score.get("rows"),
-        new.leaver_share, new.rows,
+        new.leaver_share, new.rows, z,
     )
-    if decision.numbers["leavers"].get("changed"):
+    decision.numbers["leavers"] = leavers
+    if leavers.get("changed"):
         decision = decision._replace(
             reason=f"{decision.reason}; the share of leavers moved from "
             f"{deployed_test_score['leaver_share']:.1%} to {new.leaver_share:.1%}, which moves F1 "
@@ -261,7 +314,7 @@ def check_drift(settings: Settings) -> DriftDecision:
     return decision
 
 
-def _recorded_test_score(settings: Settings, version: str) -> dict[str, Any]:
+def _recorded_release_score(settings: Settings, version: str) -> dict[str, Any]:
     rows = records.query(
         settings.records_path,
         "SELECT * FROM scores WHERE model_version = ? AND purpose IN ('test', 'drift-holdout') "
@@ -271,126 +324,119 @@ def _recorded_test_score(settings: Settings, version: str) -> dict[str, Any]:
     return rows[0] if rows else {}
 
 
-def train_and_score(settings: Settings, outcome: CycleOutcome, held_out: Any = None) -> Any:
-    """Train on the master dataset (less any held-out rows) and score the result on the test data."""
+class Candidate(NamedTuple):
+    """A freshly trained model, still in memory, and the rows kept back to judge it."""
+
+    training: TrainingResult
+    test_f1: float
+    held_out: pd.DataFrame | None
+
+    @property
+    def model(self) -> ClassifierMixin:
+        return self.training.model
+
+    @property
+    def judged_on(self) -> str:
+        return "the test data" if self.held_out is None else "the held-out new rows"
+
+    def describe(self) -> str:
+        rows = self.training.metadata["training_data"]["rows"]
+        kept_back = (
+            "" if self.held_out is None
+            else f", {len(self.held_out)} new rows held out to judge it"
+        )
+        return (
+            f"trained model {self.training.version} on {rows} rows{kept_back}; "
+            f"F1 {self.test_f1:.3f} on the test data"
+        )
+
+
+def retrain(settings: Settings, *, hold_out_new_rows: bool) -> Candidate:
+    """Train on the master dataset, less part of the newest batch when asked; score on test data."""
     from scoring import score
     from training import train
 
-    started = time.perf_counter()
+    held_out = split_new_rows(settings)[1] if hold_out_new_rows else None
     trained = train(settings, held_out=held_out)
-    outcome.timings["training"] = time.perf_counter() - started
-    rows = trained.metadata["training_data"]["rows"]
-    kept_back = f", {len(held_out)} new rows held out to judge it" if held_out is not None else ""
-    outcome.steps.append(f"trained model {trained.version} on {rows} rows{kept_back}")
-    metrics = score(settings).metrics
-    outcome.steps.append(f"scored it on the test data: F1 {metrics.f1:.3f}")
-    return metrics
+    metrics = score(settings, model=trained.model).metrics
+    return Candidate(trained, metrics.f1, held_out)
 
 
-def split_new_rows(settings: Settings) -> tuple[Any, Any] | None:
+def split_new_rows(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Split the newest batch into rows to train on and rows to judge the retrained model on.
 
     After drift the test data describes the business as it was; the fairest judge of a retrained
-    model against the deployed one is recent data that neither has seen. None when the batch is too
-    small to spare rows.
+    model against the deployed one is recent data that neither has seen. Nothing is held out when
+    the batch is too small to spare rows.
     """
     from sklearn.model_selection import train_test_split
 
     from dataset import read_dataset
 
-    if not settings.latest_batch_path.exists():
-        return None
     batch = read_dataset(settings.latest_batch_path, settings.schema)
     target = batch[settings.schema.target].astype(int)
     held_out_rows = int(len(batch) * HELD_OUT_SHARE)
     if held_out_rows < MIN_HELD_OUT_ROWS or target.value_counts().min() < 2:
-        return None
+        return batch, None
     train_rows, held_out = train_test_split(
         batch, test_size=held_out_rows, stratify=target, random_state=settings.model.random_state
     )
     return train_rows, held_out
 
 
-def retrain_and_redeploy(settings: Settings, outcome: CycleOutcome, forced: bool) -> None:
-    """Retrain, compare with the deployed model on unseen rows, deploy unless it is worse."""
-    from scoring import (
-        compare_predictions,
-        evaluate,
-        load_model,
-        read_test_data,
-        record_score,
-        write_score_file,
-    )
+def compare_with_deployed(
+    settings: Settings, candidate: Candidate, deployed_model: ClassifierMixin
+) -> ModelComparison:
+    """Both models' F1 on the same rows: the held-out new rows, or else the test data."""
+    from scoring import compare_predictions, predict_frame, read_test_data
 
-    split = split_new_rows(settings) if outcome.new_files else None
-    held_out = split[1] if split else None
-    train_and_score(settings, outcome, held_out)
-    deployed_model, release = deployment.load_deployed_model(settings)
-    candidate_model = load_model(settings.model_path)
-    evaluation = held_out if held_out is not None else read_test_data(settings)
-    evaluation_name = "the held-out new rows" if held_out is not None else "the test data"
-    features = evaluation[list(settings.schema.features)]
-    comparison = compare_predictions(
-        evaluation[settings.schema.target].to_numpy(dtype=int),
-        candidate_model.predict(features),
-        deployed_model.predict(features),
+    rows = candidate.held_out if candidate.held_out is not None else read_test_data(settings)
+    schema = settings.schema
+    return compare_predictions(
+        rows[schema.target].to_numpy(dtype=int),
+        predict_frame(candidate.model, "", rows, schema).predictions,
+        predict_frame(deployed_model, "", rows, schema).predictions,
         settings.scoring,
     )
-    decision = deploy_decision(comparison, evaluation_name, forced=forced)
-    outcome.details["deploy"] = decision._asdict()
-    outcome.steps.append(decision.reason)
-    if not decision.deploy:
-        outcome.decision = "drift-kept-deployed"
-        outcome.message = decision.reason
-        outcome.release = release.version
-        return
-    if held_out is not None:
-        # The release's score must describe the business as it is now, or the next batch from the
-        # same (changed) process would look like drift again.
-        metrics = evaluate(candidate_model, held_out, settings).metrics
-        record_score(settings, metrics, "drift-holdout", _metadata(settings),
-                     settings.model_path, f"{len(held_out)} held-out rows of the newest batch")
+
+
+def release_candidate(settings: Settings, candidate: Candidate) -> Release:
+    """Deploy the candidate; after drift its release score is its F1 on the held-out new rows.
+
+    The release's score must describe the business as it is now, or the next batch from the same
+    (changed) process would look like drift again.
+    """
+    from scoring import evaluate, record_score, write_score_file
+
+    if candidate.held_out is not None:
+        metrics = evaluate(candidate.model, candidate.held_out, settings).metrics
+        record_score(
+            settings, metrics, "drift-holdout", candidate.training.metadata,
+            candidate.training.model_path,
+            f"{len(candidate.held_out)} held-out rows of the newest batch",
+        )
         write_score_file(settings.score_path, metrics.f1)
-        outcome.steps.append(f"release score: F1 {metrics.f1:.3f} on the held-out new rows")
-    new_release = deployment.deploy(settings)
-    outcome.release = new_release.version
-    outcome.decision = "forced-redeploy" if forced else "drift-redeployed"
-    outcome.message = f"deployed release {new_release.version} (was {release.version})"
-    outcome.steps.append(f"deployed release {new_release.version}")
-    after_deployment(settings, outcome)
+    return deployment.deploy(settings)
 
 
-def _metadata(settings: Settings) -> dict[str, Any]:
-    return atomicio.read_json(settings.model_metadata_path)
-
-
-def after_deployment(settings: Settings, outcome: CycleOutcome) -> None:
-    """Diagnose, report, and refresh the API's saved answers (if the API is up)."""
+def after_deployment(settings: Settings) -> list[str]:
+    """Diagnose, report, and refresh the API's saved answers (if the API is up); say what was done."""
     import apicalls
     import diagnostics
     import reporting
 
-    # The stages this cycle just ran were timed for real; timing them again on a scratch copy
-    # would only add seconds to every retrain.
-    timings = outcome.timings if {"ingestion", "training"} <= set(outcome.timings) else None
-    diagnostics.run_diagnostics(settings, measured_timings=timings)
-    outcome.steps.append("recorded diagnostics")
+    steps = []
+    diagnostics.run_diagnostics(settings)
+    steps.append("recorded diagnostics")
     report = reporting.build_report(settings)
-    outcome.steps.append(f"wrote the report and risk list ({report.report_path.name})")
+    steps.append(f"wrote the report and risk list ({report.report_path.name})")
     base_url = apicalls.resolve_base_url(settings, None)
     try:
         apicalls.call_endpoints(settings, base_url, token=apicalls.token_from_environment(settings))
-        outcome.steps.append(f"called the API at {base_url}; answers in {settings.api_returns_path}")
+        steps.append(f"called the API at {base_url}; answers in {settings.api_returns_path}")
     except apicalls.ApiUnreachable as error:
-        outcome.steps.append(f"API not called: {error}")
-
-
-def _ingest_step(report: Any) -> str:
-    rejected = f", rejected {len(report.rejected)}" if report.rejected else ""
-    return (
-        f"ingested {len(report.ingested)} file(s){rejected}: {report.accepted_rows} new rows "
-        f"(master dataset {report.total_rows} rows)"
-    )
+        steps.append(f"API not called: {error}")
+    return steps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,8 +530,8 @@ def record_cycle(
             "seconds": round(seconds, 3),
             "new_files": outcome.new_files if outcome else None,
             "decision": outcome.decision if outcome else None,
-            "details": {**outcome.details, "steps": outcome.steps,
-                        "stage_seconds": outcome.timings} if outcome else {},
+            "details": {**(outcome.details or {}), "steps": list(outcome.steps)}
+            if outcome else {},
             "release": outcome.release if outcome else None,
             "outcome": status,
             "message": message,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -171,6 +172,7 @@ def ingest(settings: Settings) -> IngestReport:
 
     from dataset import read_master
 
+    started = time.perf_counter()
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + os.urandom(3).hex()
     all_files = list_source_files(settings)
     new_files = find_new_files(settings)
@@ -212,6 +214,10 @@ def ingest(settings: Settings) -> IngestReport:
     )
     for outcome in report.rejected:
         log.warning("rejected %s: %s", outcome.file, outcome.reason)
+    records.add_stage_run(
+        settings.records_path, "ingestion", time.perf_counter() - started,
+        sum(f.rows_read for f in outcomes),
+    )
     return report
 
 

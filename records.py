@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 # Stored in the database's user_version once its tables exist; raise it when SCHEMA gains a table.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = {
     "ingestions": """
@@ -74,6 +74,14 @@ SCHEMA = {
             version TEXT NOT NULL,
             previous_version TEXT,
             f1 REAL
+        )""",
+    "stage_runs": """
+        CREATE TABLE IF NOT EXISTS stage_runs (
+            id INTEGER PRIMARY KEY,
+            time TEXT NOT NULL,
+            stage TEXT NOT NULL,           -- ingestion | training | scoring | deployment | reporting
+            seconds REAL NOT NULL,
+            rows INTEGER                   -- rows the stage worked on, where that means something
         )""",
     "diagnostics": """
         CREATE TABLE IF NOT EXISTS diagnostics (
@@ -164,6 +172,12 @@ def query(database: Path, sql: str, parameters: tuple[Any, ...] = ()) -> list[di
         return []
     with connect(database) as connection:
         return [dict(row) for row in connection.execute(sql, parameters)]
+
+
+def add_stage_run(database: Path, stage: str, seconds: float, rows: int | None = None) -> None:
+    """Record how long a stage took when it really ran, so diagnostics read timings, not redo them."""
+    add(database, "stage_runs",
+        {"time": utc_now(), "stage": stage, "seconds": round(seconds, 4), "rows": rows})
 
 
 def _to_column(value: Any) -> Any:

@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -197,6 +198,7 @@ class _TestResults:
 
 def build_report(settings: Settings) -> ReportResult:
     """Write riskscores.csv, confusionmatrix.png and report.pdf for the deployed release."""
+    started = time.perf_counter()
     model, release = load_deployed_model(settings)
     metadata = release.metadata()
     test = _score_test_data(settings, model, release, metadata)
@@ -226,6 +228,7 @@ def build_report(settings: Settings) -> ReportResult:
             path, settings, release, metadata, test, diagnostics, risk, top_group
         ),
     )
+    records.add_stage_run(settings.records_path, "reporting", time.perf_counter() - started, len(risk))
     log.info("wrote the report of release %s to %s", release.version, settings.report_path)
     return ReportResult(
         model_version=release.version,

@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import math
 import pickle
 import sys
+import time
 import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -278,6 +280,28 @@ def roc_auc(truth: np.ndarray, scores: np.ndarray) -> float:
     return (rank_sum - positives * (positives + 1) / 2.0) / (positives * negatives)
 
 
+def two_proportion_z(
+    hits_a: float, rows_a: float, hits_b: float, rows_b: float
+) -> tuple[float, float]:
+    """z statistic and two-sided p-value of the difference of two proportions (pooled).
+
+    a's share minus b's share; (0, 1) when there is no spread to compare against.
+    """
+    pooled = (hits_a + hits_b) / (rows_a + rows_b)
+    spread = math.sqrt(pooled * (1 - pooled) * (1 / rows_a + 1 / rows_b))
+    if spread == 0:
+        return 0.0, 1.0
+    z = (hits_a / rows_a - hits_b / rows_b) / spread
+    return z, math.erfc(abs(z) / math.sqrt(2))
+
+
+def normal_quantile(confidence: float) -> float:
+    """The z of a two-sided normal interval at `confidence` (1.96 for 0.95)."""
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf(0.5 + confidence / 2)
+
+
 def f1_from_counts(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
     """F1 = 2TP / (2TP + FP + FN), taken as 0 where there is nothing to score."""
     denominator = 2 * tp + fp + fn
@@ -426,16 +450,22 @@ def score(
     model_path: Path | None = None,
     data_path: Path | None = None,
     purpose: str = "test",
+    *,
+    model: Any = None,
 ) -> ScoreReport:
     """Score a model (default: the one just trained) on the test data (or `data_path`).
 
     latestscore.txt is written only for the trained model on the test data, so that scoring some
-    other model or dataset by hand never changes what deployment will ship.
+    other model or dataset by hand never changes what deployment will ship. `model` is the object
+    saved at `model_path` when the caller already holds it (the cycle's fresh candidate), which
+    spares unpickling it again.
     """
+    started = time.perf_counter()
     writes_score = model_path is None and data_path is None
     model_path = Path(model_path) if model_path else settings.model_path
     metadata = model_metadata(model_path)
-    model = load_model(model_path, metadata.get("model_sha256"))
+    if model is None:
+        model = load_model(model_path, metadata.get("model_sha256"))
     if data_path is None:
         frame = read_test_data(settings)
         data_label = ", ".join(str(p) for p in settings.test_data_files())
@@ -448,6 +478,7 @@ def score(
         score_path = settings.score_path
         write_score_file(score_path, metrics.f1)
     record_score(settings, metrics, purpose, metadata, model_path, data_label)
+    records.add_stage_run(settings.records_path, "scoring", time.perf_counter() - started, len(frame))
     return ScoreReport(
         metrics=metrics,
         model_version=metadata.get("version"),

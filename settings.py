@@ -123,6 +123,9 @@ class DiagnosticsSettings(NamedTuple):
     dependency_retry_hours: float = 1.0
     # Time limit of one `pip index versions` call; pip's own socket timeout is half of it.
     pip_timeout_seconds: float = 30.0
+    # How long a diagnostics run waits for the package index (asked while the other sections are
+    # computed); a later answer is cached and shown by the next run.
+    dependency_wait_seconds: float = 5.0
     # Evidently's defaults: up to `drift_small_sample_rows` reference rows, a feature drifts when a
     # test's p-value is below `drift_p_value` (KS, chi-squared, z); above, when a distance exceeds
     # `drift_distance_threshold` (normed Wasserstein, Jensen-Shannon). The dataset drifts when at

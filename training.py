@@ -266,6 +266,7 @@ def train(settings: Settings, held_out: pd.DataFrame | None = None) -> TrainingR
             "details": metadata,
         },
     )
+    records.add_stage_run(settings.records_path, "training", seconds, len(frame))
     log.info("trained model %s on %d rows", version, len(frame))
     return TrainingResult(model, settings.model_path, settings.model_metadata_path, metadata)
 

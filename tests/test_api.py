@@ -412,8 +412,8 @@ def test_diagnostics_before_any_run_are_503_naming_diagnostics_py(client):
 
 
 def test_diagnostics_serve_the_latest_recorded_run(client, deployed):
-    diagnostics.run_diagnostics(deployed, timing=False, dependencies=False)
-    latest = diagnostics.run_diagnostics(deployed, timing=False, dependencies=False)
+    diagnostics.run_diagnostics(deployed, dependencies=False)
+    latest = diagnostics.run_diagnostics(deployed, dependencies=False)
 
     response = client.get("/diagnostics")
 
@@ -426,7 +426,7 @@ def test_diagnostics_refresh_records_a_new_run(client, deployed, monkeypatch):
     # The timing and dependency sections take seconds and are diagnostics.py's own business here.
     monkeypatch.setattr(
         diagnostics, "run_diagnostics",
-        lambda settings, **_: run(settings, timing=False, dependencies=False),
+        lambda settings, **_: run(settings, dependencies=False),
     )
 
     response = client.get("/diagnostics?refresh=1")
@@ -637,7 +637,7 @@ def gunicorn_url(deployed, tmp_path):
 def test_gunicorn_serves_every_endpoint_and_a_new_release_without_restart(
     deployed, risk_list, gunicorn_url
 ):
-    diagnostics.run_diagnostics(deployed, timing=False, dependencies=False)
+    diagnostics.run_diagnostics(deployed, dependencies=False)
     atomicio.write_bytes(deployed.report_path, b"%PDF-1.7 stand-in for the report")
     first = deployment.current_release(deployed).version
 

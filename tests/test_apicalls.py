@@ -32,7 +32,7 @@ def clean_environment(monkeypatch):
 @pytest.fixture
 def reported(deployed):
     """A deployed workspace with recorded diagnostics, a risk list and a report to serve."""
-    diagnostics.run_diagnostics(deployed, timing=False, dependencies=False)
+    diagnostics.run_diagnostics(deployed, dependencies=False)
     atomicio.write_text(
         deployed.risk_scores_path, "rank,corporation,probability\n1,abcdef,0.91\n2,ghijkl,0.52\n"
     )

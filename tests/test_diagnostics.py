@@ -358,7 +358,7 @@ def test_drift_without_a_new_batch_says_what_to_do(deployed):
 
 
 def test_a_diagnostics_run_is_recorded_and_served_as_the_latest(deployed, index_answers):
-    payload = diagnostics.run_diagnostics(deployed, timing=False)
+    payload = diagnostics.run_diagnostics(deployed)
 
     assert diagnostics.latest_diagnostics(deployed) == payload
     assert payload["model_version"] == current_release(deployed).version
@@ -373,7 +373,7 @@ def test_latest_diagnostics_is_none_before_the_first_run(workspace):
 def test_sections_that_cannot_run_say_why_and_the_others_still_run(workspace):
     ingest(workspace)
 
-    payload = diagnostics.run_diagnostics(workspace, timing=False, dependencies=False)
+    payload = diagnostics.run_diagnostics(workspace, dependencies=False)
 
     assert payload["data_drift"] is None
     assert "no model is deployed" in payload["unavailable"]["data_drift"]
@@ -382,7 +382,7 @@ def test_sections_that_cannot_run_say_why_and_the_others_still_run(workspace):
 
 
 def test_command_prints_json_with_every_section(deployed, capsys, index_answers):
-    assert diagnostics.main(["--config", str(deployed.config_path), "--json", "--no-timing"]) == 0
+    assert diagnostics.main(["--config", str(deployed.config_path), "--json"]) == 0
 
     payload = json.loads(capsys.readouterr().out)
     assert {"summary_statistics", "missing_data", "stage_timings", "dependencies", "data_drift",
@@ -390,7 +390,7 @@ def test_command_prints_json_with_every_section(deployed, capsys, index_answers)
 
 
 def test_command_prints_a_readable_summary(deployed, capsys):
-    arguments = ["--config", str(deployed.config_path), "--no-timing", "--no-dependencies"]
+    arguments = ["--config", str(deployed.config_path), "--no-dependencies"]
 
     assert diagnostics.main(arguments) == 0
 
@@ -400,14 +400,57 @@ def test_command_prints_a_readable_summary(deployed, capsys):
     assert "skipped on request" in out
 
 
-def test_timings_measured_by_the_caller_are_recorded_instead_of_a_scratch_run(deployed, monkeypatch):
+def test_stage_timings_are_read_from_the_records_not_measured_again(deployed, monkeypatch):
     def no_scratch_run(settings):
         raise AssertionError("stage timings were measured again")
 
     monkeypatch.setattr(diagnostics, "stage_timings", no_scratch_run)
+    records.add_stage_run(deployed.records_path, "ingestion", 0.5, 1200)
+    records.add_stage_run(deployed.records_path, "training", 1.25, 1200)
 
-    payload = diagnostics.run_diagnostics(
-        deployed, dependencies=False, measured_timings={"ingestion": 0.5, "training": 1.25}
+    payload = diagnostics.run_diagnostics(deployed, dependencies=False)
+
+    assert payload["stage_timings"]["ingestion"] == 0.5
+    assert payload["stage_timings"]["training"] == 1.25
+    assert payload["stage_timings_source"] == "recorded when each stage last ran"
+
+
+def test_every_stage_records_how_long_it_ran(deployed):
+    rows = records.query(deployed.records_path, "SELECT stage, seconds, rows FROM stage_runs")
+
+    assert {row["stage"] for row in rows} == {"ingestion", "training", "scoring", "deployment"}
+    assert all(row["seconds"] > 0 for row in rows)
+    training = next(row for row in rows if row["stage"] == "training")
+    assert training["rows"] == 1200
+
+
+def test_time_stages_measures_on_a_scratch_copy_on_request(deployed, monkeypatch):
+    monkeypatch.setattr(diagnostics, "stage_timings", lambda settings: {"ingestion": 9.0})
+
+    payload = diagnostics.run_diagnostics(deployed, dependencies=False, time_stages=True)
+
+    assert payload["stage_timings"] == {"ingestion": 9.0}
+    assert payload["stage_timings_source"] == "measured now on a scratch copy"
+
+
+def test_a_slow_package_index_does_not_hold_diagnostics_up(deployed, monkeypatch):
+    import threading
+
+    answered = threading.Event()
+
+    def slow_status(settings, refresh=False):
+        answered.wait(10)
+        return []
+
+    monkeypatch.setattr(diagnostics, "dependency_status", slow_status)
+    settings = deployed._replace(
+        diagnostics=deployed.diagnostics._replace(dependency_wait_seconds=0.05)
     )
+    try:
+        payload = diagnostics.run_diagnostics(settings)
+    finally:
+        answered.set()
 
-    assert payload["stage_timings"] == {"ingestion": 0.5, "training": 1.25}
+    assert payload["dependencies"] is None
+    assert "still being asked" in payload["unavailable"]["dependencies"]
+    assert payload["summary_statistics"] is not None

@@ -193,7 +193,7 @@ def test_report_command_again_with_nothing_new_rewrites_identical_files(reported
 def test_report_names_clients_who_entered_or_left_the_top_group(deployed):
     top_n = deployed.diagnostics.risk_top_n
     # Diagnostics recorded beforehand (without the slow timing) spare the report running them.
-    diagnostics.run_diagnostics(deployed, timing=False)
+    diagnostics.run_diagnostics(deployed)
     first = reporting.build_report(deployed)
     old_top = set(pd.read_csv(first.risk_scores_path, dtype="str")["corporation"].head(top_n))
     # A new release trained on more (and differently behaving) clients ranks others first.
@@ -201,7 +201,7 @@ def test_report_names_clients_who_entered_or_left_the_top_group(deployed):
     generate_data.write_csv(drifted, deployed.input_folder / "batch3.csv")
     ingest(deployed)
     _redeploy(deployed)
-    diagnostics.run_diagnostics(deployed, timing=False)
+    diagnostics.run_diagnostics(deployed)
 
     second = reporting.build_report(deployed)
 
