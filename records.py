@@ -1,7 +1,8 @@
 """The records database: what every stage did and measured, in one SQLite file beside the outputs.
 
 Each stage adds rows (an ingestion per file, a training, a score, a deployment, a diagnostics run, a
-pipeline cycle) so that the report can draw trends and a person can see what happened with `sqlite3`.
+pipeline cycle, an alert delivered or not) so that the report can draw trends and a person can see
+what happened with `sqlite3`.
 Times are UTC ISO-8601 strings; structured details are stored as JSON text.
 """
 
@@ -102,6 +103,20 @@ SCHEMA = {
             release TEXT,
             outcome TEXT NOT NULL,
             message TEXT
+        )""",
+    "alerts": """
+        CREATE TABLE IF NOT EXISTS alerts (
+            id INTEGER PRIMARY KEY,
+            time TEXT NOT NULL,
+            event TEXT NOT NULL,           -- drift | deployed | cycle-failed | ... (alerts.py)
+            key TEXT NOT NULL,             -- the condition; a sent key is not repeated for a while
+            text TEXT NOT NULL,
+            payload TEXT,                  -- the JSON delivered
+            channel TEXT NOT NULL,         -- webhook | command
+            status TEXT NOT NULL,          -- sent | failed
+            attempts INTEGER NOT NULL DEFAULT 0,
+            error TEXT,
+            exit_code INTEGER
         )""",
 }
 

@@ -14,6 +14,7 @@ import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
+from urllib.parse import urlsplit  # loaded by pathlib anyway, so free
 
 from errors import ConfigError
 
@@ -155,6 +156,35 @@ class ApiSettings(NamedTuple):
     timeout_seconds: float = 60.0
 
 
+class AlertSettings(NamedTuple):
+    """Who is told when the pipeline needs a person, and how hard delivery tries (alerts.py).
+
+    webhook_url: an incoming webhook (Slack, Teams, Mattermost, or anything that takes a JSON POST)
+    that receives each alert; "" sends none. $RISK_ALERT_WEBHOOK takes precedence.
+    command: a program and its arguments, split as a shell would but run without one, that gets
+    each alert as JSON on its stdin (a mail script, say); "" runs none. $RISK_ALERT_COMMAND takes
+    precedence. With both set, each alert goes to both.
+    quarantine_share: alert when more than this share of a file's rows is quarantined.
+    timeout_seconds: time limit of one delivery attempt.
+    attempts: how many times one alert is tried before it is recorded as failed (and tried again
+    in the next cycle).
+    backoff_seconds: wait before the first retry; each later wait is twice the one before.
+    budget_seconds: the time all of one cycle's deliveries may take together, so that a webhook
+    that is down or slow never holds up the cycle; no retry starts or waits past it.
+    repeat_after_hours: an alert whose condition is still true is sent again after this long;
+    sooner, the same alert is suppressed rather than repeated every cycle.
+    """
+
+    webhook_url: str = ""
+    command: str = ""
+    quarantine_share: float = 0.1
+    timeout_seconds: float = 5.0
+    attempts: int = 3
+    backoff_seconds: float = 0.5
+    budget_seconds: float = 15.0
+    repeat_after_hours: float = 24.0
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelSettings,
     "scoring": ScoringSettings,
@@ -162,6 +192,7 @@ SECTIONS: dict[str, type] = {
     "drift": DriftSettings,
     "diagnostics": DiagnosticsSettings,
     "api": ApiSettings,
+    "alerts": AlertSettings,
 }
 
 
@@ -182,6 +213,7 @@ class Settings(NamedTuple):
     drift: DriftSettings = DriftSettings()
     diagnostics: DiagnosticsSettings = DiagnosticsSettings()
     api: ApiSettings = ApiSettings()
+    alerts: AlertSettings = AlertSettings()
 
     @property
     def base_dir(self) -> Path:
@@ -303,6 +335,7 @@ def settings_from_mapping(raw: Any, config_path: Path) -> Settings:
 
     sections = {name: _section(raw.get(name, {}), cls, name, where) for name, cls in SECTIONS.items()}
     _check_drift(sections["drift"], where)
+    _check_alerts(sections["alerts"], where)
     return Settings(
         config_path=config_path,
         input_folder=paths["input_folder_path"],
@@ -348,6 +381,52 @@ def _check_drift(drift: DriftSettings, where: str) -> None:
         raise ConfigError(f"drift.rule must be 'interval' or 'raw', not {drift.rule!r} {where}")
     if drift.tolerance < 0:
         raise ConfigError(f"drift.tolerance must not be negative, got {drift.tolerance} {where}")
+
+
+def _check_alerts(alerts: AlertSettings, where: str) -> None:
+    if alerts.webhook_url and not is_http_url(alerts.webhook_url):
+        raise ConfigError(
+            # Not echoed: a webhook's address is its password.
+            f"alerts.webhook_url must start with http:// or https:// (the incoming webhook's "
+            f"whole address) {where}"
+        )
+    if alerts.command:
+        import shlex  # here, not at the top: only a config naming a command pays for it
+
+        try:
+            program = shlex.split(alerts.command)
+        except ValueError as error:
+            raise ConfigError(
+                f"alerts.command cannot be split into words ({error}) {where}"
+            ) from None
+        if not program:
+            raise ConfigError(f"alerts.command names no program {where}")
+    # Written as `not (...)` so that NaN, which JSON allows, fails every check.
+    if not 0 <= alerts.quarantine_share <= 1:
+        raise ConfigError(
+            f"alerts.quarantine_share is a share of a file's rows, between 0 and 1; got "
+            f"{alerts.quarantine_share} {where}"
+        )
+    for name in ("timeout_seconds", "budget_seconds", "attempts"):
+        if not getattr(alerts, name) > 0:
+            raise ConfigError(
+                f"alerts.{name} must be positive, got {getattr(alerts, name)} {where}"
+            )
+    for name in ("backoff_seconds", "repeat_after_hours"):
+        if not getattr(alerts, name) >= 0:
+            raise ConfigError(
+                f"alerts.{name} must not be negative, got {getattr(alerts, name)} {where}"
+            )
+
+
+def is_http_url(text: str) -> bool:
+    """Whether `text` is an http:// or https:// address with a host."""
+    try:
+        parts = urlsplit(text.strip())
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 def _schema(raw: Any, where: str) -> Schema:
