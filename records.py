@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 # Stored in the database's user_version once its tables exist; raise it when SCHEMA gains a table.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = {
     "ingestions": """
