@@ -3,6 +3,7 @@ dirty in exactly the ways it says."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter
 
@@ -245,6 +246,25 @@ def test_shipped_data_holds_distinct_clients_in_every_file(tmp_path):
     assert {name: len(frame) for name, frame in frames.items()} == sizes
     all_ids = pd.concat([frame["corporation"] for frame in frames.values()])
     assert all_ids.is_unique
+
+
+# The shipped files exactly as committed: a change to the generator must not rewrite them silently.
+SHIPPED_SHA256 = {
+    "practicedata/dataset1.csv": "8e58d496ae0984cda2363e4e56e3cfa0831e496a82e42016084f3ddc7203e524",
+    "practicedata/dataset2.csv": "b8ce0bfb7d5b3692e014fb36d5a9af28e9670c7b08fa12fd61cb61e2d98482a9",
+    "sourcedata/dataset3.csv": "6ab7ad04de4470fcad5572309623aef77637c7803767883892a50912894cdc59",
+    "sourcedata/dataset4.csv": "3162d3c56b950bc00e22f8875b00db0dfdc4f3299ed066fd753d3cf0ff912edb",
+    "testdata/testdata.csv": "09f135484b194dcf0896eaf8f00b809ec5083c6c8e3814cc02495e3b85cf45f2",
+}
+
+
+def test_shipped_data_is_byte_identical_to_the_committed_files(tmp_path):
+    write_shipped_data(tmp_path)
+    written = {
+        path.relative_to(tmp_path).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in tmp_path.rglob("*") if path.is_file()
+    }
+    assert written == SHIPPED_SHA256
 
 
 def test_command_writes_one_generated_file(tmp_path, capsys):
