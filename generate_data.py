@@ -5,6 +5,8 @@ its size, and last month's activity drawn around the yearly pace times a per-cli
 the client left follows a logistic model of that trend and of the company's size, with enough latent
 noise that no model is perfect. A drifted batch changes that relation, so that a model trained on
 the normal process visibly loses F1: this is what the drift checks of the pipeline must notice.
+A process change goes further (OUTGROWN): a normal model ranks its clients worse than chance. A
+covariate shift (FeatureShift) moves the features' distributions but keeps the relation.
 
 Client ids are a fixed scramble of the client's number (i + id_offset) into six lowercase letters,
 so they depend only on the offset: batches made with non-overlapping ranges never share a client.
@@ -69,6 +71,12 @@ NORMAL = AttritionRelation(intercept=-3.0, trend=-8.0, size=-0.35, steadiness=0.
 # After the drift the trend counts for a quarter of what it did, and large companies with steady
 # activity leave: a model of the normal relation ranks the wrong clients first.
 DRIFTED = AttritionRelation(intercept=-1.5, trend=-2.0, size=0.7, steadiness=-1.0)
+# A process that has changed. DRIFTED is not enough for this: a normal model still ranks its
+# clients better than chance (ROC AUC about 0.6), since a falling month still raises the risk there.
+# Here size decides and the trend points the other way: large, growing clients outgrow the offer
+# and leave. A normal model ranks these clients worse than chance (ROC AUC about 0.4), while a
+# model of the changed process itself reaches about 0.8.
+OUTGROWN = AttritionRelation(intercept=-1.5, trend=0.4, size=0.8, steadiness=0.0)
 
 # Shipped files: (folder, name, rows, seed, id offset). The offsets start far above the ranges that
 # benchmarks use with the default offset 0, and each file has its own range.
@@ -95,42 +103,141 @@ def client_ids(n_rows: int, id_offset: int = 0) -> np.ndarray:
     return np.ascontiguousarray(letters).view(f"S{ID_LETTERS}").ravel().astype(str)
 
 
+@dataclass(frozen=True)
+class FeatureShift:
+    """How a batch's features are drawn differently from the usual clients (covariate shift).
+
+    Each field moves the mean of one latent distribution; who leaves still depends on the features
+    by the same relation, so a model of that relation keeps ranking clients well.
+    """
+
+    log_size: float = 0.0  # added to the mean of log employees
+    log_rate: float = 0.0  # added to the mean of log yearly activity per employee
+    trend: float = 0.0  # the mean of the log trend: negative, activity falling on average
+
+
+NO_SHIFT = FeatureShift()
+# The company wins larger, busier clients, whose activity is falling on average.
+UPMARKET = FeatureShift(log_size=1.0, log_rate=0.3, trend=-0.1)
+
+
 def make_clients(
-    n_rows: int, seed: int = 0, *, drifted: bool = False, id_offset: int = 0
+    n_rows: int,
+    seed: int = 0,
+    *,
+    drifted: bool = False,
+    relation: AttritionRelation | None = None,
+    shift: FeatureShift = NO_SHIFT,
+    id_offset: int = 0,
 ) -> pd.DataFrame:
     """One row per client: ids, activity counts, size and whether the client left.
 
-    Deterministic: the same arguments give an identical frame. `drifted` draws the clients the same
-    way but decides who leaves by the DRIFTED relation instead of the NORMAL one.
+    Deterministic: the same arguments give an identical frame. Who leaves follows `relation`
+    (default NORMAL); `drifted` is short for relation=DRIFTED. `shift` draws the features from
+    moved distributions while the relation stays as it is.
     """
+    if drifted and relation is not None:
+        raise ValueError("give either drifted=True or a relation, not both")
+    if relation is None:
+        relation = DRIFTED if drifted else NORMAL
     rng = np.random.default_rng(seed)
-    log_size = rng.normal(_LOG_SIZE_MEAN, _LOG_SIZE_SD, n_rows)
-    employees = np.clip(np.rint(np.exp(log_size)), 1, _MAX_EMPLOYEES).astype(np.int64)
-    yearly_rate = np.exp(rng.normal(_LOG_RATE_MEAN, _LOG_RATE_SD, n_rows))
-    lastyear = rng.poisson(employees * yearly_rate)
-    log_trend = rng.normal(0.0, _TREND_SD, n_rows)
-    month_mean = lastyear / 12.0 * np.exp(log_trend)
-    month_noise = rng.gamma(_MONTH_DISPERSION, 1.0 / _MONTH_DISPERSION, n_rows)
-    lastmonth = rng.poisson(month_mean * month_noise)
+    clients, log_trend = _draw_features(rng, n_rows, shift)
+    clients.insert(0, "corporation", client_ids(n_rows, id_offset))
+    employees = clients["number_of_employees"].to_numpy()
+    clients[TARGET] = _draw_exits(rng, relation, log_trend, employees)
+    return clients
 
-    relation = DRIFTED if drifted else NORMAL
-    logit = (
+
+def leaving_probability(
+    relation: AttritionRelation, log_trend: np.ndarray, employees: np.ndarray
+) -> np.ndarray:
+    """The true probability that each client leaves, given its latent trend and its size."""
+    return 1.0 / (1.0 + np.exp(-_leaving_logit(relation, log_trend, employees)))
+
+
+def _draw_features(
+    rng: np.random.Generator, n_rows: int, shift: FeatureShift
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """The three feature columns of n_rows new clients, and the latent log trend of each."""
+    log_size = rng.normal(_LOG_SIZE_MEAN + shift.log_size, _LOG_SIZE_SD, n_rows)
+    employees = _employees(np.exp(log_size))
+    yearly_rate = np.exp(rng.normal(_LOG_RATE_MEAN + shift.log_rate, _LOG_RATE_SD, n_rows))
+    lastyear = rng.poisson(employees * yearly_rate)
+    log_trend = rng.normal(shift.trend, _TREND_SD, n_rows)
+    features = _activity_frame(rng, lastyear, log_trend, employees)
+    return features, log_trend
+
+
+def _employees(size: np.ndarray) -> np.ndarray:
+    """Company sizes as whole numbers of staff within the plausible range."""
+    return np.clip(np.rint(size), 1, _MAX_EMPLOYEES).astype(np.int64)
+
+
+def _activity_frame(
+    rng: np.random.Generator, lastyear: np.ndarray, log_trend: np.ndarray, employees: np.ndarray
+) -> pd.DataFrame:
+    """The feature columns, with last month drawn around the yearly pace times the trend."""
+    month_mean = lastyear / 12.0 * np.exp(log_trend)
+    month_noise = rng.gamma(_MONTH_DISPERSION, 1.0 / _MONTH_DISPERSION, len(lastyear))
+    lastmonth = rng.poisson(month_mean * month_noise)
+    return pd.DataFrame({
+        "lastmonth_activity": lastmonth.astype(np.int64),
+        "lastyear_activity": lastyear.astype(np.int64),
+        "number_of_employees": employees,
+    })
+
+
+def _leaving_logit(
+    relation: AttritionRelation, log_trend: np.ndarray, employees: np.ndarray
+) -> np.ndarray:
+    return (
         relation.intercept
         + relation.trend * log_trend
         + relation.size * (np.log(employees) - _LOG_SIZE_MEAN)
         + relation.steadiness * np.abs(log_trend)
     )
+
+
+def _draw_exits(
+    rng: np.random.Generator,
+    relation: AttritionRelation,
+    log_trend: np.ndarray,
+    employees: np.ndarray,
+) -> np.ndarray:
+    """Whether each client left: 1 with the relation's probability, else 0."""
+    logit = _leaving_logit(relation, log_trend, employees)
     # Leaving when the latent logit plus logistic noise is positive is a Bernoulli draw with
     # probability sigmoid(logit): the noise is what keeps any model from being perfect.
-    exited = (logit + rng.logistic(0.0, 1.0, n_rows) > 0).astype(np.int64)
+    return (logit + rng.logistic(0.0, 1.0, len(logit)) > 0).astype(np.int64)
 
-    return pd.DataFrame({
-        "corporation": client_ids(n_rows, id_offset),
-        "lastmonth_activity": lastmonth.astype(np.int64),
-        "lastyear_activity": lastyear.astype(np.int64),
-        "number_of_employees": employees,
-        "exited": exited,
-    })
+
+def make_process_change(
+    batch_rows: int,
+    batches: int,
+    change_at: int,
+    seed: int = 0,
+    *,
+    id_offset: int = 0,
+    changed: AttritionRelation = OUTGROWN,
+) -> list[pd.DataFrame]:
+    """Labelled batches of a process that changes at a known point, in the order they arrive.
+
+    Batches before index `change_at` follow NORMAL, the rest follow `changed`. Batch i holds the
+    clients numbered from id_offset + i * batch_rows, so no client is in two batches, and each batch
+    has its own random stream derived from `seed`.
+    """
+    if not 0 <= change_at <= batches:
+        raise ValueError(f"the change at batch {change_at} is outside batches 0..{batches}")
+    batch_seeds = np.random.SeedSequence(seed).generate_state(batches)
+    return [
+        make_clients(
+            batch_rows,
+            int(batch_seed),
+            relation=NORMAL if index < change_at else changed,
+            id_offset=id_offset + index * batch_rows,
+        )
+        for index, batch_seed in enumerate(batch_seeds)
+    ]
 
 
 @dataclass(frozen=True)
