@@ -8,6 +8,10 @@ the normal process visibly loses F1: this is what the drift checks of the pipeli
 A process change goes further (OUTGROWN): a normal model ranks its clients worse than chance. A
 covariate shift (FeatureShift) moves the features' distributions but keeps the relation.
 
+A roster is the list of current clients at a moment, without the target: the clients of an earlier
+batch who stayed, months later, and new ones. make_outcomes later reveals who of them left, drawn
+from the latent trends that made the roster, so that a model's probabilities can be checked.
+
 Client ids are a fixed scramble of the client's number (i + id_offset) into six lowercase letters,
 so they depend only on the offset: batches made with non-overlapping ranges never share a client.
 
@@ -238,6 +242,105 @@ def make_process_change(
         )
         for index, batch_seed in enumerate(batch_seeds)
     ]
+
+
+@dataclass(frozen=True, eq=False)
+class Roster:
+    """The company's current clients at one moment, and what only the generator knows of them.
+
+    `frame` is what the company sees, the file to write: the schema's columns without the target,
+    since nobody knows yet who will leave. `log_trend` is each row's latent trend, which drew its
+    last month and will decide its outcome; make_outcomes needs it.
+    """
+
+    frame: pd.DataFrame
+    log_trend: np.ndarray
+
+    def leaving_probability(self, relation: AttritionRelation = NORMAL) -> np.ndarray:
+        """The true probability that each client on the roster leaves, row by row."""
+        employees = self.frame["number_of_employees"].to_numpy()
+        return leaving_probability(relation, self.log_trend, employees)
+
+
+# How far, in a year, a client's staff and its activity per employee wander (sd of their logs).
+_SIZE_DRIFT_PER_YEAR = 0.1
+_RATE_DRIFT_PER_YEAR = 0.15
+# Random streams of make_roster and make_outcomes, so that one seed given to both never reuses the
+# random numbers that drew the roster to decide its outcomes.
+_STAYERS_STREAM, _NEW_CLIENTS_STREAM, _OUTCOMES_STREAM = 0, 1, 2
+
+
+def make_roster(
+    earlier_batch: pd.DataFrame,
+    seed: int = 0,
+    *,
+    months_later: int = 3,
+    new_clients: int = 0,
+    id_offset: int = 0,
+) -> Roster:
+    """The current clients `months_later` months after a labelled batch: its stayers, and new ones.
+
+    A client who had not left keeps its id; its staff and its activity per employee drift a little;
+    the months since the batch replace as many months of its yearly activity; its trend is a new
+    draw, since a month's trend does not last, and last month is drawn around the new pace.
+    `new_clients` fresh clients, numbered from `id_offset`, join at the end. Deterministic by seed.
+    """
+    if TARGET not in earlier_batch.columns:
+        raise ValueError(f"a roster is made from a labelled batch, with a {TARGET!r} column")
+    if months_later < 1:
+        raise ValueError(f"months_later must be at least 1, not {months_later}")
+    new_ids = client_ids(new_clients, id_offset)
+    if np.isin(new_ids, earlier_batch["corporation"].to_numpy(dtype=str)).any():
+        raise ValueError(f"new clients numbered from {id_offset} share ids with the earlier batch")
+
+    stayers = earlier_batch.loc[earlier_batch[TARGET] == 0]
+    rng = np.random.default_rng([seed, _STAYERS_STREAM])
+    evolved, stayer_trend = _evolve(rng, stayers, months_later)
+    evolved.insert(0, "corporation", stayers["corporation"].to_numpy())
+    new_rng = np.random.default_rng([seed, _NEW_CLIENTS_STREAM])
+    joined, joined_trend = _draw_features(new_rng, new_clients, NO_SHIFT)
+    joined.insert(0, "corporation", new_ids)
+    return Roster(
+        frame=pd.concat([evolved, joined], ignore_index=True),
+        log_trend=np.concatenate([stayer_trend, joined_trend]),
+    )
+
+
+def _evolve(
+    rng: np.random.Generator, stayers: pd.DataFrame, months_later: int
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """The feature columns of clients months later, and each one's new latent log trend."""
+    n_rows = len(stayers)
+    years = months_later / 12.0
+    old_employees = stayers["number_of_employees"].to_numpy()
+    old_lastyear = stayers["lastyear_activity"].to_numpy()
+    employees = _employees(
+        old_employees * np.exp(rng.normal(0.0, _SIZE_DRIFT_PER_YEAR * np.sqrt(years), n_rows))
+    )
+    # Half a count, so that a client idle all year is not pinned at zero activity for ever.
+    old_rate = (old_lastyear + 0.5) / old_employees
+    rate = old_rate * np.exp(rng.normal(0.0, _RATE_DRIFT_PER_YEAR * np.sqrt(years), n_rows))
+    # The months since the batch take the place of as many of the earlier year's.
+    months_new = min(months_later, 12)
+    kept_activity = rng.binomial(old_lastyear, (12 - months_new) / 12.0)
+    lastyear = kept_activity + rng.poisson(employees * rate * months_new / 12.0)
+    log_trend = rng.normal(0.0, _TREND_SD, n_rows)
+    return _activity_frame(rng, lastyear, log_trend, employees), log_trend
+
+
+def make_outcomes(
+    roster: Roster, seed: int = 0, *, relation: AttritionRelation = NORMAL
+) -> pd.DataFrame:
+    """The roster's rows, in its order, with whether each client left, drawn from `relation`.
+
+    Each client leaves with the probability roster.leaving_probability(relation) gives, from the
+    latent trend that drew its activity: a model of that process is calibrated on these outcomes.
+    """
+    rng = np.random.default_rng([seed, _OUTCOMES_STREAM])
+    outcomes = roster.frame.copy()
+    employees = outcomes["number_of_employees"].to_numpy()
+    outcomes[TARGET] = _draw_exits(rng, relation, roster.log_trend, employees)
+    return outcomes
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """What the generator stages for the pipeline beyond single batches: a process that changes at a
-known point, and a shift of the features alone."""
+known point, a shift of the features alone, and rosters of current clients with their outcomes."""
 
 from __future__ import annotations
 
@@ -15,12 +15,15 @@ from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from generate_data import (
     COLUMNS,
     FEATURES,
+    NORMAL,
     OUTGROWN,
     TARGET,
     UPMARKET,
     client_ids,
     make_clients,
+    make_outcomes,
     make_process_change,
+    make_roster,
 )
 
 
@@ -139,3 +142,114 @@ def test_model_of_usual_clients_ranks_shifted_clients_about_as_well_as_a_model_o
     shifted_auc = auc_of(fitted_model(shifted), fresh_shifted)
     assert usual_auc > 0.8
     assert abs(usual_auc - shifted_auc) < 0.05
+
+
+# --- rosters of current clients ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def earlier_batch() -> pd.DataFrame:
+    return make_clients(3_000, seed=51, id_offset=90_000)
+
+
+@pytest.fixture(scope="module")
+def roster(earlier_batch):
+    return make_roster(earlier_batch, seed=52, months_later=3, new_clients=300, id_offset=100_000)
+
+
+def test_roster_lists_the_clients_who_stayed_then_the_new_ones(earlier_batch, roster):
+    stayers = earlier_batch.loc[earlier_batch[TARGET] == 0, "corporation"]
+    expected = [*stayers, *client_ids(300, 100_000)]
+    assert roster.frame["corporation"].tolist() == expected
+    assert not set(roster.frame["corporation"]) & set(
+        earlier_batch.loc[earlier_batch[TARGET] == 1, "corporation"]
+    )
+
+
+def test_roster_has_the_schema_columns_without_the_target(roster):
+    assert tuple(roster.frame.columns) == COLUMNS[:-1]
+    assert TARGET not in roster.frame.columns
+    for column in FEATURES:
+        assert roster.frame[column].dtype == np.int64
+        assert (roster.frame[column] >= 0).all()
+    assert len(roster.log_trend) == len(roster.frame)
+
+
+def test_same_seed_gives_identical_roster(earlier_batch, roster):
+    again = make_roster(earlier_batch, seed=52, months_later=3, new_clients=300, id_offset=100_000)
+    pd.testing.assert_frame_equal(again.frame, roster.frame)
+    np.testing.assert_array_equal(again.log_trend, roster.log_trend)
+
+
+def test_different_seeds_give_different_rosters(earlier_batch, roster):
+    other = make_roster(earlier_batch, seed=53, months_later=3, new_clients=300, id_offset=100_000)
+    assert not other.frame[list(FEATURES)].equals(roster.frame[list(FEATURES)])
+
+
+def test_clients_who_stayed_keep_roughly_their_size_and_yearly_activity(earlier_batch, roster):
+    before = earlier_batch.set_index("corporation")
+    after = roster.frame.set_index("corporation").loc[before.index[before[TARGET] == 0]]
+    before = before.loc[after.index]
+
+    def log_change(column: str) -> pd.Series:
+        return np.log1p(after[column]) - np.log1p(before[column])
+
+    assert 0 < log_change("number_of_employees").abs().median() < 0.1
+    assert 0 < log_change("lastyear_activity").abs().median() < 0.2
+    # The month is a new draw around the new pace, so it moves much more than the year.
+    assert log_change("lastmonth_activity").abs().median() > 0.2
+
+
+def test_months_later_wanders_further_from_the_earlier_batch(earlier_batch):
+    def yearly_change(months_later: int) -> float:
+        roster = make_roster(earlier_batch, seed=54, months_later=months_later)
+        stayers = earlier_batch.loc[earlier_batch[TARGET] == 0]
+        return float(np.median(np.abs(
+            np.log1p(roster.frame["lastyear_activity"].to_numpy())
+            - np.log1p(stayers["lastyear_activity"].to_numpy())
+        )))
+
+    assert yearly_change(1) < yearly_change(6) < yearly_change(24)
+
+
+def test_roster_of_an_unlabelled_batch_is_refused(roster):
+    with pytest.raises(ValueError, match="labelled batch"):
+        make_roster(roster.frame, seed=1)
+
+
+def test_new_clients_with_ids_of_the_earlier_batch_are_refused(earlier_batch):
+    with pytest.raises(ValueError, match="share ids"):
+        make_roster(earlier_batch, seed=1, new_clients=10, id_offset=90_000)
+
+
+# --- outcomes of a roster ------------------------------------------------------------------------
+
+
+def test_outcomes_are_the_roster_rows_in_order_with_the_target(roster):
+    outcomes = make_outcomes(roster, seed=61)
+    assert tuple(outcomes.columns) == COLUMNS
+    pd.testing.assert_frame_equal(outcomes.drop(columns=TARGET), roster.frame)
+    assert set(outcomes[TARGET].unique()) == {0, 1}
+
+
+def test_same_seed_gives_identical_outcomes(roster):
+    pd.testing.assert_frame_equal(make_outcomes(roster, seed=61), make_outcomes(roster, seed=61))
+
+
+@pytest.mark.parametrize("relation", [NORMAL, OUTGROWN], ids=["normal", "outgrown"])
+def test_leaver_share_of_outcomes_matches_the_true_probabilities(roster, relation):
+    outcomes = make_outcomes(roster, seed=62, relation=relation)
+    # Three standard errors of a share over about 2,500 rows.
+    assert abs(outcomes[TARGET].mean() - roster.leaving_probability(relation).mean()) < 0.03
+
+
+def test_model_of_the_normal_process_is_calibrated_on_the_outcomes(roster):
+    model = fitted_model(make_clients(3_000, seed=63, id_offset=110_000))
+    outcomes = make_outcomes(roster, seed=64)
+    predicted = risk(model, roster.frame)
+    # Within each fifth of the roster, from safest to riskiest, as many leave as the model expects.
+    fifths = pd.qcut(predicted, 5, labels=False)
+    for fifth in range(5):
+        in_fifth = fifths == fifth
+        observed = outcomes[TARGET].to_numpy()[in_fifth].mean()
+        assert abs(observed - predicted[in_fifth].mean()) < 0.06, fifth
