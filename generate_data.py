@@ -92,6 +92,8 @@ SHIPPED_FILES = (
     ("sourcedata", "dataset4.csv", 5_000, 5, _SHIPPED_ID_BASE + 20_000),
     ("testdata", "testdata.csv", 2_000, 6, _SHIPPED_ID_BASE + 30_000),
 )
+# Where the roster of current clients will ship, once ingestion takes rosters (folder, name).
+SHIPPED_ROSTER = ("sourcedata", "roster.csv")
 
 
 def client_ids(n_rows: int, id_offset: int = 0) -> np.ndarray:
@@ -484,13 +486,49 @@ def write_csv(frame: pd.DataFrame, path: Path) -> None:
     atomicio.write_with(Path(path), lambda temp_path: frame.to_csv(temp_path, index=False))
 
 
-def write_shipped_data(root: Path) -> None:
+def write_shipped_data(root: Path) -> dict[Path, int]:
     """Write the data the project ships under `root`: practice, source and test data.
 
-    Every file has its own seed and id range, so no client appears in two files.
+    Every file has its own seed and id range, so no client appears in two files. Returns the rows
+    written to each file.
     """
+    written = {}
     for folder, name, n_rows, seed, id_offset in SHIPPED_FILES:
-        write_csv(make_clients(n_rows, seed, id_offset=id_offset), Path(root) / folder / name)
+        path = Path(root) / folder / name
+        write_csv(make_clients(n_rows, seed, id_offset=id_offset), path)
+        written[path] = n_rows
+    return written
+
+
+def make_shipped_roster() -> Roster:
+    """The current clients three months after the last shipped source file (dataset4.csv).
+
+    Its clients who stayed, and 500 new clients in an id range of their own.
+    """
+    n_rows, seed, id_offset = next(
+        (n_rows, seed, id_offset)
+        for _, name, n_rows, seed, id_offset in SHIPPED_FILES
+        if name == "dataset4.csv"
+    )
+    return make_roster(
+        make_clients(n_rows, seed, id_offset=id_offset),
+        seed=7,
+        months_later=3,
+        new_clients=500,
+        id_offset=_SHIPPED_ID_BASE + 40_000,
+    )
+
+
+def write_shipped_roster(root: Path) -> dict[Path, int]:
+    """Write the shipped roster under `root` (SHIPPED_ROSTER); returns the rows written.
+
+    Not shipped yet, since ingestion cannot take a roster: the line
+    `written |= write_shipped_roster(root)` in write_shipped_data ships it.
+    """
+    frame = make_shipped_roster().frame
+    path = Path(root).joinpath(*SHIPPED_ROSTER)
+    write_csv(frame, path)
+    return {path: len(frame)}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -542,9 +580,8 @@ def main(argv: list[str] | None = None) -> int:
     seed = args.seed or 0
     id_offset = args.id_offset or 0
     if args.rows is None:
-        write_shipped_data(args.root)
-        for folder, name, n_rows, *_ in SHIPPED_FILES:
-            print(f"{args.root / folder / name}: {n_rows} rows")
+        for path, n_rows in write_shipped_data(args.root).items():
+            print(f"{path}: {n_rows} rows")
         return 0
     if args.dirty:
         frame = make_dirty(args.rows, seed, id_offset=id_offset)

@@ -19,12 +19,15 @@ import generate_data
 from generate_data import (
     COLUMNS,
     FEATURES,
+    SHIPPED_ROSTER,
     TARGET,
     dirty_expectations,
     make_clients,
     make_dirty,
+    make_shipped_roster,
     write_csv,
     write_shipped_data,
+    write_shipped_roster,
 )
 
 WORD_LABELS = {"yes", "no", "true", "false"}
@@ -265,6 +268,27 @@ def test_shipped_data_is_byte_identical_to_the_committed_files(tmp_path):
         for path in tmp_path.rglob("*") if path.is_file()
     }
     assert written == SHIPPED_SHA256
+
+
+def test_shipped_roster_lists_the_clients_who_stayed_in_the_last_source_file(tmp_path):
+    shipped = write_shipped_data(tmp_path)
+    assert tmp_path.joinpath(*SHIPPED_ROSTER) not in shipped  # not shipped until ingestion takes it
+    written = write_shipped_roster(tmp_path)
+    roster = read_as_text(tmp_path.joinpath(*SHIPPED_ROSTER))
+    assert written == {tmp_path.joinpath(*SHIPPED_ROSTER): len(roster)}
+    assert tuple(roster.columns) == COLUMNS[:-1]
+    last_source = read_as_text(tmp_path / "sourcedata" / "dataset4.csv")
+    stayers = last_source.loc[last_source[TARGET] == "0", "corporation"]
+    assert roster["corporation"].iloc[: len(stayers)].tolist() == stayers.tolist()
+    shipped_ids = pd.concat([read_as_text(path)["corporation"] for path in shipped])
+    new_ids = roster["corporation"].iloc[len(stayers) :]
+    assert len(new_ids) > 0
+    assert not set(new_ids) & set(shipped_ids)
+    pd.testing.assert_frame_equal(
+        pd.read_csv(tmp_path.joinpath(*SHIPPED_ROSTER), dtype={"corporation": "str"}),
+        make_shipped_roster().frame,
+        check_dtype=False,
+    )
 
 
 def test_command_writes_one_generated_file(tmp_path, capsys):
