@@ -16,7 +16,11 @@ Client ids are a fixed scramble of the client's number (i + id_offset) into six 
 so they depend only on the offset: batches made with non-overlapping ranges never share a client.
 
     python generate_data.py                         # (re)write the shipped data beside this script
-    python generate_data.py --rows 100000 --out bench/clients.csv [--seed S] [--drifted | --dirty]
+    python generate_data.py --rows 100000 --out bench/clients.csv [--seed S] [--id-offset K]
+                            [--drifted | --dirty | --shift]
+    python generate_data.py --process-change batches/ --rows 2000 --batches 6 --change-at 3
+    python generate_data.py --roster-of clients.csv --out roster.csv [--outcomes later.csv]
+                            [--months-later M] [--new-clients N --id-offset K]
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 import atomicio
+from errors import DataError, run_cli
 
 log = logging.getLogger(__name__)
 
@@ -533,7 +538,8 @@ def write_shipped_roster(root: Path) -> dict[Path, int]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Write the shipped client data, or one generated file with --rows and --out."
+        description="Write the shipped client data, or one generated file with --rows and --out, "
+        "a sequence of batches with --process-change, or a roster with --roster-of."
     )
     parser.add_argument(
         "--root",
@@ -542,25 +548,88 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="PATH",
         help="folder to write the shipped data under (default: beside this script)",
     )
-    parser.add_argument("--rows", type=whole_number, metavar="N", help="clients in the file")
+    parser.add_argument("--rows", type=whole_number, metavar="N", help="clients in a file")
     parser.add_argument("--out", type=Path, metavar="FILE", help="the CSV file to write")
     parser.add_argument("--seed", type=whole_number, metavar="S", help="random seed (default 0)")
     parser.add_argument(
         "--id-offset",
         type=whole_number,
         metavar="K",
-        help="number of the first client, to keep ids disjoint from other files (default 0)",
+        help="number of the first (new) client, to keep ids disjoint from other files (default 0)",
     )
     kind = parser.add_mutually_exclusive_group()
     kind.add_argument("--drifted", action="store_true", help="leavers follow the drifted relation")
     kind.add_argument("--dirty", action="store_true", help="inject duplicates and junk cells")
+    kind.add_argument(
+        "--shift", action="store_true", help="larger, busier clients, falling on average"
+    )
+    parser.add_argument(
+        "--process-change",
+        type=Path,
+        metavar="FOLDER",
+        help="write --batches files of --rows clients; who leaves changes at batch --change-at",
+    )
+    parser.add_argument("--batches", type=positive_number, metavar="K", help="number of batches")
+    parser.add_argument(
+        "--change-at", type=whole_number, metavar="J", help="first batch of the changed process"
+    )
+    parser.add_argument(
+        "--roster-of",
+        type=Path,
+        metavar="FILE",
+        help="write to --out the current clients of this labelled CSV, months later",
+    )
+    parser.add_argument(
+        "--months-later", type=positive_number, metavar="M", help="months after FILE (default 3)"
+    )
+    parser.add_argument(
+        "--new-clients", type=whole_number, metavar="N", help="new clients to add (default 0)"
+    )
+    parser.add_argument(
+        "--outcomes", type=Path, metavar="FILE", help="also write who on the roster left, later"
+    )
     args = parser.parse_args(argv)
-    if (args.rows is None) != (args.out is None):
-        parser.error("--rows and --out go together")
-    one_file_options = (args.seed, args.id_offset, args.drifted or None, args.dirty or None)
-    if args.rows is None and any(option is not None for option in one_file_options):
-        parser.error("--seed, --id-offset, --drifted and --dirty need --rows and --out")
+    _check_options(parser, args)
     return args
+
+
+# Each kind of output: the options it needs, then the ones it also accepts; --root goes with any.
+_OUTPUT_OPTIONS = {
+    "writing the shipped data": ((), ()),
+    "--rows and --out": (("rows", "out"), ("seed", "id_offset", "drifted", "dirty", "shift")),
+    "--process-change": (("process_change", "rows", "batches", "change_at"), ("seed", "id_offset")),
+    "--roster-of": (
+        ("roster_of", "out"),
+        ("seed", "id_offset", "months_later", "new_clients", "outcomes"),
+    ),
+}
+
+
+def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Stop with a usage error unless the options given make exactly one kind of output."""
+    if args.process_change is not None:
+        output = "--process-change"
+    elif args.roster_of is not None:
+        output = "--roster-of"
+    elif args.rows is not None or args.out is not None:
+        output = "--rows and --out"
+    else:
+        output = "writing the shipped data"
+    needed, accepted = _OUTPUT_OPTIONS[output]
+    given = {
+        name for name, value in vars(args).items()
+        if name != "root" and value is not None and value is not False
+    }
+    if missing := [name for name in needed if name not in given]:
+        parser.error(f"{output} also needs {_flags(missing)}")
+    if unexpected := sorted(given - set(needed) - set(accepted)):
+        parser.error(f"{_flags(unexpected)} cannot go with {output}")
+    if output == "--process-change" and args.change_at > args.batches:
+        parser.error(f"--change-at {args.change_at} is beyond the {args.batches} batches")
+
+
+def _flags(names: list[str]) -> str:
+    return ", ".join("--" + name.replace("_", "-") for name in names)
 
 
 def whole_number(text: str) -> int:
@@ -574,15 +643,46 @@ def whole_number(text: str) -> int:
     return value
 
 
+def positive_number(text: str) -> int:
+    """A whole number of at least one from the command line."""
+    value = whole_number(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("0 is not at least 1")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Write the shipped data, or the one file that --rows and --out ask for."""
+    """Write the shipped data, or the file or files that the options ask for."""
     args = parse_args(argv)
     seed = args.seed or 0
     id_offset = args.id_offset or 0
-    if args.rows is None:
-        for path, n_rows in write_shipped_data(args.root).items():
-            print(f"{path}: {n_rows} rows")
-        return 0
+    if args.process_change is not None:
+        written = _write_process_change(args, seed, id_offset)
+    elif args.roster_of is not None:
+        written = _write_roster_of(args, seed, id_offset)
+    elif args.rows is not None:
+        written = {args.out: _one_file(args, seed, id_offset)}
+    else:
+        written = {path: f"{n_rows} rows" for path, n_rows in write_shipped_data(args.root).items()}
+    for path, summary in written.items():
+        print(f"{path}: {summary}")
+    return 0
+
+
+def _write_process_change(args: argparse.Namespace, seed: int, id_offset: int) -> dict[Path, str]:
+    """Write the batches of a process change as batch00.csv, batch01.csv, ... (in arrival order)."""
+    frames = make_process_change(args.rows, args.batches, args.change_at, seed, id_offset=id_offset)
+    width = max(2, len(str(args.batches - 1)))
+    written = {}
+    for index, frame in enumerate(frames):
+        path = args.process_change / f"batch{index:0{width}d}.csv"
+        write_csv(frame, path)
+        written[path] = f"{len(frame)} rows ({'normal' if index < args.change_at else 'changed'})"
+    return written
+
+
+def _one_file(args: argparse.Namespace, seed: int, id_offset: int) -> str:
+    """Write the one file that --rows and --out ask for; returns what it holds."""
     if args.dirty:
         frame = make_dirty(args.rows, seed, id_offset=id_offset)
         expected = dirty_expectations(args.rows)
@@ -591,12 +691,57 @@ def main(argv: list[str] | None = None) -> int:
             f"{expected.missing_feature_rows} with a missing cell)"
         )
     else:
-        frame = make_clients(args.rows, seed, drifted=args.drifted, id_offset=id_offset)
-        note = " (drifted)" if args.drifted else ""
+        shift = UPMARKET if args.shift else NO_SHIFT
+        frame = make_clients(
+            args.rows, seed, drifted=args.drifted, shift=shift, id_offset=id_offset
+        )
+        note = " (drifted)" if args.drifted else " (shifted)" if args.shift else ""
     write_csv(frame, args.out)
-    print(f"{args.out}: {len(frame)} rows{note}")
-    return 0
+    return f"{len(frame)} rows{note}"
+
+
+def _write_roster_of(args: argparse.Namespace, seed: int, id_offset: int) -> dict[Path, str]:
+    """Write the roster of the clients in --roster-of, and with --outcomes who of them left."""
+    earlier_batch = _read_labelled(args.roster_of)
+    new_ids = client_ids(args.new_clients or 0, id_offset)
+    if earlier_batch["corporation"].isin(new_ids).any():
+        raise DataError(
+            f"new clients numbered from {id_offset} share ids with {args.roster_of}: "
+            "choose an --id-offset beyond the clients of that file"
+        )
+    roster = make_roster(
+        earlier_batch,
+        seed,
+        months_later=args.months_later or 3,
+        new_clients=args.new_clients or 0,
+        id_offset=id_offset,
+    )
+    write_csv(roster.frame, args.out)
+    written = {args.out: f"{len(roster.frame)} rows (roster)"}
+    if args.outcomes is not None:
+        write_csv(make_outcomes(roster, seed), args.outcomes)
+        written[args.outcomes] = f"{len(roster.frame)} rows (outcomes of {args.out})"
+    return written
+
+
+def _read_labelled(path: Path) -> pd.DataFrame:
+    """A clean labelled batch, as --rows and --out write it."""
+    try:
+        frame = pd.read_csv(path, dtype={"corporation": "str"})
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise DataError(f"cannot read {path}: {error}") from None
+    counts = [*FEATURES, TARGET]
+    if (
+        tuple(frame.columns) != COLUMNS
+        or not all(pd.api.types.is_integer_dtype(frame[column]) for column in counts)
+        or (frame[counts] < 0).any().any()
+    ):
+        raise DataError(
+            f"{path} is not a clean labelled batch: it needs the columns {', '.join(COLUMNS)} "
+            "with whole, non-negative numbers, as --rows and --out write it"
+        )
+    return frame
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))
