@@ -5,12 +5,22 @@ its size, and last month's activity drawn around the yearly pace times a per-cli
 the client left follows a logistic model of that trend and of the company's size, with enough latent
 noise that no model is perfect. A drifted batch changes that relation, so that a model trained on
 the normal process visibly loses F1: this is what the drift checks of the pipeline must notice.
+A process change goes further (OUTGROWN): a normal model ranks its clients worse than chance. A
+covariate shift (FeatureShift) moves the features' distributions but keeps the relation.
+
+A roster is the list of current clients at a moment, without the target: the clients of an earlier
+batch who stayed, months later, and new ones. make_outcomes later reveals who of them left, drawn
+from the latent trends that made the roster, so that a model's probabilities can be checked.
 
 Client ids are a fixed scramble of the client's number (i + id_offset) into six lowercase letters,
 so they depend only on the offset: batches made with non-overlapping ranges never share a client.
 
     python generate_data.py                         # (re)write the shipped data beside this script
-    python generate_data.py --rows 100000 --out bench/clients.csv [--seed S] [--drifted | --dirty]
+    python generate_data.py --rows 100000 --out bench/clients.csv [--seed S] [--id-offset K]
+                            [--drifted | --dirty | --shift]
+    python generate_data.py --process-change batches/ --rows 2000 --batches 6 --change-at 3
+    python generate_data.py --roster-of clients.csv --out roster.csv [--outcomes later.csv]
+                            [--months-later M] [--new-clients N --id-offset K]
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 import atomicio
+from errors import DataError, run_cli
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +80,12 @@ NORMAL = AttritionRelation(intercept=-3.0, trend=-8.0, size=-0.35, steadiness=0.
 # After the drift the trend counts for a quarter of what it did, and large companies with steady
 # activity leave: a model of the normal relation ranks the wrong clients first.
 DRIFTED = AttritionRelation(intercept=-1.5, trend=-2.0, size=0.7, steadiness=-1.0)
+# A process that has changed. DRIFTED is not enough for this: a normal model still ranks its
+# clients better than chance (ROC AUC about 0.6), since a falling month still raises the risk there.
+# Here size decides and the trend points the other way: large, growing clients outgrow the offer
+# and leave. A normal model ranks these clients worse than chance (ROC AUC about 0.4), while a
+# model of the changed process itself reaches about 0.8.
+OUTGROWN = AttritionRelation(intercept=-1.5, trend=0.4, size=0.8, steadiness=0.0)
 
 # Shipped files: (folder, name, rows, seed, id offset). The offsets start far above the ranges that
 # benchmarks use with the default offset 0, and each file has its own range.
@@ -80,6 +97,8 @@ SHIPPED_FILES = (
     ("sourcedata", "dataset4.csv", 5_000, 5, _SHIPPED_ID_BASE + 20_000),
     ("testdata", "testdata.csv", 2_000, 6, _SHIPPED_ID_BASE + 30_000),
 )
+# Where the roster of current clients will ship, once ingestion takes rosters (folder, name).
+SHIPPED_ROSTER = ("sourcedata", "roster.csv")
 
 
 def client_ids(n_rows: int, id_offset: int = 0) -> np.ndarray:
@@ -95,42 +114,240 @@ def client_ids(n_rows: int, id_offset: int = 0) -> np.ndarray:
     return np.ascontiguousarray(letters).view(f"S{ID_LETTERS}").ravel().astype(str)
 
 
+@dataclass(frozen=True)
+class FeatureShift:
+    """How a batch's features are drawn differently from the usual clients (covariate shift).
+
+    Each field moves the mean of one latent distribution; who leaves still depends on the features
+    by the same relation, so a model of that relation keeps ranking clients well.
+    """
+
+    log_size: float = 0.0  # added to the mean of log employees
+    log_rate: float = 0.0  # added to the mean of log yearly activity per employee
+    trend: float = 0.0  # the mean of the log trend: negative, activity falling on average
+
+
+NO_SHIFT = FeatureShift()
+# The company wins larger, busier clients, whose activity is falling on average.
+UPMARKET = FeatureShift(log_size=1.0, log_rate=0.3, trend=-0.1)
+
+
 def make_clients(
-    n_rows: int, seed: int = 0, *, drifted: bool = False, id_offset: int = 0
+    n_rows: int,
+    seed: int = 0,
+    *,
+    drifted: bool = False,
+    relation: AttritionRelation | None = None,
+    shift: FeatureShift = NO_SHIFT,
+    id_offset: int = 0,
 ) -> pd.DataFrame:
     """One row per client: ids, activity counts, size and whether the client left.
 
-    Deterministic: the same arguments give an identical frame. `drifted` draws the clients the same
-    way but decides who leaves by the DRIFTED relation instead of the NORMAL one.
+    Deterministic: the same arguments give an identical frame. Who leaves follows `relation`
+    (default NORMAL); `drifted` is short for relation=DRIFTED. `shift` draws the features from
+    moved distributions while the relation stays as it is.
     """
+    if drifted and relation is not None:
+        raise ValueError("give either drifted=True or a relation, not both")
+    if relation is None:
+        relation = DRIFTED if drifted else NORMAL
     rng = np.random.default_rng(seed)
-    log_size = rng.normal(_LOG_SIZE_MEAN, _LOG_SIZE_SD, n_rows)
-    employees = np.clip(np.rint(np.exp(log_size)), 1, _MAX_EMPLOYEES).astype(np.int64)
-    yearly_rate = np.exp(rng.normal(_LOG_RATE_MEAN, _LOG_RATE_SD, n_rows))
-    lastyear = rng.poisson(employees * yearly_rate)
-    log_trend = rng.normal(0.0, _TREND_SD, n_rows)
-    month_mean = lastyear / 12.0 * np.exp(log_trend)
-    month_noise = rng.gamma(_MONTH_DISPERSION, 1.0 / _MONTH_DISPERSION, n_rows)
-    lastmonth = rng.poisson(month_mean * month_noise)
+    clients, log_trend = _draw_features(rng, n_rows, shift)
+    clients.insert(0, "corporation", client_ids(n_rows, id_offset))
+    employees = clients["number_of_employees"].to_numpy()
+    clients[TARGET] = _draw_exits(rng, relation, log_trend, employees)
+    return clients
 
-    relation = DRIFTED if drifted else NORMAL
-    logit = (
+
+def leaving_probability(
+    relation: AttritionRelation, log_trend: np.ndarray, employees: np.ndarray
+) -> np.ndarray:
+    """The true probability that each client leaves, given its latent trend and its size."""
+    return 1.0 / (1.0 + np.exp(-_leaving_logit(relation, log_trend, employees)))
+
+
+def _draw_features(
+    rng: np.random.Generator, n_rows: int, shift: FeatureShift
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """The three feature columns of n_rows new clients, and the latent log trend of each."""
+    log_size = rng.normal(_LOG_SIZE_MEAN + shift.log_size, _LOG_SIZE_SD, n_rows)
+    employees = _employees(np.exp(log_size))
+    yearly_rate = np.exp(rng.normal(_LOG_RATE_MEAN + shift.log_rate, _LOG_RATE_SD, n_rows))
+    lastyear = rng.poisson(employees * yearly_rate)
+    log_trend = rng.normal(shift.trend, _TREND_SD, n_rows)
+    features = _activity_frame(rng, lastyear, log_trend, employees)
+    return features, log_trend
+
+
+def _employees(size: np.ndarray) -> np.ndarray:
+    """Company sizes as whole numbers of staff within the plausible range."""
+    return np.clip(np.rint(size), 1, _MAX_EMPLOYEES).astype(np.int64)
+
+
+def _activity_frame(
+    rng: np.random.Generator, lastyear: np.ndarray, log_trend: np.ndarray, employees: np.ndarray
+) -> pd.DataFrame:
+    """The feature columns, with last month drawn around the yearly pace times the trend."""
+    month_mean = lastyear / 12.0 * np.exp(log_trend)
+    month_noise = rng.gamma(_MONTH_DISPERSION, 1.0 / _MONTH_DISPERSION, len(lastyear))
+    lastmonth = rng.poisson(month_mean * month_noise)
+    return pd.DataFrame({
+        "lastmonth_activity": lastmonth.astype(np.int64),
+        "lastyear_activity": lastyear.astype(np.int64),
+        "number_of_employees": employees,
+    })
+
+
+def _leaving_logit(
+    relation: AttritionRelation, log_trend: np.ndarray, employees: np.ndarray
+) -> np.ndarray:
+    return (
         relation.intercept
         + relation.trend * log_trend
         + relation.size * (np.log(employees) - _LOG_SIZE_MEAN)
         + relation.steadiness * np.abs(log_trend)
     )
+
+
+def _draw_exits(
+    rng: np.random.Generator,
+    relation: AttritionRelation,
+    log_trend: np.ndarray,
+    employees: np.ndarray,
+) -> np.ndarray:
+    """Whether each client left: 1 with the relation's probability, else 0."""
+    logit = _leaving_logit(relation, log_trend, employees)
     # Leaving when the latent logit plus logistic noise is positive is a Bernoulli draw with
     # probability sigmoid(logit): the noise is what keeps any model from being perfect.
-    exited = (logit + rng.logistic(0.0, 1.0, n_rows) > 0).astype(np.int64)
+    return (logit + rng.logistic(0.0, 1.0, len(logit)) > 0).astype(np.int64)
 
-    return pd.DataFrame({
-        "corporation": client_ids(n_rows, id_offset),
-        "lastmonth_activity": lastmonth.astype(np.int64),
-        "lastyear_activity": lastyear.astype(np.int64),
-        "number_of_employees": employees,
-        "exited": exited,
-    })
+
+def make_process_change(
+    batch_rows: int,
+    batches: int,
+    change_at: int,
+    seed: int = 0,
+    *,
+    id_offset: int = 0,
+    changed: AttritionRelation = OUTGROWN,
+) -> list[pd.DataFrame]:
+    """Labelled batches of a process that changes at a known point, in the order they arrive.
+
+    Batches before index `change_at` follow NORMAL, the rest follow `changed`. Batch i holds the
+    clients numbered from id_offset + i * batch_rows, so no client is in two batches, and each batch
+    has its own random stream derived from `seed`.
+    """
+    if not 0 <= change_at <= batches:
+        raise ValueError(f"the change at batch {change_at} is outside batches 0..{batches}")
+    batch_seeds = np.random.SeedSequence(seed).generate_state(batches)
+    return [
+        make_clients(
+            batch_rows,
+            int(batch_seed),
+            relation=NORMAL if index < change_at else changed,
+            id_offset=id_offset + index * batch_rows,
+        )
+        for index, batch_seed in enumerate(batch_seeds)
+    ]
+
+
+@dataclass(frozen=True, eq=False)
+class Roster:
+    """The company's current clients at one moment, and what only the generator knows of them.
+
+    `frame` is what the company sees, the file to write: the schema's columns without the target,
+    since nobody knows yet who will leave. `log_trend` is each row's latent trend, which drew its
+    last month and will decide its outcome; make_outcomes needs it.
+    """
+
+    frame: pd.DataFrame
+    log_trend: np.ndarray
+
+    def leaving_probability(self, relation: AttritionRelation = NORMAL) -> np.ndarray:
+        """The true probability that each client on the roster leaves, row by row."""
+        employees = self.frame["number_of_employees"].to_numpy()
+        return leaving_probability(relation, self.log_trend, employees)
+
+
+# How far, in a year, a client's staff and its activity per employee wander (sd of their logs).
+_SIZE_DRIFT_PER_YEAR = 0.1
+_RATE_DRIFT_PER_YEAR = 0.15
+# Random streams of make_roster and make_outcomes, so that one seed given to both never reuses the
+# random numbers that drew the roster to decide its outcomes.
+_STAYERS_STREAM, _NEW_CLIENTS_STREAM, _OUTCOMES_STREAM = 0, 1, 2
+
+
+def make_roster(
+    earlier_batch: pd.DataFrame,
+    seed: int = 0,
+    *,
+    months_later: int = 3,
+    new_clients: int = 0,
+    id_offset: int = 0,
+) -> Roster:
+    """The current clients `months_later` months after a labelled batch: its stayers, and new ones.
+
+    A client who had not left keeps its id; its staff and its activity per employee drift a little;
+    the months since the batch replace as many months of its yearly activity; its trend is a new
+    draw, since a month's trend does not last, and last month is drawn around the new pace.
+    `new_clients` fresh clients, numbered from `id_offset`, join at the end. Deterministic by seed.
+    """
+    if TARGET not in earlier_batch.columns:
+        raise ValueError(f"a roster is made from a labelled batch, with a {TARGET!r} column")
+    if months_later < 1:
+        raise ValueError(f"months_later must be at least 1, not {months_later}")
+    new_ids = client_ids(new_clients, id_offset)
+    if np.isin(new_ids, earlier_batch["corporation"].to_numpy(dtype=str)).any():
+        raise ValueError(f"new clients numbered from {id_offset} share ids with the earlier batch")
+
+    stayers = earlier_batch.loc[earlier_batch[TARGET] == 0]
+    rng = np.random.default_rng([seed, _STAYERS_STREAM])
+    evolved, stayer_trend = _evolve(rng, stayers, months_later)
+    evolved.insert(0, "corporation", stayers["corporation"].to_numpy())
+    new_rng = np.random.default_rng([seed, _NEW_CLIENTS_STREAM])
+    joined, joined_trend = _draw_features(new_rng, new_clients, NO_SHIFT)
+    joined.insert(0, "corporation", new_ids)
+    return Roster(
+        frame=pd.concat([evolved, joined], ignore_index=True),
+        log_trend=np.concatenate([stayer_trend, joined_trend]),
+    )
+
+
+def _evolve(
+    rng: np.random.Generator, stayers: pd.DataFrame, months_later: int
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """The feature columns of clients months later, and each one's new latent log trend."""
+    n_rows = len(stayers)
+    years = months_later / 12.0
+    old_employees = stayers["number_of_employees"].to_numpy()
+    old_lastyear = stayers["lastyear_activity"].to_numpy()
+    employees = _employees(
+        old_employees * np.exp(rng.normal(0.0, _SIZE_DRIFT_PER_YEAR * np.sqrt(years), n_rows))
+    )
+    # Half a count, so that a client idle all year is not pinned at zero activity for ever.
+    old_rate = (old_lastyear + 0.5) / old_employees
+    rate = old_rate * np.exp(rng.normal(0.0, _RATE_DRIFT_PER_YEAR * np.sqrt(years), n_rows))
+    # The months since the batch take the place of as many of the earlier year's.
+    months_new = min(months_later, 12)
+    kept_activity = rng.binomial(old_lastyear, (12 - months_new) / 12.0)
+    lastyear = kept_activity + rng.poisson(employees * rate * months_new / 12.0)
+    log_trend = rng.normal(0.0, _TREND_SD, n_rows)
+    return _activity_frame(rng, lastyear, log_trend, employees), log_trend
+
+
+def make_outcomes(
+    roster: Roster, seed: int = 0, *, relation: AttritionRelation = NORMAL
+) -> pd.DataFrame:
+    """The roster's rows, in its order, with whether each client left, drawn from `relation`.
+
+    Each client leaves with the probability roster.leaving_probability(relation) gives, from the
+    latent trend that drew its activity: a model of that process is calibrated on these outcomes.
+    """
+    rng = np.random.default_rng([seed, _OUTCOMES_STREAM])
+    outcomes = roster.frame.copy()
+    employees = outcomes["number_of_employees"].to_numpy()
+    outcomes[TARGET] = _draw_exits(rng, relation, roster.log_trend, employees)
+    return outcomes
 
 
 @dataclass(frozen=True)
@@ -274,18 +491,55 @@ def write_csv(frame: pd.DataFrame, path: Path) -> None:
     atomicio.write_with(Path(path), lambda temp_path: frame.to_csv(temp_path, index=False))
 
 
-def write_shipped_data(root: Path) -> None:
+def write_shipped_data(root: Path) -> dict[Path, int]:
     """Write the data the project ships under `root`: practice, source and test data.
 
-    Every file has its own seed and id range, so no client appears in two files.
+    Every file has its own seed and id range, so no client appears in two files. Returns the rows
+    written to each file.
     """
+    written = {}
     for folder, name, n_rows, seed, id_offset in SHIPPED_FILES:
-        write_csv(make_clients(n_rows, seed, id_offset=id_offset), Path(root) / folder / name)
+        path = Path(root) / folder / name
+        write_csv(make_clients(n_rows, seed, id_offset=id_offset), path)
+        written[path] = n_rows
+    return written
+
+
+def make_shipped_roster() -> Roster:
+    """The current clients three months after the last shipped source file (dataset4.csv).
+
+    Its clients who stayed, and 500 new clients in an id range of their own.
+    """
+    n_rows, seed, id_offset = next(
+        (n_rows, seed, id_offset)
+        for _, name, n_rows, seed, id_offset in SHIPPED_FILES
+        if name == "dataset4.csv"
+    )
+    return make_roster(
+        make_clients(n_rows, seed, id_offset=id_offset),
+        seed=7,
+        months_later=3,
+        new_clients=500,
+        id_offset=_SHIPPED_ID_BASE + 40_000,
+    )
+
+
+def write_shipped_roster(root: Path) -> dict[Path, int]:
+    """Write the shipped roster under `root` (SHIPPED_ROSTER); returns the rows written.
+
+    Not shipped yet, since ingestion cannot take a roster: the line
+    `written |= write_shipped_roster(root)` in write_shipped_data ships it.
+    """
+    frame = make_shipped_roster().frame
+    path = Path(root).joinpath(*SHIPPED_ROSTER)
+    write_csv(frame, path)
+    return {path: len(frame)}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Write the shipped client data, or one generated file with --rows and --out."
+        description="Write the shipped client data, or one generated file with --rows and --out, "
+        "a sequence of batches with --process-change, or a roster with --roster-of."
     )
     parser.add_argument(
         "--root",
@@ -294,25 +548,88 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="PATH",
         help="folder to write the shipped data under (default: beside this script)",
     )
-    parser.add_argument("--rows", type=whole_number, metavar="N", help="clients in the file")
+    parser.add_argument("--rows", type=whole_number, metavar="N", help="clients in a file")
     parser.add_argument("--out", type=Path, metavar="FILE", help="the CSV file to write")
     parser.add_argument("--seed", type=whole_number, metavar="S", help="random seed (default 0)")
     parser.add_argument(
         "--id-offset",
         type=whole_number,
         metavar="K",
-        help="number of the first client, to keep ids disjoint from other files (default 0)",
+        help="number of the first (new) client, to keep ids disjoint from other files (default 0)",
     )
     kind = parser.add_mutually_exclusive_group()
     kind.add_argument("--drifted", action="store_true", help="leavers follow the drifted relation")
     kind.add_argument("--dirty", action="store_true", help="inject duplicates and junk cells")
+    kind.add_argument(
+        "--shift", action="store_true", help="larger, busier clients, falling on average"
+    )
+    parser.add_argument(
+        "--process-change",
+        type=Path,
+        metavar="FOLDER",
+        help="write --batches files of --rows clients; who leaves changes at batch --change-at",
+    )
+    parser.add_argument("--batches", type=positive_number, metavar="K", help="number of batches")
+    parser.add_argument(
+        "--change-at", type=whole_number, metavar="J", help="first batch of the changed process"
+    )
+    parser.add_argument(
+        "--roster-of",
+        type=Path,
+        metavar="FILE",
+        help="write to --out the current clients of this labelled CSV, months later",
+    )
+    parser.add_argument(
+        "--months-later", type=positive_number, metavar="M", help="months after FILE (default 3)"
+    )
+    parser.add_argument(
+        "--new-clients", type=whole_number, metavar="N", help="new clients to add (default 0)"
+    )
+    parser.add_argument(
+        "--outcomes", type=Path, metavar="FILE", help="also write who on the roster left, later"
+    )
     args = parser.parse_args(argv)
-    if (args.rows is None) != (args.out is None):
-        parser.error("--rows and --out go together")
-    one_file_options = (args.seed, args.id_offset, args.drifted or None, args.dirty or None)
-    if args.rows is None and any(option is not None for option in one_file_options):
-        parser.error("--seed, --id-offset, --drifted and --dirty need --rows and --out")
+    _check_options(parser, args)
     return args
+
+
+# Each kind of output: the options it needs, then the ones it also accepts; --root goes with any.
+_OUTPUT_OPTIONS = {
+    "writing the shipped data": ((), ()),
+    "--rows and --out": (("rows", "out"), ("seed", "id_offset", "drifted", "dirty", "shift")),
+    "--process-change": (("process_change", "rows", "batches", "change_at"), ("seed", "id_offset")),
+    "--roster-of": (
+        ("roster_of", "out"),
+        ("seed", "id_offset", "months_later", "new_clients", "outcomes"),
+    ),
+}
+
+
+def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Stop with a usage error unless the options given make exactly one kind of output."""
+    if args.process_change is not None:
+        output = "--process-change"
+    elif args.roster_of is not None:
+        output = "--roster-of"
+    elif args.rows is not None or args.out is not None:
+        output = "--rows and --out"
+    else:
+        output = "writing the shipped data"
+    needed, accepted = _OUTPUT_OPTIONS[output]
+    given = {
+        name for name, value in vars(args).items()
+        if name != "root" and value is not None and value is not False
+    }
+    if missing := [name for name in needed if name not in given]:
+        parser.error(f"{output} also needs {_flags(missing)}")
+    if unexpected := sorted(given - set(needed) - set(accepted)):
+        parser.error(f"{_flags(unexpected)} cannot go with {output}")
+    if output == "--process-change" and args.change_at > args.batches:
+        parser.error(f"--change-at {args.change_at} is beyond the {args.batches} batches")
+
+
+def _flags(names: list[str]) -> str:
+    return ", ".join("--" + name.replace("_", "-") for name in names)
 
 
 def whole_number(text: str) -> int:
@@ -326,16 +643,46 @@ def whole_number(text: str) -> int:
     return value
 
 
+def positive_number(text: str) -> int:
+    """A whole number of at least one from the command line."""
+    value = whole_number(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("0 is not at least 1")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Write the shipped data, or the one file that --rows and --out ask for."""
+    """Write the shipped data, or the file or files that the options ask for."""
     args = parse_args(argv)
     seed = args.seed or 0
     id_offset = args.id_offset or 0
-    if args.rows is None:
-        write_shipped_data(args.root)
-        for folder, name, n_rows, *_ in SHIPPED_FILES:
-            print(f"{args.root / folder / name}: {n_rows} rows")
-        return 0
+    if args.process_change is not None:
+        written = _write_process_change(args, seed, id_offset)
+    elif args.roster_of is not None:
+        written = _write_roster_of(args, seed, id_offset)
+    elif args.rows is not None:
+        written = {args.out: _one_file(args, seed, id_offset)}
+    else:
+        written = {path: f"{n_rows} rows" for path, n_rows in write_shipped_data(args.root).items()}
+    for path, summary in written.items():
+        print(f"{path}: {summary}")
+    return 0
+
+
+def _write_process_change(args: argparse.Namespace, seed: int, id_offset: int) -> dict[Path, str]:
+    """Write the batches of a process change as batch00.csv, batch01.csv, ... (in arrival order)."""
+    frames = make_process_change(args.rows, args.batches, args.change_at, seed, id_offset=id_offset)
+    width = max(2, len(str(args.batches - 1)))
+    written = {}
+    for index, frame in enumerate(frames):
+        path = args.process_change / f"batch{index:0{width}d}.csv"
+        write_csv(frame, path)
+        written[path] = f"{len(frame)} rows ({'normal' if index < args.change_at else 'changed'})"
+    return written
+
+
+def _one_file(args: argparse.Namespace, seed: int, id_offset: int) -> str:
+    """Write the one file that --rows and --out ask for; returns what it holds."""
     if args.dirty:
         frame = make_dirty(args.rows, seed, id_offset=id_offset)
         expected = dirty_expectations(args.rows)
@@ -344,12 +691,57 @@ def main(argv: list[str] | None = None) -> int:
             f"{expected.missing_feature_rows} with a missing cell)"
         )
     else:
-        frame = make_clients(args.rows, seed, drifted=args.drifted, id_offset=id_offset)
-        note = " (drifted)" if args.drifted else ""
+        shift = UPMARKET if args.shift else NO_SHIFT
+        frame = make_clients(
+            args.rows, seed, drifted=args.drifted, shift=shift, id_offset=id_offset
+        )
+        note = " (drifted)" if args.drifted else " (shifted)" if args.shift else ""
     write_csv(frame, args.out)
-    print(f"{args.out}: {len(frame)} rows{note}")
-    return 0
+    return f"{len(frame)} rows{note}"
+
+
+def _write_roster_of(args: argparse.Namespace, seed: int, id_offset: int) -> dict[Path, str]:
+    """Write the roster of the clients in --roster-of, and with --outcomes who of them left."""
+    earlier_batch = _read_labelled(args.roster_of)
+    new_ids = client_ids(args.new_clients or 0, id_offset)
+    if earlier_batch["corporation"].isin(new_ids).any():
+        raise DataError(
+            f"new clients numbered from {id_offset} share ids with {args.roster_of}: "
+            "choose an --id-offset beyond the clients of that file"
+        )
+    roster = make_roster(
+        earlier_batch,
+        seed,
+        months_later=args.months_later or 3,
+        new_clients=args.new_clients or 0,
+        id_offset=id_offset,
+    )
+    write_csv(roster.frame, args.out)
+    written = {args.out: f"{len(roster.frame)} rows (roster)"}
+    if args.outcomes is not None:
+        write_csv(make_outcomes(roster, seed), args.outcomes)
+        written[args.outcomes] = f"{len(roster.frame)} rows (outcomes of {args.out})"
+    return written
+
+
+def _read_labelled(path: Path) -> pd.DataFrame:
+    """A clean labelled batch, as --rows and --out write it."""
+    try:
+        frame = pd.read_csv(path, dtype={"corporation": "str"})
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise DataError(f"cannot read {path}: {error}") from None
+    counts = [*FEATURES, TARGET]
+    if (
+        tuple(frame.columns) != COLUMNS
+        or not all(pd.api.types.is_integer_dtype(frame[column]) for column in counts)
+        or (frame[counts] < 0).any().any()
+    ):
+        raise DataError(
+            f"{path} is not a clean labelled batch: it needs the columns {', '.join(COLUMNS)} "
+            "with whole, non-negative numbers, as --rows and --out write it"
+        )
+    return frame
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

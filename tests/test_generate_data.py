@@ -3,6 +3,7 @@ dirty in exactly the ways it says."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter
 
@@ -15,15 +16,23 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
 import generate_data
+from errors import run_cli
 from generate_data import (
     COLUMNS,
     FEATURES,
+    SHIPPED_ROSTER,
     TARGET,
+    UPMARKET,
     dirty_expectations,
     make_clients,
     make_dirty,
+    make_outcomes,
+    make_process_change,
+    make_roster,
+    make_shipped_roster,
     write_csv,
     write_shipped_data,
+    write_shipped_roster,
 )
 
 WORD_LABELS = {"yes", "no", "true", "false"}
@@ -32,6 +41,11 @@ WORD_LABELS = {"yes", "no", "true", "false"}
 def read_as_text(path) -> pd.DataFrame:
     """A CSV file exactly as written: every cell a string, nothing read as missing."""
     return pd.read_csv(path, dtype="str", keep_default_na=False)
+
+
+def read_clients(path) -> pd.DataFrame:
+    """A clean CSV file of clients: ids as text, counts as numbers."""
+    return pd.read_csv(path, dtype={"corporation": "str"})
 
 
 # --- clean batches -------------------------------------------------------------------------------
@@ -247,6 +261,46 @@ def test_shipped_data_holds_distinct_clients_in_every_file(tmp_path):
     assert all_ids.is_unique
 
 
+# The shipped files exactly as committed: a change to the generator must not rewrite them silently.
+SHIPPED_SHA256 = {
+    "practicedata/dataset1.csv": "8e58d496ae0984cda2363e4e56e3cfa0831e496a82e42016084f3ddc7203e524",
+    "practicedata/dataset2.csv": "b8ce0bfb7d5b3692e014fb36d5a9af28e9670c7b08fa12fd61cb61e2d98482a9",
+    "sourcedata/dataset3.csv": "6ab7ad04de4470fcad5572309623aef77637c7803767883892a50912894cdc59",
+    "sourcedata/dataset4.csv": "3162d3c56b950bc00e22f8875b00db0dfdc4f3299ed066fd753d3cf0ff912edb",
+    "testdata/testdata.csv": "09f135484b194dcf0896eaf8f00b809ec5083c6c8e3814cc02495e3b85cf45f2",
+}
+
+
+def test_shipped_data_is_byte_identical_to_the_committed_files(tmp_path):
+    write_shipped_data(tmp_path)
+    written = {
+        path.relative_to(tmp_path).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in tmp_path.rglob("*") if path.is_file()
+    }
+    assert written == SHIPPED_SHA256
+
+
+def test_shipped_roster_lists_the_clients_who_stayed_in_the_last_source_file(tmp_path):
+    shipped = write_shipped_data(tmp_path)
+    assert tmp_path.joinpath(*SHIPPED_ROSTER) not in shipped  # not shipped until ingestion takes it
+    written = write_shipped_roster(tmp_path)
+    roster = read_as_text(tmp_path.joinpath(*SHIPPED_ROSTER))
+    assert written == {tmp_path.joinpath(*SHIPPED_ROSTER): len(roster)}
+    assert tuple(roster.columns) == COLUMNS[:-1]
+    last_source = read_as_text(tmp_path / "sourcedata" / "dataset4.csv")
+    stayers = last_source.loc[last_source[TARGET] == "0", "corporation"]
+    assert roster["corporation"].iloc[: len(stayers)].tolist() == stayers.tolist()
+    shipped_ids = pd.concat([read_as_text(path)["corporation"] for path in shipped])
+    new_ids = roster["corporation"].iloc[len(stayers) :]
+    assert len(new_ids) > 0
+    assert not set(new_ids) & set(shipped_ids)
+    pd.testing.assert_frame_equal(
+        read_clients(tmp_path.joinpath(*SHIPPED_ROSTER)),
+        make_shipped_roster().frame,
+        check_dtype=False,
+    )
+
+
 def test_command_writes_one_generated_file(tmp_path, capsys):
     path = tmp_path / "bench" / "drifted.csv"
     argv = ["--rows", "50", "--out", str(path), "--seed", "9", "--drifted", "--id-offset", "7"]
@@ -273,10 +327,80 @@ def test_command_writes_shipped_data_under_root(tmp_path, capsys):
     assert len(read_as_text(tmp_path / "sourcedata" / "dataset3.csv")) == 5_000
 
 
+def test_command_writes_a_shifted_file(tmp_path, capsys):
+    path = tmp_path / "shifted.csv"
+    assert generate_data.main(["--rows", "80", "--out", str(path), "--shift", "--seed", "2"]) == 0
+    assert f"{path}: 80 rows (shifted)" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(
+        read_clients(path), make_clients(80, seed=2, shift=UPMARKET), check_dtype=False
+    )
+
+
+def test_command_writes_a_process_change_as_batches_in_arrival_order(tmp_path, capsys):
+    folder = tmp_path / "batches"
+    argv = ["--process-change", str(folder), "--rows", "40", "--batches", "3", "--change-at", "2",
+            "--seed", "5", "--id-offset", "100"]
+    assert generate_data.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        f"{folder / 'batch00.csv'}: 40 rows (normal)",
+        f"{folder / 'batch01.csv'}: 40 rows (normal)",
+        f"{folder / 'batch02.csv'}: 40 rows (changed)",
+    ]
+    expected = make_process_change(40, 3, change_at=2, seed=5, id_offset=100)
+    for index, batch in enumerate(expected):
+        written = read_clients(folder / f"batch{index:02d}.csv")
+        pd.testing.assert_frame_equal(written, batch, check_dtype=False)
+
+
+def test_command_writes_a_roster_of_a_file_and_its_outcomes(tmp_path, capsys):
+    earlier, roster, outcomes = tmp_path / "earlier.csv", tmp_path / "r.csv", tmp_path / "o.csv"
+    write_csv(make_clients(300), earlier)
+    argv = ["--roster-of", str(earlier), "--out", str(roster), "--outcomes", str(outcomes),
+            "--seed", "3", "--months-later", "6", "--new-clients", "20", "--id-offset", "300"]
+    assert generate_data.main(argv) == 0
+    expected = make_roster(make_clients(300), seed=3, months_later=6, new_clients=20, id_offset=300)
+    assert capsys.readouterr().out.splitlines() == [
+        f"{roster}: {len(expected.frame)} rows (roster)",
+        f"{outcomes}: {len(expected.frame)} rows (outcomes of {roster})",
+    ]
+    pd.testing.assert_frame_equal(read_clients(roster), expected.frame, check_dtype=False)
+    pd.testing.assert_frame_equal(
+        read_clients(outcomes), make_outcomes(expected, seed=3), check_dtype=False
+    )
+
+
+def test_command_refuses_a_roster_of_a_file_without_outcomes(tmp_path, capsys):
+    unlabelled = tmp_path / "unlabelled.csv"
+    write_csv(make_clients(50).drop(columns=TARGET), unlabelled)
+    argv = ["--roster-of", str(unlabelled), "--out", str(tmp_path / "roster.csv")]
+    assert run_cli(generate_data.main, argv) == 2
+    assert "is not a clean labelled batch" in capsys.readouterr().err
+    assert not (tmp_path / "roster.csv").exists()
+
+
+def test_command_refuses_new_clients_with_ids_of_the_earlier_file(tmp_path, capsys):
+    earlier = tmp_path / "earlier.csv"
+    write_csv(make_clients(50), earlier)
+    argv = ["--roster-of", str(earlier), "--out", str(tmp_path / "roster.csv"),
+            "--new-clients", "5"]
+    assert run_cli(generate_data.main, argv) == 2
+    assert "--id-offset" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv",
     [["--rows", "10"], ["--out", "x.csv"], ["--seed", "3"], ["--rows", "-1", "--out", "x.csv"],
-     ["--rows", "10", "--out", "x.csv", "--dirty", "--drifted"]],
+     ["--rows", "10", "--out", "x.csv", "--dirty", "--drifted"],
+     ["--rows", "10", "--out", "x.csv", "--batches", "2"],
+     ["--process-change", "b", "--rows", "10", "--batches", "2"],
+     ["--process-change", "b", "--rows", "10", "--batches", "2", "--change-at", "3"],
+     ["--process-change", "b", "--rows", "10", "--batches", "0", "--change-at", "0"],
+     ["--process-change", "b", "--rows", "10", "--batches", "2", "--change-at", "1", "--shift"],
+     ["--roster-of", "x.csv"],
+     ["--roster-of", "x.csv", "--out", "r.csv", "--months-later", "0"],
+     ["--roster-of", "x.csv", "--out", "r.csv", "--rows", "10"],
+     ["--outcomes", "o.csv"]],
 )
 def test_command_rejects_incomplete_or_conflicting_options(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
