@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import math
 import os
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
     from deployment import Release
     from ingestion import IngestReport
     from scoring import ModelComparison
-    from training import TrainingResult
+    from training import TrainingPlan, TrainingResult
 
 log = logging.getLogger("fullprocess")
 
@@ -116,6 +117,16 @@ def standard_error_from_interval(low: float | None, high: float | None, z: float
     return max(high - low, 0.0) / (2 * z)
 
 
+class Measure(NamedTuple):
+    """One measure of the model on two datasets: where it was deployed, and on the new batch."""
+
+    name: str  # "F1", "ROC AUC", "top-group precision"
+    deployed: float | None
+    deployed_interval: tuple[float | None, float | None]
+    new: float | None
+    new_interval: tuple[float | None, float | None]
+
+
 def drift_decision(
     deployed_f1: float,
     deployed_interval: tuple[float | None, float | None],
@@ -123,40 +134,70 @@ def drift_decision(
     new_interval: tuple[float, float],
     rule: DriftSettings,
     z: float = 1.96,
+    *,
+    ranking: tuple[Measure, ...] = (),
+    everyone_leaves_f1: float | None = None,
 ) -> DriftDecision:
-    """Has F1 fallen on new data by more than the rule allows? See DriftSettings for the rules."""
-    drop = deployed_f1 - new_f1
+    """Has the model fallen on new data by more than the rule allows? See DriftSettings.
+
+    F1 is the system's measure; `ranking` measures (ROC AUC, precision in the top group) catch a
+    model whose ranking collapses while F1 barely moves; and a model below the F1 of predicting
+    "leaves" for everyone is worse than no model, which is always drift.
+    """
+    f1 = Measure("F1", deployed_f1, deployed_interval, new_f1, new_interval)
+    checks = [_measure_check(measure, rule, z) for measure in (f1, *ranking)]
     numbers: dict[str, Any] = {
         "deployed_f1": deployed_f1,
         "new_f1": new_f1,
         "new_f1_interval": list(new_interval),
-        "drop": drop,
+        **{key: checks[0][key] for key in ("drop", "allowed_drop", "noise_band") if key in checks[0]},
         "rule": rule.rule,
         "tolerance": rule.tolerance,
+        "measures": checks,
     }
+    fallen = [check for check in checks if check["fell"]]
+    if everyone_leaves_f1 is not None:
+        numbers["everyone_leaves_f1"] = everyone_leaves_f1
+        if new_f1 < everyone_leaves_f1:
+            return DriftDecision(
+                True,
+                f"F1 {new_f1:.3f} on new data is below the {everyone_leaves_f1:.3f} of predicting "
+                "'leaves' for everyone",
+                numbers,
+            )
+    if fallen:
+        return DriftDecision(True, "; ".join(check["text"] for check in fallen), numbers)
+    return DriftDecision(
+        False,
+        f"F1 {new_f1:.3f} on new data vs deployed {deployed_f1:.3f} (drop "
+        f"{checks[0]['drop']:.3f} within allowed {checks[0]['allowed_drop']:.3f})",
+        numbers,
+    )
+
+
+def _measure_check(measure: Measure, rule: DriftSettings, z: float) -> dict[str, Any]:
+    """Did one measure fall by more than sampling noise (rule 'interval') or the tolerance?"""
+    if measure.deployed is None or measure.new is None:
+        return {"measure": measure.name, "fell": False, "note": "not measured on both"}
+    drop = measure.deployed - measure.new
+    check: dict[str, Any] = {"measure": measure.name, "deployed": measure.deployed,
+                             "new": measure.new, "drop": drop}
     if rule.rule == "raw":
         allowed = rule.tolerance
     else:
         noise = math.hypot(
-            standard_error_from_interval(*deployed_interval, z),
-            standard_error_from_interval(*new_interval, z),
+            standard_error_from_interval(*measure.deployed_interval, z),
+            standard_error_from_interval(*measure.new_interval, z),
         )
         allowed = z * noise + rule.tolerance
-        numbers["noise_band"] = z * noise
-    numbers["allowed_drop"] = allowed
-    if drop > allowed:
-        return DriftDecision(
-            True,
-            f"F1 fell from {deployed_f1:.3f} to {new_f1:.3f} (drop {drop:.3f} > allowed "
-            f"{allowed:.3f})",
-            numbers,
-        )
-    return DriftDecision(
-        False,
-        f"F1 {new_f1:.3f} on new data vs deployed {deployed_f1:.3f} (drop {drop:.3f} within "
-        f"allowed {allowed:.3f})",
-        numbers,
+        check["noise_band"] = z * noise
+    check["allowed_drop"] = allowed
+    check["fell"] = drop > allowed
+    check["text"] = (
+        f"{measure.name} fell from {measure.deployed:.3f} to {measure.new:.3f} "
+        f"(drop {drop:.3f} > allowed {allowed:.3f})"
     )
+    return check
 
 
 def base_rate_change(
@@ -181,27 +222,70 @@ def base_rate_change(
 
 
 def deploy_decision(
-    comparison: ModelComparison, evaluation: str, forced: bool = False
+    comparison: ModelComparison, evaluation: str, forced: bool = False,
+    require_better: bool = False,
 ) -> DeployDecision:
-    """Deploy the retrained model unless it is clearly worse than the deployed one on the same rows."""
+    """Should the retrained model replace the deployed one, judged on the same rows?
+
+    On the held-out newest rows (`require_better`) the retrained model must be significantly
+    better, or the deployed model stays: a change of model has to be earned. On the test data,
+    which describes the business as it was, it only must not be significantly worse.
+    """
     numbers = {**comparison.as_dict(), "evaluated_on": evaluation}
+    interval = (
+        f"difference interval {comparison.difference_low:+.3f} to "
+        f"{comparison.difference_high:+.3f}"
+    )
+    scores = (
+        f"F1 {comparison.candidate_f1:.3f} vs deployed {comparison.deployed_f1:.3f} on {evaluation}"
+    )
     if forced:
         return DeployDecision(True, "forced retrain: deploying regardless of scores", numbers)
     if comparison.candidate_significantly_worse:
         return DeployDecision(
-            False,
-            f"retrained model is worse on {evaluation}: F1 {comparison.candidate_f1:.3f} vs "
-            f"deployed {comparison.deployed_f1:.3f} (difference interval "
-            f"{comparison.difference_low:+.3f} to {comparison.difference_high:+.3f}); keeping "
-            "the deployed model",
+            False, f"retrained model is worse: {scores} ({interval}); keeping the deployed model",
             numbers,
         )
-    return DeployDecision(
-        True,
-        f"retrained model F1 {comparison.candidate_f1:.3f} vs deployed "
-        f"{comparison.deployed_f1:.3f} on {evaluation}: not worse, deploying",
-        numbers,
-    )
+    if require_better and comparison.difference_low <= 0:
+        return DeployDecision(
+            False,
+            f"retrained model is not significantly better: {scores} ({interval}); keeping the "
+            "deployed model",
+            numbers,
+        )
+    verdict = "significantly better" if require_better else "not worse"
+    return DeployDecision(True, f"retrained model {scores}: {verdict}, deploying", numbers)
+
+
+class PlanScore(NamedTuple):
+    """A way to train (or the deployed model as it is) judged on the held-out newest rows."""
+
+    name: str
+    plan: TrainingPlan | None  # None: the deployed model as it is
+    training_rows: int | None
+    f1: float
+    roc_auc: float | None
+    top_precision: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "candidate": self.name,
+            "training_rows": self.training_rows,
+            "f1": self.f1,
+            "roc_auc": self.roc_auc,
+            "top_precision": self.top_precision,
+        }
+
+
+def choose_plan(scores: list[PlanScore], f1_tie: float) -> PlanScore:
+    """The best F1 on the held-out rows; among those within `f1_tie` of it, the best ROC AUC.
+
+    On a full tie the earlier candidate wins, and the deployed model comes first: no change of
+    model without a reason.
+    """
+    best_f1 = max(score.f1 for score in scores)
+    tied = [score for score in scores if score.f1 >= best_f1 - f1_tie]
+    return max(tied, key=lambda score: -1.0 if score.roc_auc is None else score.roc_auc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,24 +301,31 @@ def run_cycle(settings: Settings, *, force: bool = False) -> CycleOutcome:
         return CycleOutcome("nothing-new", "no new data files", new_files)
 
     journal = Journal(new_files)
-    accepted_rows = 0
-    if new_files:
-        report = ingest_new_files(settings, journal)
-        accepted_rows = report.accepted_rows
-        if not accepted_rows and not force:
-            return journal.outcome("no-usable-rows", "new files added no new rows")
-    if accepted_rows:
+    report = ingest_new_files(settings, journal) if new_files else None
+    if report is not None and not report.accepted_rows and not force:
+        return journal.outcome("no-usable-rows", "new files added no new rows")
+    if report is not None and report.accepted_rows:
         drift = check_drift(settings)
         journal.add(f"drift check: {drift.reason}", drift=drift._asdict())
         if not drift.drifted and not force:
             return journal.outcome("no-drift", drift.reason)
 
     deployed_model, served = deployment.load_deployed_model(settings)
-    candidate = retrain(settings, hold_out_new_rows=bool(accepted_rows))
+    held_out = split_new_rows(settings)[1] if report is not None and report.accepted_rows else None
+    plan = None  # all history
+    if held_out is not None:
+        scores = judge_plans(settings, held_out, deployed_model, report.run_id)
+        best = choose_plan(scores, settings.retrain.f1_tie)
+        journal.add(describe_plans(scores, best), candidates=[s.as_dict() for s in scores],
+                    chosen=best.name)
+        if best.plan is None and not force:
+            return journal.outcome("drift-kept-deployed", journal.steps[-1], served.version)
+        plan = best.plan
+    candidate = retrain(settings, held_out, plan)
     journal.add(candidate.describe())
     decision = deploy_decision(
         compare_with_deployed(settings, candidate, deployed_model), candidate.judged_on,
-        forced=force,
+        forced=force, require_better=held_out is not None,
     )
     journal.add(decision.reason, deploy=decision._asdict())
     if not decision.deploy:
@@ -254,7 +345,7 @@ def first_deployment(settings: Settings, new_files: list[str]) -> CycleOutcome:
     """Nothing deployed yet: ingest, train, score and deploy the first release."""
     journal = Journal(new_files)
     ingest_new_files(settings, journal)
-    candidate = retrain(settings, hold_out_new_rows=False)
+    candidate = retrain(settings, None, None)
     journal.add(candidate.describe())
     release = deployment.deploy(settings)
     journal.add(f"deployed release {release.version}")
@@ -274,7 +365,7 @@ def ingest_new_files(settings: Settings, journal: Journal) -> IngestReport:
     journal.add(
         f"ingested {len(report.ingested)} file(s){rejected}: {report.accepted_rows} new rows "
         f"(master dataset {report.total_rows} rows)",
-        ingestion=[f.as_dict() for f in report.files],
+        ingestion=[f.as_dict() for f in report.files], ingestion_run=report.run_id,
     )
     return report
 
@@ -291,13 +382,23 @@ def check_drift(settings: Settings) -> DriftDecision:
         purpose="drift-check",
     ).metrics
     z = normal_quantile(settings.scoring.confidence)
+    reference = deployed_test_score
     decision = drift_decision(
         deployed_f1,
-        (deployed_test_score.get("f1_low"), deployed_test_score.get("f1_high")),
+        (reference.get("f1_low"), reference.get("f1_high")),
         new.f1,
         (new.f1_low, new.f1_high),
         settings.drift,
         z,
+        ranking=(
+            Measure("ROC AUC", reference.get("roc_auc"),
+                    (reference.get("roc_auc_low"), reference.get("roc_auc_high")),
+                    new.roc_auc, (new.roc_auc_low, new.roc_auc_high)),
+            Measure("top-group precision", reference.get("top_precision"),
+                    (reference.get("top_precision_low"), reference.get("top_precision_high")),
+                    new.top_precision, (new.top_precision_low, new.top_precision_high)),
+        ),
+        everyone_leaves_f1=new.everyone_leaves_f1,
     )
     decision.numbers["new_rows"] = new.rows
     leavers = base_rate_change(
@@ -351,15 +452,99 @@ class Candidate(NamedTuple):
         )
 
 
-def retrain(settings: Settings, *, hold_out_new_rows: bool) -> Candidate:
-    """Train on the master dataset, less part of the newest batch when asked; score on test data."""
+def retrain(
+    settings: Settings, held_out: pd.DataFrame | None, plan: TrainingPlan | None
+) -> Candidate:
+    """Train by `plan` (None: all history) on the master dataset less the held-out rows; score it
+    on the test data."""
     from scoring import score
-    from training import train
+    from training import ALL_HISTORY, train
 
-    held_out = split_new_rows(settings)[1] if hold_out_new_rows else None
-    trained = train(settings, held_out=held_out)
+    trained = train(settings, held_out=held_out, plan=plan or ALL_HISTORY)
     metrics = score(settings, model=trained.model).metrics
     return Candidate(trained, metrics.f1, held_out)
+
+
+def judge_plans(
+    settings: Settings, held_out: pd.DataFrame, deployed_model: ClassifierMixin, run_id: str
+) -> list[PlanScore]:
+    """The deployed model and each way to retrain, judged on the held-out newest rows.
+
+    Each plan is fitted once without the held-out rows (time order holds: they are the newest);
+    the winner is then trained for real. The plans: all history; only the batches since the
+    change (the batch that showed the drift, and earlier ones whose drift kept the deployed
+    model); history weighted by recency.
+    """
+    import numpy as np
+
+    from dataset import read_master
+    from errors import InsufficientDataError
+    from ingestion import master_batches
+    from scoring import compute_metrics, predict_frame
+    from training import ALL_HISTORY, TrainingPlan, fit_quickly, training_frame
+
+    schema = settings.schema
+    truth = held_out[schema.target].to_numpy(dtype=int)
+
+    def judged(
+        name: str, plan: TrainingPlan | None, rows: int | None, probabilities: np.ndarray,
+        predictions: np.ndarray,
+    ) -> PlanScore:
+        metrics = compute_metrics(truth, probabilities, predictions, settings.scoring)
+        return PlanScore(name, plan, rows, metrics.f1, metrics.roc_auc, metrics.top_precision)
+
+    deployed = predict_frame(deployed_model, "", held_out, schema)
+    scores = [judged("deployed model as it is", None, None,
+                     np.asarray(deployed.probabilities), np.asarray(deployed.predictions))]
+    master = read_master(settings)
+    plans = [ALL_HISTORY]
+    if master_batches(settings, len(master)) is not None:
+        since_change = frozenset(batches_since_change(settings, run_id))
+        plans += [
+            TrainingPlan("since the change", batches=since_change),
+            TrainingPlan("recency-weighted", half_life_batches=settings.retrain.half_life_batches),
+        ]
+    for plan in plans:
+        frame, weights, _ = training_frame(settings, master, held_out, plan)
+        try:
+            pipeline, threshold = fit_quickly(frame, schema, settings.model, weights)
+        except InsufficientDataError as error:
+            log.info("candidate %s skipped: %s", plan.name, error)
+            continue
+        probabilities = pipeline.predict_proba(held_out[list(schema.features)])[:, 1]
+        scores.append(judged(plan.name, plan, len(frame), probabilities, probabilities >= threshold))
+    return scores
+
+
+def batches_since_change(settings: Settings, run_id: str) -> list[str]:
+    """The batch that showed the drift and the earlier drifted batches the deployed model outlived.
+
+    Walking back through the cycles, every cycle that found drift but kept the deployed model saw
+    a batch of the changed business too; the first cycle that found no drift, or deployed, ends it.
+    """
+    batches = [run_id]
+    cycles = records.query(
+        settings.records_path, "SELECT decision, details FROM cycles ORDER BY id DESC LIMIT 200"
+    )
+    for cycle in cycles:
+        if cycle["decision"] != "drift-kept-deployed":
+            break
+        earlier = json.loads(cycle["details"] or "{}").get("ingestion_run")
+        if earlier:
+            batches.append(earlier)
+    return batches
+
+
+def describe_plans(scores: list[PlanScore], best: PlanScore) -> str:
+    """One line: every candidate's numbers on the held-out rows, and which won."""
+    def numbers(score: PlanScore) -> str:
+        auc = "-" if score.roc_auc is None else f"{score.roc_auc:.3f}"
+        return f"{score.name} F1 {score.f1:.3f} AUC {auc}"
+
+    return (
+        f"candidates on the held-out new rows: {'; '.join(numbers(s) for s in scores)}; "
+        f"best: {best.name}"
+    )
 
 
 def split_new_rows(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame | None]:

@@ -91,6 +91,8 @@ class ScoringSettings(NamedTuple):
     bootstrap_samples: int = 1000
     confidence: float = 0.95
     random_state: int = 0
+    # The top group a model is judged on as a call list: this share of the rows, highest risk first.
+    top_share: float = 0.1
 
 
 class DeploymentSettings(NamedTuple):
@@ -185,11 +187,25 @@ class AlertSettings(NamedTuple):
     repeat_after_hours: float = 24.0
 
 
+class RetrainSettings(NamedTuple):
+    """How the cycle chooses the data a retrained model learns from (fullprocess.py, README).
+
+    On drift, every way to train is fitted without the held-out newest rows and judged on them:
+    all history, only the batches since the change, and history weighted by recency, whose weights
+    halve every `half_life_batches` batches back. The best F1 wins; candidates within `f1_tie` of
+    the best F1 are told apart by ROC AUC.
+    """
+
+    half_life_batches: float = 2.0
+    f1_tie: float = 0.01
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelSettings,
     "scoring": ScoringSettings,
     "deployment": DeploymentSettings,
     "drift": DriftSettings,
+    "retrain": RetrainSettings,
     "diagnostics": DiagnosticsSettings,
     "api": ApiSettings,
     "alerts": AlertSettings,
@@ -211,6 +227,7 @@ class Settings(NamedTuple):
     scoring: ScoringSettings = ScoringSettings()
     deployment: DeploymentSettings = DeploymentSettings()
     drift: DriftSettings = DriftSettings()
+    retrain: RetrainSettings = RetrainSettings()
     diagnostics: DiagnosticsSettings = DiagnosticsSettings()
     api: ApiSettings = ApiSettings()
     alerts: AlertSettings = AlertSettings()
