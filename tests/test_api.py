@@ -421,7 +421,7 @@ def test_diagnostics_serve_the_latest_recorded_run(client, deployed):
     assert response.json == latest
 
 
-def test_diagnostics_refresh_records_a_new_run(client, deployed, monkeypatch):
+def test_diagnostics_post_records_a_new_run(client, deployed, monkeypatch):
     run = diagnostics.run_diagnostics
     # The timing and dependency sections take seconds and are diagnostics.py's own business here.
     monkeypatch.setattr(
@@ -429,11 +429,20 @@ def test_diagnostics_refresh_records_a_new_run(client, deployed, monkeypatch):
         lambda settings, **_: run(settings, timing=False, dependencies=False),
     )
 
-    response = client.get("/diagnostics?refresh=1")
+    response = client.post("/diagnostics")
 
     assert response.status_code == 200
     assert response.json == diagnostics.latest_diagnostics(deployed)
     assert len(records.query(deployed.records_path, "SELECT id FROM diagnostics")) == 1
+
+
+@pytest.mark.parametrize("value", ["1", "true"])
+def test_diagnostics_get_refuses_a_refresh_and_points_to_post(client, deployed, value):
+    response = client.get(f"/diagnostics?refresh={value}")
+
+    assert response.status_code == 400
+    assert "POST /diagnostics" in error_of(response)
+    assert records.query(deployed.records_path, "SELECT id FROM diagnostics") == []
 
 
 @pytest.mark.parametrize("value", ["maybe", "2"])
