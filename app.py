@@ -6,8 +6,9 @@ Shaped like Flask's tutorial app. Where things are:
   check and the blueprint. wsgi.py serves it with gunicorn.
 - `bp`, the Blueprint, holds every route. A view parses its input, calls a scoring or diagnostics
   function and returns JSON.
-- `ERROR_STATUS` is the one map from our errors (errors.py) to status codes. Helpers raise only our
-  errors; werkzeug's own (unknown route, wrong method, body over the limit, no token) answer JSON too.
+- `ERROR_STATUS` is the one map from our errors (errors.py) to status codes. Helpers raise only
+  our errors; werkzeug's own (unknown route, wrong method, body over the limit, no token) answer
+  JSON too.
 - Below the routes: the error handlers and the token check; prediction input (`prediction_frame`
   and its helpers); per-app state (`ApiState`: `DeployedModel`, the `KeyedCache`s and what they
   compute); query arguments.
