@@ -1,9 +1,22 @@
 """The API: the deployed model's predictions and metrics, and the system's diagnostics, as JSON.
 
-`create_app(settings)` builds the app, as Flask's tutorial does; wsgi.py serves it with gunicorn.
+Shaped like Flask's tutorial app. Where things are:
+- `create_app(settings)` builds an app: settings, its per-app state (`ApiState` in
+  `app.extensions["risk"]`, reached from a view through `state()`), the error handlers, the token
+  check and the blueprint. wsgi.py serves it with gunicorn.
+- `bp`, the Blueprint, holds every route. A view parses its input, calls a scoring or diagnostics
+  function and returns JSON.
+- `ERROR_STATUS` is the one map from our errors (errors.py) to status codes. Helpers raise only
+  our errors; werkzeug's own (unknown route, wrong method, body over the limit, no token) answer
+  JSON too.
+- Below the routes: the error handlers and the token check; prediction input (`prediction_frame`
+  and its helpers); per-app state (`ApiState`: `DeployedModel`, the `KeyedCache`s and what they
+  compute); query arguments.
+
 Each process keeps the deployed model in memory and checks production's manifest (one stat) on every
 request that needs it, so a new release is served on the next request without a restart. A GET never
-changes data, models or deployments; only GET /diagnostics?refresh=1 adds a diagnostics record.
+changes data, models, deployments or records. POST /diagnostics records a new diagnostics run; it
+reads stage timings from the records and never re-runs a stage in a web worker.
 """
 
 from __future__ import annotations
@@ -15,46 +28,49 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from flask import Flask, Response, jsonify, request, send_file
+from flask import Blueprint, Flask, Response, current_app, jsonify, request, send_file
 from werkzeug.datastructures import WWWAuthenticate
-from werkzeug.exceptions import (
-    HTTPException,
-    NotFound,
-    RequestEntityTooLarge,
-    ServiceUnavailable,
-    Unauthorized,
-    UnsupportedMediaType,
-)
+from werkzeug.exceptions import HTTPException, Unauthorized
 
 import deployment
 import diagnostics
+from dataset import read_csv, validate_frame
 from errors import (
     ConfigError,
     DataError,
+    DataFileNotFound,
+    DataNotReady,
     DeploymentError,
+    InputTooLarge,
     ModelNotDeployedError,
     ModelNotFoundError,
     PipelineError,
+    UnsupportedInput,
 )
-from dataset import read_csv, validate_frame
 from scoring import evaluate, predict_frame, read_test_data
 from settings import Schema, Settings, load_settings
 
 log = logging.getLogger(__name__)
 
-# What each of our errors means for a client: a bad request, or a server that cannot answer yet.
+# What each of our errors means for a client; an error without an entry takes its nearest parent's.
 ERROR_STATUS: dict[type[PipelineError], int] = {
     DataError: 400,
+    DataFileNotFound: 404,
+    InputTooLarge: 413,
+    UnsupportedInput: 415,
+    ConfigError: 500,
+    DataNotReady: 503,
     ModelNotDeployedError: 503,
     ModelNotFoundError: 503,
     DeploymentError: 503,
-    ConfigError: 500,
 }
+EXTENSION = "risk"  # the app.extensions key of an app's ApiState
+OPEN_ENDPOINTS = {"api.health"}  # answered without the token
 CSV_TYPES = ("text/csv", "application/csv")
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 ACCEPTED_INPUT = (
@@ -65,84 +81,7 @@ DEFAULT_RISK_TOP = 10
 # An error message quotes what it found (a header, a value); a junk request must not echo megabytes.
 MAX_ERROR_CHARS = 2000
 
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """The current release and its unpickled model."""
-
-    model: Any
-    release: deployment.Release
-
-
-class KeyedCache:
-    """One computed value per process, computed again only when its key changes.
-
-    Keys are cheap facts (a file's inode, mtime and size; a release version), so checking costs a
-    stat and the expensive work (unpickling, scoring, reading a CSV) runs once per change. The lock
-    keeps concurrent threads from computing the same value twice.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._state: tuple[Hashable, Any] = (object(), None)
-
-    def get(self, key: Hashable, compute: Callable[[], Any]) -> Any:
-        cached_key, value = self._state
-        if cached_key == key:
-            return value
-        with self._lock:
-            cached_key, value = self._state
-            if cached_key != key:
-                value = compute()
-                self._state = (key, value)
-            return value
-
-
-def file_key(path: Path) -> tuple[int, int, int] | None:
-    """What changes when a file is replaced (an atomic rename gives a new inode); None if absent."""
-    try:
-        stat = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
-
-
-class DeployedModel:
-    """The current release's model, loaded once per release, reloaded when the manifest changes.
-
-    Deployment writes a release folder completely before it renames the manifest over the old
-    one, so a changed manifest always names a whole release; loading checks every file's checksum.
-    A release that fails that check is refused (503) until the manifest changes again (redeploy or
-    roll back): the previous model is not served in its place, as clients would take it for the
-    current one.
-    """
-
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._cache = KeyedCache()
-
-    def get(self) -> LoadedModel:
-        key = file_key(deployment.manifest_path(self._settings))
-        if key is None:
-            # Not cached: the first deployment must be picked up as soon as it appears.
-            return self._load()
-        loaded = self._cache.get(key, self._load_or_failure)
-        if isinstance(loaded, PipelineError):
-            # A new instance each time, so one cached failure never accumulates tracebacks.
-            raise type(loaded)(*loaded.args)
-        return loaded
-
-    def _load(self) -> LoadedModel:
-        model, release = deployment.load_deployed_model(self._settings)
-        log.info("serving release %s", release.version)
-        return LoadedModel(model, release)
-
-    def _load_or_failure(self) -> LoadedModel | PipelineError:
-        try:
-            return self._load()
-        except (DeploymentError, ModelNotFoundError, ModelNotDeployedError) as error:
-            log.error("cannot serve the deployed release: %s", error)
-            return error
+bp = Blueprint("api", __name__)
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -151,111 +90,116 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.api.max_request_bytes
     app.json.sort_keys = False  # metrics read best in the order they are computed
-    models = DeployedModel(settings)
-    scores, statistics, risk_lists = KeyedCache(), KeyedCache(), KeyedCache()
-
-    token = os.environ.get(settings.api.token_env_var) or None
-    if token:
-        @app.before_request
-        def require_token() -> None:
-            if request.endpoint != "health" and not bearer_token_matches(token):
-                raise Unauthorized(
-                    f"send the API token from ${settings.api.token_env_var} as "
-                    "'Authorization: Bearer TOKEN'",
-                    www_authenticate=WWWAuthenticate("bearer"),
-                )
-
-    @app.errorhandler(PipelineError)
-    def pipeline_error(error: PipelineError) -> tuple[Response, int]:
-        status = status_for(error)
-        message = str(error)
-        if len(message) > MAX_ERROR_CHARS:
-            message = message[:MAX_ERROR_CHARS] + " [...]"
-        log.log(logging.INFO if status < 500 else logging.ERROR, "%s: %s", request.path, message)
-        return jsonify(error=message), status
-
-    @app.errorhandler(HTTPException)
-    def http_error(error: HTTPException) -> Response:
-        response = jsonify(error=error.description or error.name)
-        response.status_code = error.code or 500
-        for name, value in error.get_headers():
-            if name.lower() != "content-type":
-                response.headers[name] = value
-        return response
-
-    @app.get("/health")
-    def health() -> Response:
-        return jsonify(status="ok")
-
-    @app.get("/ready")
-    def ready() -> Response:
-        release = models.get().release
-        return jsonify(
-            status="ready", model_version=release.version, deployed_at=release.created_at,
-            f1=release.f1,
-        )
-
-    @app.post("/prediction")
-    def prediction() -> Response:
-        loaded = models.get()
-        frame = prediction_frame(settings)
-        result = predict_frame(
-            loaded.model, loaded.release.version, frame, settings.schema
-        )
-        return jsonify(result.as_dict())
-
-    @app.get("/scoring")
-    def scoring() -> Response:
-        loaded = models.get()
-        test_files = settings.test_data_files()
-        key = (loaded.release.version, tuple((str(p), file_key(p)) for p in test_files))
-        return jsonify(scores.get(key, lambda: score_deployed(settings, loaded, test_files)))
-
-    @app.get("/summarystats")
-    def summarystats() -> Response:
-        key = file_key(settings.finaldata_path)
-        if key is None:
-            raise ServiceUnavailable(
-                f"no master dataset at {relative_name(settings.finaldata_path, settings)} yet: "
-                "run ingestion.py"
-            )
-        return jsonify(statistics.get(key, lambda: master_statistics(settings)))
-
-    @app.get("/diagnostics")
-    def diagnostics_endpoint() -> Response:
-        if flag_argument("refresh"):
-            return jsonify(diagnostics.run_diagnostics(settings))
-        latest = diagnostics.latest_diagnostics(settings)
-        if latest is None:
-            raise ServiceUnavailable(
-                "no diagnostics recorded yet: run diagnostics.py (or call /diagnostics?refresh=1)"
-            )
-        return jsonify(latest)
-
-    @app.get("/risk")
-    def risk() -> Response:
-        top = positive_int_argument("top", DEFAULT_RISK_TOP)
-        key = file_key(settings.risk_scores_path)
-        if key is None:
-            raise ServiceUnavailable("no risk list yet: run reporting.py (or fullprocess.py)")
-        clients = risk_lists.get(key, lambda: read_risk_list(settings))
-        return jsonify(
-            ranked_clients=len(clients), top=min(top, len(clients)), clients=clients[:top]
-        )
-
-    @app.get("/report")
-    def report() -> Response:
-        try:
-            return send_file(
-                settings.report_path, mimetype="application/pdf", as_attachment=True,
-                download_name=settings.report_path.name,
-            )
-        except FileNotFoundError:
-            raise ServiceUnavailable(
-                "no report yet: run reporting.py (or fullprocess.py)"
-            ) from None
-
+    app.extensions[EXTENSION] = ApiState(
+        settings=settings,
+        token=os.environ.get(settings.api.token_env_var) or None,
+        models=DeployedModel(settings),
+    )
+    app.register_error_handler(PipelineError, pipeline_error)
+    app.register_error_handler(HTTPException, http_error)
+    app.before_request(require_token)
+    app.register_blueprint(bp)
     return app
+
+
+def state() -> ApiState:
+    """The current app's ApiState, as flaskr's `get_db` gives a view its database."""
+    return current_app.extensions[EXTENSION]
+
+
+# --- Routes ------------------------------------------------------------------------------------
+
+
+@bp.get("/health")
+def health() -> Response:
+    return jsonify(status="ok")
+
+
+@bp.get("/ready")
+def ready() -> Response:
+    release = state().models.get().release
+    return jsonify(
+        status="ready", model_version=release.version, deployed_at=release.created_at,
+        f1=release.f1,
+    )
+
+
+@bp.post("/prediction")
+def prediction() -> Response:
+    api = state()
+    loaded = api.models.get()
+    frame = prediction_frame(api.settings)
+    result = predict_frame(loaded.model, loaded.release.version, frame, api.settings.schema)
+    return jsonify(result.as_dict())
+
+
+@bp.get("/scoring")
+def scoring() -> Response:
+    api = state()
+    loaded = api.models.get()
+    test_files = api.settings.test_data_files()
+    key = (loaded.release.version, tuple((str(p), file_key(p)) for p in test_files))
+    return jsonify(api.scores.get(key, lambda: score_deployed(api.settings, loaded, test_files)))
+
+
+@bp.get("/summarystats")
+def summarystats() -> Response:
+    api = state()
+    key = file_key(api.settings.finaldata_path)
+    if key is None:
+        raise DataNotReady(
+            f"no master dataset at {relative_name(api.settings.finaldata_path, api.settings)} "
+            "yet: run ingestion.py"
+        )
+    return jsonify(api.statistics.get(key, lambda: master_statistics(api.settings)))
+
+
+@bp.get("/diagnostics")
+def latest_diagnostics() -> Response:
+    """The latest recorded diagnostics run; reading only, so a refresh is a POST."""
+    if flag_argument("refresh"):
+        raise DataError(
+            "GET /diagnostics only reads the latest recorded run: "
+            "POST /diagnostics to record a new one"
+        )
+    latest = diagnostics.latest_diagnostics(state().settings)
+    if latest is None:
+        raise DataNotReady(
+            "no diagnostics recorded yet: run diagnostics.py (or POST /diagnostics)"
+        )
+    return jsonify(latest)
+
+
+@bp.post("/diagnostics")
+def record_diagnostics() -> Response:
+    """Record a new diagnostics run and return it; it reads stage timings from the records."""
+    return jsonify(diagnostics.run_diagnostics(state().settings))
+
+
+@bp.get("/risk")
+def risk() -> Response:
+    api = state()
+    top = positive_int_argument("top", DEFAULT_RISK_TOP)
+    key = file_key(api.settings.risk_scores_path)
+    if key is None:
+        raise DataNotReady("no risk list yet: run reporting.py (or fullprocess.py)")
+    clients = api.risk_lists.get(key, lambda: read_risk_list(api.settings))
+    return jsonify(ranked_clients=len(clients), top=min(top, len(clients)), clients=clients[:top])
+
+
+@bp.get("/report")
+def report() -> Response:
+    report_path = state().settings.report_path
+    try:
+        return send_file(
+            report_path, mimetype="application/pdf", as_attachment=True,
+            download_name=report_path.name,
+        )
+    except FileNotFoundError:
+        raise DataNotReady("no report yet: run reporting.py (or fullprocess.py)") from None
+
+
+# --- Errors and the token ----------------------------------------------------------------------
 
 
 def status_for(error: PipelineError) -> int:
@@ -264,6 +208,36 @@ def status_for(error: PipelineError) -> int:
         if cls in ERROR_STATUS:
             return ERROR_STATUS[cls]
     return 500
+
+
+def pipeline_error(error: PipelineError) -> tuple[Response, int]:
+    status = status_for(error)
+    message = str(error)
+    if len(message) > MAX_ERROR_CHARS:
+        message = message[:MAX_ERROR_CHARS] + " [...]"
+    log.log(logging.INFO if status < 500 else logging.ERROR, "%s: %s", request.path, message)
+    return jsonify(error=message), status
+
+
+def http_error(error: HTTPException) -> Response:
+    """Werkzeug's own errors (unknown route, wrong method, body over the limit) as JSON too."""
+    response = jsonify(error=error.description or error.name)
+    response.status_code = error.code or 500
+    for name, value in error.get_headers():
+        if name.lower() != "content-type":
+            response.headers[name] = value
+    return response
+
+
+def require_token() -> None:
+    """When the server started with a token, every request but /health must bring it."""
+    api = state()
+    if api.token and request.endpoint not in OPEN_ENDPOINTS and not bearer_token_matches(api.token):
+        raise Unauthorized(
+            f"send the API token from ${api.settings.api.token_env_var} as "
+            "'Authorization: Bearer TOKEN'",
+            www_authenticate=WWWAuthenticate("bearer"),
+        )
 
 
 def bearer_token_matches(token: str) -> bool:
@@ -298,7 +272,7 @@ def prediction_frame(settings: Settings) -> pd.DataFrame:
                 "'Content-Type: application/json')"
             )
         return frame_from_file(request.form["filepath"], settings)
-    raise UnsupportedMediaType(
+    raise UnsupportedInput(
         f"cannot read a body of type {request.mimetype or 'unknown'}: {ACCEPTED_INPUT}"
     )
 
@@ -313,7 +287,7 @@ def request_body() -> bytes:
     body = request.get_data()
     limit = request.max_content_length
     if request.content_length is None and limit is not None and len(body) >= limit:
-        raise RequestEntityTooLarge(f"the request body is larger than the limit of {limit} bytes")
+        raise InputTooLarge(f"the request body is larger than the limit of {limit} bytes")
     return body
 
 
@@ -408,7 +382,7 @@ def data_file(filepath: Any, settings: Settings) -> Path:
                 f"({relative_name(step, settings)}); name the file itself"
             )
         if not step.exists():
-            raise NotFound(f"no file {filepath!r} in the data folders ({folders})")
+            raise DataFileNotFound(f"no file {filepath!r} in the data folders ({folders})")
     if not path.is_file():
         raise DataError(f"filepath {filepath!r} is not a file")
     return path
@@ -422,7 +396,98 @@ def relative_name(path: Path, settings: Settings) -> str:
         return str(path)
 
 
-# --- Cached answers ----------------------------------------------------------------------------
+# --- Per-app state and cached answers ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """The current release and its unpickled model."""
+
+    model: Any
+    release: deployment.Release
+
+
+class KeyedCache:
+    """One computed value per process, computed again only when its key changes.
+
+    Keys are cheap facts (a file's inode, mtime and size; a release version), so checking costs a
+    stat and the expensive work (unpickling, scoring, reading a CSV) runs once per change. The lock
+    keeps concurrent threads from computing the same value twice.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state: tuple[Hashable, Any] = (object(), None)
+
+    def get(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        cached_key, value = self._state
+        if cached_key == key:
+            return value
+        with self._lock:
+            cached_key, value = self._state
+            if cached_key != key:
+                value = compute()
+                self._state = (key, value)
+            return value
+
+
+def file_key(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is replaced (an atomic rename gives a new inode); None if absent."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
+class DeployedModel:
+    """The current release's model, loaded once per release, reloaded when the manifest changes.
+
+    Deployment writes a release folder completely before it renames the manifest over the old
+    one, so a changed manifest always names a whole release; loading checks every file's checksum.
+    A release that fails that check is refused (503) until the manifest changes again (redeploy or
+    roll back): the previous model is not served in its place, as clients would take it for the
+    current one.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._cache = KeyedCache()
+
+    def get(self) -> LoadedModel:
+        key = file_key(deployment.manifest_path(self._settings))
+        if key is None:
+            # Not cached: the first deployment must be picked up as soon as it appears.
+            return self._load()
+        loaded = self._cache.get(key, self._load_or_failure)
+        if isinstance(loaded, PipelineError):
+            # A new instance each time, so one cached failure never accumulates tracebacks.
+            raise type(loaded)(*loaded.args)
+        return loaded
+
+    def _load(self) -> LoadedModel:
+        model, release = deployment.load_deployed_model(self._settings)
+        log.info("serving release %s", release.version)
+        return LoadedModel(model, release)
+
+    def _load_or_failure(self) -> LoadedModel | PipelineError:
+        try:
+            return self._load()
+        except (DeploymentError, ModelNotFoundError, ModelNotDeployedError) as error:
+            log.error("cannot serve the deployed release: %s", error)
+            return error
+
+
+@dataclass(frozen=True)
+class ApiState:
+    """What one app keeps between requests: its settings, token, served model and cached answers."""
+
+    settings: Settings
+    token: str | None
+    models: DeployedModel
+    scores: KeyedCache = field(default_factory=KeyedCache)
+    statistics: KeyedCache = field(default_factory=KeyedCache)
+    risk_lists: KeyedCache = field(default_factory=KeyedCache)
 
 
 def score_deployed(settings: Settings, loaded: LoadedModel, test_files: list[Path]) -> dict:
@@ -430,7 +495,7 @@ def score_deployed(settings: Settings, loaded: LoadedModel, test_files: list[Pat
     try:
         frame = read_test_data(settings)
     except DataError as error:
-        raise ServiceUnavailable(f"the test data cannot be scored: {error}") from None
+        raise DataNotReady(f"the test data cannot be scored: {error}") from None
     metrics = evaluate(loaded.model, frame, settings).metrics
     return {
         "model_version": loaded.release.version,
@@ -444,7 +509,7 @@ def master_statistics(settings: Settings) -> dict:
     try:
         statistics = diagnostics.summary_statistics(settings)
     except DataError as error:
-        raise ServiceUnavailable(str(error)) from None
+        raise DataNotReady(str(error)) from None
     return {"dataset": relative_name(settings.finaldata_path, settings), "statistics": statistics}
 
 
@@ -454,7 +519,7 @@ def read_risk_list(settings: Settings) -> list[dict[str, Any]]:
     try:
         frame = pd.read_csv(settings.risk_scores_path, dtype=text_columns)
     except (OSError, ValueError, pd.errors.ParserError) as error:
-        raise ServiceUnavailable(
+        raise DataNotReady(
             f"the risk list {relative_name(settings.risk_scores_path, settings)} cannot be read "
             f"({error}): run reporting.py again"
         ) from None

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT_DIR))
+import generate_data
+from settings import Settings, load_settings
 
-import generate_data  # noqa: E402
-from settings import Settings, load_settings  # noqa: E402
+PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 SOURCE_ROWS = 600
 TEST_ROWS = 400
