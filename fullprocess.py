@@ -277,15 +277,20 @@ class PlanScore(NamedTuple):
         }
 
 
-def choose_plan(scores: list[PlanScore], f1_tie: float) -> PlanScore:
+def choose_plan(scores: list[PlanScore], f1_tie: float, auc_tie: float) -> PlanScore:
     """The best F1 on the held-out rows; among those within `f1_tie` of it, the best ROC AUC.
 
-    On a full tie the earlier candidate wins, and the deployed model comes first: no change of
-    model without a reason.
+    Candidates within `auc_tie` of that AUC are a tie too, and a tie goes to the earlier candidate:
+    the deployed model first, then all history. No change of model, and no discarding of data,
+    without a reason the held-out rows can tell from noise.
     """
+    def auc(score: PlanScore) -> float:
+        return -1.0 if score.roc_auc is None else score.roc_auc
+
     best_f1 = max(score.f1 for score in scores)
     tied = [score for score in scores if score.f1 >= best_f1 - f1_tie]
-    return max(tied, key=lambda score: -1.0 if score.roc_auc is None else score.roc_auc)
+    best_auc = max(auc(score) for score in tied)
+    return next(score for score in tied if auc(score) >= best_auc - auc_tie)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,7 +320,7 @@ def run_cycle(settings: Settings, *, force: bool = False) -> CycleOutcome:
     plan = None  # all history
     if held_out is not None:
         scores = judge_plans(settings, held_out, deployed_model, report.run_id)
-        best = choose_plan(scores, settings.retrain.f1_tie)
+        best = choose_plan(scores, settings.retrain.f1_tie, settings.retrain.auc_tie)
         journal.add(describe_plans(scores, best), candidates=[s.as_dict() for s in scores],
                     chosen=best.name)
         if best.plan is None and not force:

@@ -193,11 +193,13 @@ class RetrainSettings(NamedTuple):
     On drift, every way to train is fitted without the held-out newest rows and judged on them:
     all history, only the batches since the change, and history weighted by recency, whose weights
     halve every `half_life_batches` batches back. The best F1 wins; candidates within `f1_tie` of
-    the best F1 are told apart by ROC AUC.
+    the best F1 are told apart by ROC AUC, and those within `auc_tie` of the best AUC go to the
+    earlier candidate (the deployed model, then all history).
     """
 
     half_life_batches: float = 2.0
     f1_tie: float = 0.01
+    auc_tie: float = 0.01
 
 
 SECTIONS: dict[str, type] = {
