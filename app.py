@@ -70,7 +70,8 @@ ERROR_STATUS: dict[type[PipelineError], int] = {
     DeploymentError: 503,
 }
 EXTENSION = "risk"  # the app.extensions key of an app's ApiState
-OPEN_ENDPOINTS = {"api.health"}  # answered without the token
+OPEN_ENDPOINTS = {"api.health", "static"}  # answered without the token (static: the stylesheet)
+PAGES = "pages"  # the pages' blueprint (pages.py) checks its own login session
 CSV_TYPES = ("text/csv", "application/csv")
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 ACCEPTED_INPUT = (
@@ -99,6 +100,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_error_handler(HTTPException, http_error)
     app.before_request(require_token)
     app.register_blueprint(bp)
+    import pages  # imported here, as flaskr's factory imports its blueprints: pages imports app
+    app.register_blueprint(pages.bp)
     return app
 
 
@@ -230,9 +233,15 @@ def http_error(error: HTTPException) -> Response:
 
 
 def require_token() -> None:
-    """When the server started with a token, every request but /health must bring it."""
+    """When the server started with a token, every request but /health must bring it.
+
+    The pages (pages.py) take the token once at their login and check their own session cookie.
+    """
     api = state()
-    if api.token and request.endpoint not in OPEN_ENDPOINTS and not bearer_token_matches(api.token):
+    if (
+        api.token and request.endpoint not in OPEN_ENDPOINTS and request.blueprint != PAGES
+        and not bearer_token_matches(api.token)
+    ):
         raise Unauthorized(
             f"send the API token from ${api.settings.api.token_env_var} as "
             "'Authorization: Bearer TOKEN'",
