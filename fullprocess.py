@@ -373,9 +373,10 @@ def run_cycle(settings: Settings, *, force: bool = False) -> CycleOutcome:
     journal.add(f"deployed release {release.version}")
     journal.alert(alerts.release_deployed(release.version, served.version, release.f1,
                                           decision.reason))
-    check_after_deployment(settings, release.version, journal)
+    decided = "forced-redeploy" if force else "drift-redeployed"
+    check_after_deployment(settings, release.version, journal, decided)
     return journal.outcome(
-        "forced-redeploy" if force else "drift-redeployed",
+        decided,
         f"deployed release {release.version} (was {served.version})", release.version,
     )
 
@@ -389,7 +390,7 @@ def first_deployment(settings: Settings, new_files: list[str]) -> CycleOutcome:
     release = deployment.deploy(settings)
     journal.add(f"deployed release {release.version}")
     journal.alert(alerts.release_deployed(release.version, None, release.f1))
-    check_after_deployment(settings, release.version, journal)
+    check_after_deployment(settings, release.version, journal, "first-deployment")
     return journal.outcome(
         "first-deployment",
         f"deployed the first release {release.version} (F1 {candidate.test_f1:.3f})",
@@ -644,9 +645,14 @@ def release_candidate(settings: Settings, candidate: Candidate) -> Release:
     return deployment.deploy(settings)
 
 
-def check_after_deployment(settings: Settings, release: str, journal: Journal) -> None:
+def check_after_deployment(
+    settings: Settings, release: str, journal: Journal, decision: str
+) -> None:
     """Diagnose and report the new release, then check that the API serves it."""
-    for step in after_deployment(settings):
+    # The report opens with this cycle's decision, which is recorded only when the cycle ends.
+    deciding_cycle = {"started": records.utc_now(), "decision": decision,
+                      "details": json.dumps(journal.details, default=str)}
+    for step in after_deployment(settings, deciding_cycle):
         journal.add(step)
     api = check_api(settings, release)
     journal.add(api.step)
@@ -655,7 +661,7 @@ def check_after_deployment(settings: Settings, release: str, journal: Journal) -
         journal.alert(alerts.api_check_failed(api.base_url, api.warning, api.failing))
 
 
-def after_deployment(settings: Settings) -> list[str]:
+def after_deployment(settings: Settings, deciding_cycle: dict[str, Any]) -> list[str]:
     """Diagnose and report the new release; say what was done."""
     import diagnostics
     import reporting
@@ -663,7 +669,7 @@ def after_deployment(settings: Settings) -> list[str]:
     steps = []
     diagnostics.run_diagnostics(settings)
     steps.append("recorded diagnostics")
-    report = reporting.build_report(settings)
+    report = reporting.build_report(settings, deciding_cycle=deciding_cycle)
     steps.append(f"wrote the report and risk list ({report.report_path.name})")
     return steps
 
