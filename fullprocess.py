@@ -827,32 +827,44 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--force", action="store_true", help="retrain and redeploy whether or not there is drift"
     )
+    parser.add_argument(
+        "--quiet", action="store_true",
+        help="print nothing on success (for cron); warnings and errors still go to stderr",
+    )
     return parser
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace | SimpleNamespace:
-    """The options; cron's own `--config PATH` is read as argparse would, without argparse.
+    """The options; cron's own `--config PATH [--quiet]` is read as argparse would, without it.
 
     Importing argparse and building the parser (which loads gettext, locale and shutil) costs more
     than all of a no-op cycle's own work. Any other command line goes to argparse.
     """
     arguments = sys.argv[1:] if argv is None else argv
-    if len(arguments) == 2 and arguments[0] == "--config" and not arguments[1].startswith("-"):
-        return SimpleNamespace(config=arguments[1], dry_run=False, force=False)
+    quiet = arguments[2:] == ["--quiet"]
+    if (len(arguments) == 2 or quiet) and arguments[0] == "--config" and not arguments[
+        1
+    ].startswith("-"):
+        return SimpleNamespace(config=arguments[1], dry_run=False, force=False, quiet=quiet)
     return argument_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.quiet:
+        # Cron mails or appends whatever a job prints: on success, print nothing at all. The
+        # cycle's own log (log_path, rotated) has every line; warnings and errors still show.
+        for handler in logging.getLogger().handlers:
+            handler.setLevel(logging.WARNING)
     settings = load_settings(args.config)
     if args.dry_run:
         print(describe_plan(settings, args.force))
         return 0
     with cycle_log(settings):
-        return run_locked_cycle(settings, force=args.force)
+        return run_locked_cycle(settings, force=args.force, quiet=args.quiet)
 
 
-def run_locked_cycle(settings: Settings, force: bool) -> int:
+def run_locked_cycle(settings: Settings, force: bool, quiet: bool = False) -> int:
     """Run one cycle under the lock and record it, whatever happens."""
     started, started_at = time.monotonic(), records.utc_now()
     try:
@@ -871,10 +883,14 @@ def run_locked_cycle(settings: Settings, force: bool) -> int:
             if outcome.alerts:
                 alerts.notify(settings, list(outcome.alerts))
     except CycleBusyError as busy:
-        print(f"skipped: {busy}")
+        if not quiet:
+            print(f"skipped: {busy}")
         log.info("skipped: %s", busy)
         return 0
-    print(outcome.summary())
+    if not quiet:
+        print(outcome.summary())
+    elif outcome.warnings:
+        print(outcome.summary(), file=sys.stderr)
     return 0
 
 
