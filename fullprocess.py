@@ -188,7 +188,7 @@ def drift_decision(
         return DriftDecision(True, "; ".join(check["text"] for check in fallen), numbers)
     return DriftDecision(
         False,
-        f"F1 {new_f1:.3f} on new data vs deployed {deployed_f1:.3f} (drop "
+        f"F1 {new_f1:.3f} on the new batch vs {deployed_f1:.3f} at release (drop "
         f"{checks[0]['drop']:.3f} within allowed {checks[0]['allowed_drop']:.3f})",
         numbers,
     )
@@ -213,8 +213,8 @@ def _measure_check(measure: Measure, rule: DriftSettings, z: float) -> dict[str,
     check["allowed_drop"] = allowed
     check["fell"] = drop > allowed
     check["text"] = (
-        f"{measure.name} fell from {measure.deployed:.3f} to {measure.new:.3f} "
-        f"(drop {drop:.3f} > allowed {allowed:.3f})"
+        f"{measure.name} fell from {measure.deployed:.3f} to {measure.new:.3f} on the new batch "
+        f"(drop {drop:.3f} > allowed {allowed:.3f}; the first is the release's own figure)"
     )
     return check
 
