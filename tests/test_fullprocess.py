@@ -152,7 +152,7 @@ def test_retrained_model_that_is_worse_is_not_deployed(cycle_settings, monkeypat
 
 
 def test_drift_retrain_holds_out_new_rows_and_scores_the_release_on_them(cycle_settings, monkeypatch):
-    monkeypatch.setattr(fullprocess, "after_deployment", lambda settings: [])
+    monkeypatch.setattr(fullprocess, "after_deployment", lambda settings, cycle: [])
     add_batch(cycle_settings, "drifted.csv",
               generate_data.make_clients(2000, seed=28, drifted=True, id_offset=550_000))
 
@@ -174,7 +174,7 @@ def test_drift_retrain_holds_out_new_rows_and_scores_the_release_on_them(cycle_s
 
 
 def test_next_batch_from_the_changed_process_is_not_drift_again(cycle_settings, monkeypatch):
-    monkeypatch.setattr(fullprocess, "after_deployment", lambda settings: [])
+    monkeypatch.setattr(fullprocess, "after_deployment", lambda settings, cycle: [])
     add_batch(cycle_settings, "drifted1.csv",
               generate_data.make_clients(2000, seed=29, drifted=True, id_offset=560_000))
     run(cycle_settings)
