@@ -55,11 +55,13 @@ import deployment
 import diagnostics
 import ingestion
 import records
+import reporting
 from app import (
     KeyedCache,
     bearer_token_matches,
     file_key,
     positive_int_argument,
+    public_message,
     relative_name,
     state,
     status_for,
@@ -92,7 +94,6 @@ DECISIONS = {
     "nothing-new": "No new data files.",
     "no-usable-rows": "New files added no new rows.",
 }
-DEPLOYING_DECISIONS = ("first-deployment", "drift-redeployed", "forced-redeploy")
 # Columns of the risk list the pages know; any other column is shown as it is.
 REASON_PREFIX = "reason"
 CHANGE_COLUMN = "change"
@@ -266,7 +267,8 @@ def pipeline_error(error: PipelineError) -> tuple[str, int]:
     """Our errors as a page, with the status app.ERROR_STATUS gives them."""
     status = status_for(error)
     log.log(logging.INFO if status < 500 else logging.ERROR, "%s: %s", request.path, error)
-    return render_template("error.html", status=status, message=str(error)), status
+    message = public_message(str(error), settings())
+    return render_template("error.html", status=status, message=message), status
 
 
 @bp.errorhandler(HTTPException)
@@ -416,9 +418,7 @@ class TopGroups(NamedTuple):
 
 
 def top_groups() -> TopGroups:
-    from reporting import TOP_GROUPS_FILE  # the constant only; the pages never draw a report
-
-    path = settings().deployment_folder / TOP_GROUPS_FILE
+    path = settings().deployment_folder / reporting.TOP_GROUPS_FILE
     key = file_key(path)
     if key is None:
         return TopGroups({})
@@ -743,6 +743,8 @@ def model() -> str | tuple[str, int]:
         release=release,
         metadata=metadata,
         why=why_deployed(release.version),
+        deployed_with=reporting.release_score(current, release.version),
+        measured_on=reporting.MEASURED_ON,
         scores=release_scores(release.version),
         confusion_matrix=current.confusion_matrix_path.is_file(),
         report_for=risk.model_version if risk is not None else None,
@@ -765,8 +767,8 @@ def why_deployed(version: str) -> dict[str, Any]:
     cycles = records.query(
         database,
         f"SELECT * FROM cycles WHERE release = ? AND decision IN "
-        f"({', '.join('?' for _ in DEPLOYING_DECISIONS)}) ORDER BY id DESC LIMIT 1",
-        (version, *DEPLOYING_DECISIONS),
+        f"({', '.join('?' for _ in reporting.DEPLOYING_DECISIONS)}) ORDER BY id DESC LIMIT 1",
+        (version, *reporting.DEPLOYING_DECISIONS),
     )
     cycle = cycles[0] if cycles else None
     details = json.loads(cycle["details"] or "{}") if cycle else {}
@@ -794,16 +796,20 @@ def release_scores(version: str) -> list[dict[str, Any]]:
     for row in latest.values():
         path = Path(row["data_path"])
         row["data"] = relative_name(path, settings()) if path.is_absolute() else row["data_path"]
+        row["measured_on"] = reporting.MEASURED_ON.get(row["purpose"], row["purpose"])
     return list(latest.values())
 
 
 def last_cycles() -> list[dict[str, Any]]:
-    return records.query(
+    cycles = records.query(
         settings().records_path,
         "SELECT id, started, seconds, new_files, decision, release, outcome, message "
         "FROM cycles ORDER BY id DESC LIMIT ?",
         (LAST_CYCLES,),
     )
+    for cycle in cycles:
+        cycle["deployed"] = cycle["decision"] in reporting.DEPLOYING_DECISIONS
+    return cycles
 
 
 # --- Charts: hand-drawn SVG from the recorded numbers --------------------------------------------
@@ -983,8 +989,4 @@ def number(value: Any) -> str:
         return f"{value:,}"
     return str(value)
 
-
-@bp.app_template_global("is_deploying")
-def is_deploying(decision: str | None) -> bool:
-    return decision in DEPLOYING_DECISIONS
 
