@@ -69,6 +69,23 @@ def deploy_workspace(settings: Settings) -> None:
     deploy(settings)
 
 
+@pytest.fixture(autouse=True)
+def package_index_not_asked(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+    """Diagnostics never start pip processes in tests: each costs a second of CPU, and tests must
+    not reach a package index. Tests of the dependency check install their own answers; a test
+    marked `runs_pip` runs the real thing (against an index nobody listens on)."""
+    import diagnostics
+
+    if request.node.get_closest_marker("runs_pip"):
+        return
+
+    def not_asked(name: str, timeout: float) -> dict:
+        return {"latest": None, "error": "the package index is not asked in tests",
+                "checked_at": "2026-01-01T00:00:00+00:00"}
+
+    monkeypatch.setattr(diagnostics, "ask_index", not_asked)
+
+
 @pytest.fixture
 def workspace(tmp_path: Path) -> Settings:
     """A fresh workspace with source and test data, nothing ingested yet."""
