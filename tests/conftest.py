@@ -6,11 +6,14 @@ deployed workspace is built per session and each test gets its own copy of it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -141,14 +144,22 @@ def receiver():
         def log_message(self, *args) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    state.url = f"http://127.0.0.1:{server.server_port}/hooks/risk"
     try:
-        yield state
+        with serving(ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as url:
+            state.url = f"{url}/hooks/risk"
+            yield state
     finally:
         state.released.set()
+
+
+@contextlib.contextmanager
+def serving(server: Any) -> Iterator[str]:
+    """Run an HTTP server bound to 127.0.0.1 in a thread; give its base URL; stop it after."""
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
         server.shutdown()
         thread.join()
         server.server_close()
