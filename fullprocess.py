@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import math
 import os
@@ -23,7 +22,6 @@ from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import alerts
 import deployment
 import ingestion
 import records
@@ -318,11 +316,13 @@ def choose_plan(scores: list[PlanScore], f1_tie: float, auc_tie: float) -> PlanS
 
 def run_cycle(settings: Settings, *, force: bool = False) -> CycleOutcome:
     """One cycle: new data? drift? deploy? Each question is answered by a function below."""
+
     new_files = [source.path.name for source in ingestion.find_new_files(settings)]
     if not deployment.is_deployed(settings):
         return first_deployment(settings, new_files)
     if not new_files and not force:
         return CycleOutcome("nothing-new", "no new data files", new_files)
+    import alerts  # past the no-op return, which nearly every cycle takes: it imports nothing more
 
     journal = Journal(new_files)
     report = ingest_new_files(settings, journal) if new_files else None
@@ -383,6 +383,8 @@ def run_cycle(settings: Settings, *, force: bool = False) -> CycleOutcome:
 
 def first_deployment(settings: Settings, new_files: list[str]) -> CycleOutcome:
     """Nothing deployed yet: ingest, train, score and deploy the first release."""
+    import alerts
+
     journal = Journal(new_files)
     ingest_new_files(settings, journal)
     candidate = retrain(settings, None, None)
@@ -400,6 +402,8 @@ def first_deployment(settings: Settings, new_files: list[str]) -> CycleOutcome:
 
 def ingest_new_files(settings: Settings, journal: Journal) -> IngestReport:
     """Ingest the new files and note what became of each."""
+    import alerts
+
     report = ingestion.ingest(settings)
     rejected = f", rejected {len(report.rejected)}" if report.rejected else ""
     journal.add(
@@ -563,6 +567,8 @@ def batches_since_change(settings: Settings, run_id: str) -> list[str]:
     Walking back through the cycles, every cycle that found drift but kept the deployed model saw
     a batch of the changed business too; the first cycle that found no drift, or deployed, ends it.
     """
+    import json
+
     batches = [run_id]
     cycles = records.query(
         settings.records_path, "SELECT decision, details FROM cycles ORDER BY id DESC LIMIT 200"
@@ -649,6 +655,10 @@ def check_after_deployment(
     settings: Settings, release: str, journal: Journal, decision: str
 ) -> None:
     """Diagnose and report the new release, then check that the API serves it."""
+    import alerts
+
+    import json
+
     # The report opens with this cycle's decision, which is recorded only when the cycle ends.
     deciding_cycle = {"started": records.utc_now(), "decision": decision,
                       "details": json.dumps(journal.details, default=str)}
@@ -698,6 +708,8 @@ def check_api(settings: Settings, release: str) -> ApiCheck:
         )
     except apicalls.ApiUnreachable as error:
         return ApiCheck(base_url, f"API not called: {error}")
+    except PipelineError as error:  # e.g. a token file that others can read
+        return ApiCheck(base_url, "API not checked", f"the API check could not start: {error}")
     step = f"called the API at {base_url}; answers in {settings.api_returns_path}"
     if answers.failures:
         reasons = "; ".join(
@@ -877,10 +889,14 @@ def run_locked_cycle(settings: Settings, force: bool, quiet: bool = False) -> in
                 record_cycle(settings, started, started_at, outcome, "failed", message)
                 log.error("cycle failed; the previous deployment keeps serving: %s", message)
                 if not isinstance(error, KeyboardInterrupt):
+                    import alerts
+
                     alerts.notify(settings, [alerts.cycle_failed(error)])
                 raise
             record_cycle(settings, started, started_at, outcome, outcome.status, outcome.message)
             if outcome.alerts:
+                import alerts
+
                 alerts.notify(settings, list(outcome.alerts))
     except CycleBusyError as busy:
         if not quiet:

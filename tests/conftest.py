@@ -6,11 +6,14 @@ deployed workspace is built per session and each test gets its own copy of it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -69,6 +72,23 @@ def deploy_workspace(settings: Settings) -> None:
     deploy(settings)
 
 
+@pytest.fixture(autouse=True)
+def package_index_not_asked(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+    """Diagnostics never start pip processes in tests: each costs a second of CPU, and tests must
+    not reach a package index. Tests of the dependency check install their own answers; a test
+    marked `runs_pip` runs the real thing (against an index nobody listens on)."""
+    import diagnostics
+
+    if request.node.get_closest_marker("runs_pip"):
+        return
+
+    def not_asked(name: str, timeout: float) -> dict:
+        return {"latest": None, "error": "the package index is not asked in tests",
+                "checked_at": "2026-01-01T00:00:00+00:00"}
+
+    monkeypatch.setattr(diagnostics, "ask_index", not_asked)
+
+
 @pytest.fixture
 def workspace(tmp_path: Path) -> Settings:
     """A fresh workspace with source and test data, nothing ingested yet."""
@@ -124,14 +144,22 @@ def receiver():
         def log_message(self, *args) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    state.url = f"http://127.0.0.1:{server.server_port}/hooks/risk"
     try:
-        yield state
+        with serving(ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as url:
+            state.url = f"{url}/hooks/risk"
+            yield state
     finally:
         state.released.set()
+
+
+@contextlib.contextmanager
+def serving(server: Any) -> Iterator[str]:
+    """Run an HTTP server bound to 127.0.0.1 in a thread; give its base URL; stop it after."""
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
         server.shutdown()
         thread.join()
         server.server_close()

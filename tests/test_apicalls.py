@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -16,7 +15,7 @@ import atomicio
 import diagnostics
 from app import create_app
 from apicalls import ApiCallFailed, ApiUnreachable, main, resolve_base_url
-from conftest import TEST_ROWS
+from conftest import TEST_ROWS, serving
 from errors import ConfigError, run_cli
 
 TOKEN = "test-token-81d0"
@@ -43,15 +42,8 @@ def reported(deployed):
 @contextlib.contextmanager
 def serve(settings) -> Iterator[str]:
     """Serve the app on a free 127.0.0.1 port in a thread, giving its base URL; stop it after."""
-    server = make_server("127.0.0.1", 0, create_app(settings), threaded=True)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        thread.join()
-        server.server_close()
+    with serving(make_server("127.0.0.1", 0, create_app(settings), threaded=True)) as url:
+        yield url
 
 
 @pytest.fixture

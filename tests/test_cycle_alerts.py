@@ -4,7 +4,6 @@ never fails a cycle, and the API check says when the server serves another relea
 from __future__ import annotations
 
 import json
-import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -13,7 +12,7 @@ import alerts
 import fullprocess
 import generate_data
 import records
-from conftest import write_config
+from conftest import serving, write_config
 from settings import load_settings
 
 FAST = {"timeout_seconds": 0.5, "attempts": 2, "backoff_seconds": 0.01, "budget_seconds": 5.0}
@@ -114,15 +113,8 @@ def other_workspaces_api():
         def log_message(self, *args) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        thread.join()
-        server.server_close()
+    with serving(ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as url:
+        yield url
 
 
 def test_a_server_of_another_workspace_is_reported_not_taken_for_success(
