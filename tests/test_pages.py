@@ -35,13 +35,14 @@ UNREACHABLE_API = {"base_url": "http://127.0.0.1:9"}
 
 
 def offline_index(name: str, timeout: float) -> dict:
+    """The package index's answer while a module's workspace is built (conftest's own stand-in
+    covers each test, not a module's fixtures)."""
     return {"latest": None, "error": "offline in tests", "checked_at": records.utc_now()}
 
 
 @pytest.fixture(autouse=True)
-def offline_and_without_secrets(monkeypatch):
-    """No package index, and no token or session key from the environment of whoever runs this."""
-    monkeypatch.setattr(diagnostics, "ask_index", offline_index)
+def without_secrets(monkeypatch):
+    """No token or session key from the environment of whoever runs the tests."""
     monkeypatch.delenv("RISK_API_TOKEN", raising=False)
     monkeypatch.delenv(pages.SECRET_KEY_ENV_VAR, raising=False)
 
