@@ -1,0 +1,671 @@
+"""The call list: every current client ranked by the served model, with the reasons of its risk.
+
+Client managers call the clients at the top of production_deployment/riskscores.csv. A client is
+current when its newest known row (a labeled row of the master dataset, or a roster snapshot) has no
+outcome yet or says it stayed; a client whose newest row says it left is counted, never ranked.
+Each ranked client carries the three features that raise its risk most against the typical client
+(scoring.explain: the model's own arithmetic) and what changed since the previous list: new in the
+top group, risen or fallen, and the feature that moved it. When labeled data later brings the
+outcomes of clients an earlier list ranked, that list's track record is recorded: how many of its
+top group left, against the share of leavers among all it ranked (precision at the top, and lift).
+
+`rebuild_call_list` writes the list of the served release and records it; it does nothing when the
+list already describes the served release and the current data, so the cycle, the report and a
+rollback can all call it. pandas and numpy are imported by the functions that rank, so that
+`call_list_is_current` costs a stat and a query.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import atomicio
+import deployment
+import records
+from errors import DataError
+from ingestion import MASTER_POSITION_COLUMN, SNAPSHOT_COLUMN
+from settings import Schema, Settings
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
+log = logging.getLogger(__name__)
+
+# One column per reason (scoring.REASONS_PER_CLIENT), strongest first.
+REASON_COLUMNS = ("reason_1", "reason_2", "reason_3")
+CONTRIBUTION_PREFIX = "contribution_"
+# Rows formatted and written at a time: bounds the memory that a million clients' text takes.
+WRITE_CHUNK_ROWS = 100_000
+
+
+class ClientHistory(NamedTuple):
+    """The master dataset and the roster snapshots, each row's client as an integer code.
+
+    With codes, who is current is a handful of integer array operations, at the end of the data
+    or at any earlier point (the track record asks who was current when an earlier list was made).
+    """
+
+    master: pd.DataFrame  # typed, indexed by row position (read_master)
+    snapshots: pd.DataFrame  # the rows of rosters.csv, in the order they arrived
+    master_clients: np.ndarray  # the client code of each master row
+    snapshot_clients: np.ndarray  # ... and of each snapshot row
+    clients: pd.Index  # the client id (text) of each code
+
+
+class CurrentClients(NamedTuple):
+    """Who is current, and the newest row of each: what the list ranks."""
+
+    rows: pd.DataFrame  # the schema's ids and features, one row per current client
+    codes: np.ndarray  # each row's client code (ClientHistory)
+    left: int  # clients whose newest row says they left: counted, not ranked
+    from_rosters: int  # current clients whose newest row is a roster snapshot
+
+
+class CallList(NamedTuple):
+    """A risk list as recorded: which release ranked which data, and how earlier lists fared."""
+
+    list_id: int
+    model_version: str
+    roster: str | None
+    ranked: int
+    from_rosters: int
+    left_not_ranked: int
+    top_n: int
+    path: Path
+    rebuilt: bool
+    results: tuple[dict[str, Any], ...] = ()  # track records recorded by this rebuild
+
+    def summary(self) -> str:
+        roster = f", newest roster {self.roster}" if self.roster else ""
+        lines = [
+            f"Risk list of release {self.model_version}{roster}: {self.ranked:,} current clients "
+            f"ranked ({self.from_rosters:,} from rosters), {self.left_not_ranked:,} already left, "
+            f"not ranked; {self.path}" + ("" if self.rebuilt else " (already up to date)")
+        ]
+        lines += [f"  {track_record_text(result)}" for result in self.results]
+        return "\n".join(lines)
+
+
+# --- Who is current ----------------------------------------------------------------------------
+
+
+def client_history(master: pd.DataFrame, snapshots: pd.DataFrame, schema: Schema) -> ClientHistory:
+    """Give every client of the master dataset and the snapshots an integer code."""
+    import numpy as np
+    import pandas as pd
+
+    codes, clients = pd.factorize(
+        np.concatenate([client_keys(master, schema), client_keys(snapshots, schema)])
+    )
+    return ClientHistory(
+        master, snapshots, codes[: len(master)], codes[len(master):],
+        pd.Index(clients, dtype=object),
+    )
+
+
+def current_clients(
+    history: ClientHistory, schema: Schema, master_rows: int | None = None,
+    roster_rows: int | None = None,
+) -> CurrentClients:
+    """The newest row of every current client, from the first `master_rows` and `roster_rows`.
+
+    A client's newest labeled row is its last in the master dataset, its newest snapshot row its
+    last in the rosters. A snapshot that arrived when the master dataset had P rows is newer than
+    master rows 0..P-1 and older than the rest. The client is current when its newest row is a
+    snapshot or a labeled row saying it stayed.
+    """
+    import numpy as np
+    import pandas as pd
+
+    newest = _newest_rows(history, schema, master_rows, roster_rows)
+    columns = list(schema.id_columns + schema.features)
+    stayed = np.flatnonzero(~newest.snapshot_is_newest & (newest.outcome == 0))
+    listed = np.flatnonzero(newest.snapshot_is_newest)
+    rows = pd.concat([
+        history.master.iloc[newest.labeled_at[stayed]][columns],
+        history.snapshots.iloc[newest.listed_at[listed]][columns],
+    ], ignore_index=True)
+    return CurrentClients(
+        rows=rows,
+        codes=np.concatenate([stayed, listed]),
+        left=int((~newest.snapshot_is_newest & (newest.outcome == 1)).sum()),
+        from_rosters=len(listed),
+    )
+
+
+class _Newest(NamedTuple):
+    labeled_at: np.ndarray  # per client code: its last master row, -1 if none
+    listed_at: np.ndarray  # ... its last snapshot row, -1 if none
+    snapshot_is_newest: np.ndarray
+    outcome: np.ndarray  # ... the target of its last master row, NaN if none
+
+    @property
+    def current(self) -> np.ndarray:
+        return self.snapshot_is_newest | (self.outcome == 0)
+
+
+def _newest_rows(
+    history: ClientHistory, schema: Schema, master_rows: int | None, roster_rows: int | None
+) -> _Newest:
+    import numpy as np
+
+    clients = len(history.clients)
+    labeled_at = _last_rows(history.master_clients[:master_rows], clients)
+    listed_at = _last_rows(history.snapshot_clients[:roster_rows], clients)
+    positions = history.snapshots[MASTER_POSITION_COLUMN].to_numpy(dtype="int64")
+    listed = listed_at >= 0
+    listed_after = np.full(clients, -1, dtype="int64")
+    listed_after[listed] = positions[listed_at[listed]]
+    target = history.master[schema.target].to_numpy(dtype="float64", na_value=np.nan)
+    labeled = labeled_at >= 0
+    outcome = np.full(clients, np.nan)
+    outcome[labeled] = target[labeled_at[labeled]]
+    return _Newest(labeled_at, listed_at, listed_after > labeled_at, outcome)
+
+
+def _last_rows(codes: np.ndarray, clients: int) -> np.ndarray:
+    """For each of `clients` codes, the index of its last row in `codes`; -1 where it has none."""
+    import numpy as np
+
+    last = np.full(clients, -1, dtype="int64")
+    distinct, first_from_end = np.unique(codes[::-1], return_index=True)
+    last[distinct] = len(codes) - 1 - first_from_end
+    return last
+
+
+def _first_rows(codes: np.ndarray, clients: int) -> np.ndarray:
+    """For each of `clients` codes, the index of its first row in `codes`; -1 where it has none."""
+    import numpy as np
+
+    first = np.full(clients, -1, dtype="int64")
+    distinct, first_index = np.unique(codes, return_index=True)
+    first[distinct] = first_index
+    return first
+
+
+def client_keys(frame: pd.DataFrame, schema: Schema) -> np.ndarray:
+    """Each row's client id as text (several id columns joined by " / ", as scoring names them)."""
+    ids = list(schema.id_columns)
+    if len(ids) == 1:
+        return frame[ids[0]].to_numpy(dtype=object)
+    return frame[ids].astype("str").agg(" / ".join, axis=1).to_numpy(dtype=object)
+
+
+def read_snapshots(settings: Settings) -> pd.DataFrame:
+    """The roster snapshots (rosters.csv), typed like the master dataset; empty if none arrived."""
+    import numpy as np
+
+    from dataset import as_numbers, empty_frame, frame_of, read_csv
+
+    schema = settings.schema
+    columns = schema.id_columns + schema.features
+    path = settings.rosters_path
+    if not path.exists():
+        return empty_frame(schema)[list(columns)].assign(
+            **{SNAPSHOT_COLUMN: np.zeros(0, "int64"), MASTER_POSITION_COLUMN: np.zeros(0, "int64")}
+        )
+    frame = read_csv(path, schema, name=f"roster dataset {path}")
+    missing = [c for c in (*columns, SNAPSHOT_COLUMN, MASTER_POSITION_COLUMN) if c not in frame]
+    if missing:
+        raise DataError(
+            f"roster dataset {path} lacks column(s) {', '.join(missing)}: it was made with another "
+            "schema; move it away and ingest the rosters again"
+        )
+    text = set(schema.id_columns + schema.categorical_features)
+    values = {
+        column: frame[column].to_numpy(dtype=object) if column in text
+        else as_numbers(frame[column].to_numpy())
+        for column in columns
+    }
+    return frame_of(values, columns, schema, frame.index).assign(**{
+        column: frame[column].to_numpy(dtype="int64")
+        for column in (SNAPSHOT_COLUMN, MASTER_POSITION_COLUMN)
+    })
+
+
+# --- Ranking with reasons and changes ----------------------------------------------------------
+
+
+def rank_current_clients(settings: Settings, model: Any, version: str) -> pd.DataFrame:
+    """The list `model` makes of the current data, compared with the list on disk; not written."""
+    from dataset import read_master
+
+    schema = settings.schema
+    history = client_history(read_master(settings), read_snapshots(settings), schema)
+    table = ranked_table(model, version, current_clients(history, schema).rows, schema)
+    previous = read_previous_list(settings.risk_scores_path, schema)
+    return with_changes(table, previous, settings.diagnostics.risk_top_n, schema)
+
+
+def ranked_table(model: Any, version: str, rows: pd.DataFrame, schema: Schema) -> pd.DataFrame:
+    """Rows ranked by probability of leaving, highest first, each with its three reasons.
+
+    Ties go by client id, so the order never depends on the order rows happened to arrive in.
+    The columns are today's (rank, ids, probability, predicted class, model_version), then the
+    reasons, then each feature's term of the log-odds.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from scoring import explain, linear_scorer, probabilities_of
+
+    why = explain(model, rows)
+    probabilities = probabilities_of(why.logits())
+    order = _risk_order(probabilities, client_keys(rows, schema))
+    ids = list(schema.id_columns)
+    table = rows[ids].iloc[order].reset_index(drop=True)
+    table.insert(0, "rank", np.arange(1, len(table) + 1))
+    table["probability"] = probabilities[order]
+    threshold = linear_scorer(model).threshold
+    table[f"predicted_{schema.target}"] = (probabilities[order] >= threshold).astype("int64")
+    table["model_version"] = version
+    for position, column in enumerate(REASON_COLUMNS):
+        table[column] = why.reason_texts(position)[order]
+    for index, feature in enumerate(why.features):
+        table[CONTRIBUTION_PREFIX + feature] = why.contributions[order, index]
+    return table
+
+
+def _risk_order(probabilities: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Row order by probability, highest first, equal probabilities by client id.
+
+    Sorting a million ids as text takes seconds; only the rows whose probability ties with a
+    neighbour's are sorted by id.
+    """
+    import numpy as np
+
+    order = np.argsort(-probabilities, kind="stable")
+    ranked = probabilities[order]
+    group = np.concatenate([[0], np.cumsum(ranked[1:] != ranked[:-1])])
+    tied = np.bincount(group)[group] > 1
+    if tied.any():
+        # Fixed-width text sorts far faster than Python strings.
+        tied_keys = np.asarray(keys[order[tied]], dtype=str)
+        order[tied] = order[tied][np.lexsort((tied_keys, group[tied]))]
+    return order
+
+
+def read_previous_list(path: Path, schema: Schema) -> pd.DataFrame | None:
+    """The ranks and log-odds terms of the list on disk, to say what changed; None if none."""
+    import pandas as pd
+
+    if not path.is_file():
+        return None
+    ids = list(schema.id_columns)
+    try:
+        header = pd.read_csv(path, nrows=0).columns
+        columns = [
+            c for c in header if c in ids or c == "rank" or c.startswith(CONTRIBUTION_PREFIX)
+        ]
+        if "rank" not in columns or not set(ids) <= set(columns):
+            raise ValueError("it has no rank or client id column")
+        return pd.read_csv(
+            path, usecols=columns, dtype={c: "str" for c in ids}, keep_default_na=False
+        )
+    except (OSError, ValueError, pd.errors.ParserError) as error:
+        log.warning("comparing with no previous list: %s cannot be read (%s)", path, error)
+        return None
+
+
+def with_changes(
+    table: pd.DataFrame, previous: pd.DataFrame | None, top_n: int, schema: Schema
+) -> pd.DataFrame:
+    """Add what changed since the previous list: change, rank_before and moved_by.
+
+    change: "new in the top N" (in the top group now, not in the previous one), "risen",
+    "fallen", "unchanged", "new" (not on the previous list), or "first list"; rank_before is the
+    rank on the previous list. moved_by: of a client whose own risk moved, the feature whose term
+    of the log-odds moved furthest the same way.
+    """
+    import numpy as np
+    import pandas as pd
+
+    rank = table["rank"].to_numpy()
+    # After the reasons, before the log-odds terms: the columns a manager reads come first.
+    where = list(table.columns).index(REASON_COLUMNS[-1]) + 1
+    if previous is None:
+        return _with_columns(table, where, {
+            "change": "first list",
+            "rank_before": pd.array([pd.NA] * len(table), dtype="Int64"),
+            "moved_by": "",
+        })
+    at = pd.Index(client_keys(previous, schema)).get_indexer(client_keys(table, schema))
+    found = at >= 0
+    before = np.where(found, previous["rank"].to_numpy(dtype="int64")[at], 0)
+    change = np.full(len(table), "unchanged", dtype=object)
+    change[found & (rank < before)] = "risen"
+    change[found & (rank > before)] = "fallen"
+    change[~found] = "new"
+    change[(rank <= top_n) & (~found | (before > top_n))] = f"new in the top {top_n}"
+    return _with_columns(table, where, {
+        "change": change,
+        "rank_before": pd.arrays.IntegerArray(before, ~found),
+        "moved_by": _moved_by(table, previous, at),
+    })
+
+
+def _with_columns(table: pd.DataFrame, where: int, columns: dict[str, Any]) -> pd.DataFrame:
+    table = table.copy()
+    for offset, (name, values) in enumerate(columns.items()):
+        table.insert(where + offset, name, values)
+    return table
+
+
+def _moved_by(table: pd.DataFrame, previous: pd.DataFrame, at: np.ndarray) -> np.ndarray:
+    import numpy as np
+
+    terms = [c for c in table.columns if c.startswith(CONTRIBUTION_PREFIX)]
+    moved = np.full(len(table), "", dtype=object)
+    if not terms or not set(terms) <= set(previous.columns):
+        return moved
+    found = at >= 0
+    now = table.loc[found, terms].to_numpy(dtype="float64")
+    before = previous[terms].to_numpy(dtype="float64")[at[found]]
+    shift = now - before
+    direction = np.sign(shift.sum(axis=1))
+    # Terms are written to six decimals: a smaller move is the rounding of an unchanged risk.
+    own_move = np.abs(shift.sum(axis=1)) > 1e-5
+    strongest = np.argmax(shift * direction[:, None], axis=1)
+    names = np.array([t.removeprefix(CONTRIBUTION_PREFIX) for t in terms], dtype=object)
+    moved[np.flatnonzero(found)[own_move]] = names[strongest[own_move]]
+    return moved
+
+
+# --- Writing and recording ---------------------------------------------------------------------
+
+
+def rebuild_call_list(settings: Settings) -> CallList:
+    """Write and record the risk list of the served release; nothing to do if it is up to date.
+
+    Also brings the track record of earlier lists up to date with the outcomes that arrived since.
+    """
+    release = deployment.current_release(settings)
+    stamp = data_stamp(settings, release.version)
+    latest = latest_list(settings)
+    if latest is not None and _is_written(settings, latest, stamp):
+        return _call_list(settings, latest, rebuilt=False)
+
+    from dataset import read_master
+
+    model, release = deployment.load_deployed_model(settings)
+    schema = settings.schema
+    history = client_history(read_master(settings), read_snapshots(settings), schema)
+    current = current_clients(history, schema)
+    table = ranked_table(model, release.version, current.rows, schema)
+    top_n = settings.diagnostics.risk_top_n
+    previous = read_previous_list(settings.risk_scores_path, schema)
+    table = with_changes(table, previous, top_n, schema)
+    del previous  # a million rows: free them before the list is formatted
+
+    list_id = records.add(settings.records_path, "call_lists", {
+        "time": records.utc_now(),
+        "model_version": release.version,
+        "roster": _newest_roster(settings, len(history.snapshots)),
+        "master_rows": len(history.master),
+        "roster_rows": len(history.snapshots),
+        "ranked": len(table),
+        "from_rosters": current.from_rosters,
+        "left_not_ranked": current.left,
+        "top_n": top_n,
+        "top_clients": client_keys(table.head(top_n), schema).tolist(),
+        "data_stamp": stamp,
+    })
+    write_list(settings.risk_scores_path, table)
+    records.update(settings.records_path, "call_lists", list_id,
+                   {"file_stamp": file_stamp(settings.risk_scores_path)})
+    results = update_track_records(settings, history, list_id)
+    log.info("risk list %d of release %s: %d clients ranked, %d already left",
+             list_id, release.version, len(table), current.left)
+    return _call_list(settings, latest_list(settings), rebuilt=True, results=results)
+
+
+def call_list_is_current(settings: Settings) -> bool:
+    """Whether riskscores.csv is the recorded list of the served release and the current data."""
+    manifest = deployment.read_manifest(settings)
+    latest = latest_list(settings)
+    if manifest is None or latest is None:
+        return False
+    return _is_written(settings, latest, data_stamp(settings, manifest["current"]))
+
+
+def data_stamp(settings: Settings, version: str) -> str:
+    """What a list is made of: the release, and the data files' sizes (both only ever grow)."""
+    sizes = [
+        f"{path.name}={path.stat().st_size if path.exists() else -1}"
+        for path in (settings.finaldata_path, settings.rosters_path)
+    ]
+    return ";".join([version, *sizes])
+
+
+def file_stamp(path: Path) -> str | None:
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _is_written(settings: Settings, listed: dict[str, Any], stamp: str) -> bool:
+    return listed["data_stamp"] == stamp and listed["file_stamp"] == file_stamp(
+        settings.risk_scores_path
+    )
+
+
+def latest_list(settings: Settings) -> dict[str, Any] | None:
+    rows = records.query(settings.records_path, "SELECT * FROM call_lists ORDER BY id DESC LIMIT 1")
+    return rows[0] if rows else None
+
+
+def _call_list(
+    settings: Settings, listed: dict[str, Any], *, rebuilt: bool,
+    results: tuple[dict[str, Any], ...] = (),
+) -> CallList:
+    return CallList(
+        list_id=listed["id"], model_version=listed["model_version"], roster=listed["roster"],
+        ranked=listed["ranked"], from_rosters=listed["from_rosters"],
+        left_not_ranked=listed["left_not_ranked"], top_n=listed["top_n"],
+        path=settings.risk_scores_path, rebuilt=rebuilt, results=results,
+    )
+
+
+def _newest_roster(settings: Settings, roster_rows: int) -> str | None:
+    if not roster_rows:
+        return None
+    rows = records.query(
+        settings.records_path, "SELECT file FROM rosters ORDER BY snapshot DESC LIMIT 1"
+    )
+    return Path(rows[0]["file"]).name if rows else None
+
+
+def write_list(path: Path, table: pd.DataFrame) -> None:
+    """Write the list as CSV, atomically, a chunk of rows at a time.
+
+    pandas' to_csv takes about 20 s for a million clients with their reasons on our machines; one
+    %-format per row takes a fraction of that. Cells are quoted only in a column that needs it.
+    """
+    import pandas as pd
+
+    numbers = {
+        column: "%.6f" if pd.api.types.is_float_dtype(dtype) else "%d"
+        for column, dtype in table.dtypes.items()
+        if pd.api.types.is_numeric_dtype(dtype)
+        and not isinstance(dtype, pd.api.extensions.ExtensionDtype)
+    }
+
+    def cells(column: str, rows: slice) -> tuple[list[Any], str]:
+        """A chunk of a column as Python values, and the format of its cells."""
+        values = table[column].iloc[rows]
+        if column in numbers:
+            return values.tolist(), numbers[column]
+        texts = values.to_numpy(dtype=object, na_value="").tolist()
+        if not (isinstance(values.dtype, pd.StringDtype) or values.dtype == object):
+            texts = [str(text) for text in texts]
+        everything = "\x00".join(texts)  # one scan of all the cells for what needs quoting
+        if '"' in everything or "\n" in everything or "\r" in everything:
+            return [_csv_field(text) for text in texts], "%s"
+        # Every reason holds a comma: quoting the whole column costs nothing per cell.
+        return texts, '"%s"' if "," in everything else "%s"
+
+    with atomicio.open_atomic(path, "w", encoding="utf-8", newline="") as stream:
+        stream.write(",".join(_csv_field(column) for column in table.columns) + "\n")
+        for start in range(0, len(table), WRITE_CHUNK_ROWS):
+            chunk = [cells(column, slice(start, start + WRITE_CHUNK_ROWS))
+                     for column in table.columns]
+            line = ",".join(cell_format for _, cell_format in chunk) + "\n"
+            stream.writelines(map(line.__mod__, zip(*(values for values, _ in chunk))))
+
+
+def read_list(path: Path, schema: Schema, rows: int | None = None) -> pd.DataFrame:
+    """The first `rows` of a written list (all by default): text cells as text, "" where empty."""
+    import pandas as pd
+
+    text = {*schema.id_columns, "model_version", *REASON_COLUMNS, "change", "moved_by"}
+    header = pd.read_csv(path, nrows=0).columns
+    frame = pd.read_csv(
+        path, nrows=rows, dtype={c: "str" for c in header if c in text},
+        keep_default_na=False, na_values={c: [""] for c in header if c not in text},
+    )
+    if "rank_before" in frame:
+        frame["rank_before"] = frame["rank_before"].astype("Int64")
+    return frame
+
+
+def _csv_field(text: str) -> str:
+    """Text as a CSV cell: quoted when it holds a comma, a quote or a line break."""
+    if "," in text or '"' in text or "\n" in text or "\r" in text:
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+# --- The track record --------------------------------------------------------------------------
+
+
+def update_track_records(
+    settings: Settings, history: ClientHistory, newest_list: int
+) -> tuple[dict[str, Any], ...]:
+    """Record the track record of earlier lists whose clients' outcomes arrived since."""
+    from scoring import normal_quantile
+
+    tracked = records.query(
+        settings.records_path,
+        "SELECT l.*, (SELECT MAX(outcomes_through) FROM call_list_results r "
+        "WHERE r.list_id = l.id) AS through FROM call_lists l WHERE l.id < ? "
+        "ORDER BY l.id DESC LIMIT ?",
+        (newest_list, settings.diagnostics.risk_tracked_lists),
+    )
+    z = normal_quantile(settings.scoring.confidence)
+    master_rows, roster_rows = len(history.master), len(history.snapshots)
+    results = []
+    for listed in reversed(tracked):
+        if not listed["master_rows"] < master_rows or (listed["through"] or -1) >= master_rows:
+            continue  # no outcome arrived since the list was made, or since it was last counted
+        if listed["roster_rows"] > roster_rows:
+            continue  # the data was replaced since: who this list ranked can no longer be known
+        numbers = track_record(
+            history, listed["master_rows"], listed["roster_rows"],
+            json.loads(listed["top_clients"]), settings.schema, z,
+        )
+        if numbers is None:
+            continue
+        result = {"time": records.utc_now(), "list_id": listed["id"], **numbers}
+        records.add(settings.records_path, "call_list_results", result)
+        results.append({**result, "model_version": listed["model_version"],
+                        "roster": listed["roster"], "top_n": listed["top_n"]})
+    return tuple(results)
+
+
+def track_record(
+    history: ClientHistory,
+    master_rows: int,
+    roster_rows: int,
+    top_clients: list[str],
+    schema: Schema,
+    z: float,
+) -> dict[str, Any] | None:
+    """How a list made from the first `master_rows` and `roster_rows` rows fared; None: no outcome.
+
+    A ranked client's outcome is its first labeled row after the list was made. Precision at the
+    top is the share of leavers among the top group's clients whose outcome arrived, with Wilson's
+    interval; lift is that precision over the share of leavers among all ranked clients whose
+    outcome arrived (its interval is the precision's, over that share, which rests on many more
+    clients).
+    """
+    import numpy as np
+
+    from scoring import wilson_interval
+
+    clients = len(history.clients)
+    first_after = _first_rows(history.master_clients[master_rows:], clients)
+    known = first_after >= 0
+    if not known.any():
+        return None
+    target = history.master[schema.target].to_numpy(dtype="float64", na_value=np.nan)
+    left = np.zeros(clients, dtype=bool)
+    left[known] = target[master_rows + first_after[known]] == 1
+    ranked = _newest_rows(history, schema, master_rows, roster_rows).current & known
+    top = np.zeros(clients, dtype=bool)
+    in_history = history.clients.get_indexer(top_clients)
+    top[in_history[in_history >= 0]] = True
+    top &= ranked
+    ranked_known, top_known = int(ranked.sum()), int(top.sum())
+    if ranked_known == 0:
+        return None
+    ranked_left, top_left = int((ranked & left).sum()), int((top & left).sum())
+    share = ranked_left / ranked_known
+    numbers: dict[str, Any] = {
+        "outcomes_through": len(history.master),
+        "top_known": top_known, "top_left": top_left,
+        "ranked_known": ranked_known, "ranked_left": ranked_left,
+        "precision": None, "precision_low": None, "precision_high": None,
+        "leaver_share": share, "lift": None, "lift_low": None, "lift_high": None,
+    }
+    if top_known:
+        precision = top_left / top_known
+        low, high = wilson_interval(top_left, top_known, z)
+        numbers.update(precision=precision, precision_low=low, precision_high=high)
+        if share > 0:
+            numbers.update(lift=precision / share, lift_low=low / share, lift_high=high / share)
+    return numbers
+
+
+def track_record_text(result: dict[str, Any]) -> str:
+    """One track record in words."""
+    roster = f", roster {result['roster']}" if result.get("roster") else ""
+    head = (
+        f"list {result['list_id']} (release {result['model_version']}{roster}): "
+        f"outcomes of {result['ranked_known']:,} ranked clients, "
+        f"{result['leaver_share']:.1%} of them left"
+    )
+    if result["precision"] is None:
+        return f"{head}; none of its top {result['top_n']} yet"
+    lift = "" if result["lift"] is None else (
+        f", lift {result['lift']:.2f} ({result['lift_low']:.2f} to {result['lift_high']:.2f})"
+    )
+    return (
+        f"{head}; {result['top_left']} of {result['top_known']} in its top {result['top_n']}: "
+        f"precision {result['precision']:.2f} ({result['precision_low']:.2f} to "
+        f"{result['precision_high']:.2f}){lift}"
+    )
+
+
+def latest_track_record(settings: Settings) -> dict[str, Any] | None:
+    """The most recently recorded track record, with the list it belongs to; None if none yet."""
+    rows = track_records(settings, latest_only=True)
+    return rows[0] if rows else None
+
+
+def track_records(settings: Settings, latest_only: bool = False) -> list[dict[str, Any]]:
+    """Each list's latest track record with the list's release and roster, oldest list first."""
+    rows = records.query(
+        settings.records_path,
+        "SELECT r.*, l.time AS list_time, l.model_version, l.roster, l.ranked, l.top_n "
+        "FROM call_list_results r JOIN call_lists l ON l.id = r.list_id "
+        "WHERE r.id = (SELECT MAX(id) FROM call_list_results WHERE list_id = r.list_id) "
+        + ("ORDER BY r.id DESC LIMIT 1" if latest_only else "ORDER BY r.list_id"),
+    )
+    return rows
