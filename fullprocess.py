@@ -222,11 +222,13 @@ def run_cycle(settings: Settings, *, force: bool = False) -> CycleOutcome:
         report = ingest_new_files(settings, journal)
         accepted_rows = report.accepted_rows
         if not accepted_rows and not force:
-            return journal.outcome("no-usable-rows", "new files added no new rows")
+            refresh_risk_list(settings, journal)
+            return journal.outcome("no-usable-rows", "new files added no labeled rows")
     if accepted_rows:
         drift = check_drift(settings)
         journal.add(f"drift check: {drift.reason}", drift=drift._asdict())
         if not drift.drifted and not force:
+            refresh_risk_list(settings, journal)
             return journal.outcome("no-drift", drift.reason)
 
     deployed_model, served = deployment.load_deployed_model(settings)
@@ -238,6 +240,7 @@ def run_cycle(settings: Settings, *, force: bool = False) -> CycleOutcome:
     )
     journal.add(decision.reason, deploy=decision._asdict())
     if not decision.deploy:
+        refresh_risk_list(settings, journal)
         return journal.outcome("drift-kept-deployed", decision.reason, served.version)
 
     release = release_candidate(settings, candidate)
@@ -271,12 +274,26 @@ def ingest_new_files(settings: Settings, journal: Journal) -> IngestReport:
     """Ingest the new files and note what became of each."""
     report = ingestion.ingest(settings)
     rejected = f", rejected {len(report.rejected)}" if report.rejected else ""
+    roster = f", a roster of {report.roster_clients} current clients" if any(
+        f.kind == "roster" for f in report.ingested) else ""
     journal.add(
         f"ingested {len(report.ingested)} file(s){rejected}: {report.accepted_rows} new rows "
-        f"(master dataset {report.total_rows} rows)",
+        f"(master dataset {report.total_rows} rows){roster}",
         ingestion=[f.as_dict() for f in report.files],
     )
     return report
+
+
+def refresh_risk_list(settings: Settings, journal: Journal) -> None:
+    """New data of any kind can change who is current: bring the served list up to date."""
+    import calllist
+
+    call_list = calllist.rebuild_call_list(settings)
+    journal.add(
+        f"risk list: {call_list.ranked} current clients ranked, {call_list.left_not_ranked} "
+        "already left" + ("" if call_list.rebuilt else " (already up to date)"),
+        risk_list=call_list.list_id,
+    )
 
 
 def check_drift(settings: Settings) -> DriftDecision:
