@@ -247,7 +247,7 @@ def ranked_table(model: Any, version: str, rows: pd.DataFrame, schema: Schema) -
 
     Ties go by client id, so the order never depends on the order rows happened to arrive in.
     The columns are today's (rank, ids, probability, predicted class, model_version), then the
-    reasons, then each feature's term of the log-odds.
+    reasons, then each feature's term of the log-odds. The index is each row's position in `rows`.
     """
     import numpy as np
     import pandas as pd
@@ -257,18 +257,27 @@ def ranked_table(model: Any, version: str, rows: pd.DataFrame, schema: Schema) -
     why = explain(model, rows)
     probabilities = probabilities_of(why.logits())
     order = _risk_order(probabilities, client_keys(rows, schema))
-    ids = list(schema.id_columns)
-    table = rows[ids].iloc[order].reset_index(drop=True)
+    table = pd.DataFrame(
+        {column: _texts(rows[column].to_numpy(dtype=object)[order], pd.Index(order))
+         for column in schema.id_columns},
+    )
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     table["probability"] = probabilities[order]
     threshold = linear_scorer(model).threshold
     table[f"predicted_{schema.target}"] = (probabilities[order] >= threshold).astype("int64")
-    table["model_version"] = version
+    table["model_version"] = _texts(np.full(len(table), version, dtype=object), table.index)
     for position, column in enumerate(REASON_COLUMNS):
-        table[column] = why.reason_texts(position)[order]
+        table[column] = _texts(why.reason_texts(position)[order], table.index)
     for index, feature in enumerate(why.features):
         table[CONTRIBUTION_PREFIX + feature] = why.contributions[order, index]
     return table
+
+
+def _texts(values: np.ndarray, index: pd.Index) -> pd.Series:
+    """Text as plain Python strings: pandas' own string type costs a missing-value scan per use."""
+    import pandas as pd
+
+    return pd.Series(values, index=index, dtype=object)
 
 
 def _risk_order(probabilities: np.ndarray, keys: np.ndarray) -> np.ndarray:
@@ -313,14 +322,16 @@ def read_previous_list(path: Path, schema: Schema) -> pd.DataFrame | None:
 
 
 def with_changes(
-    table: pd.DataFrame, previous: pd.DataFrame | None, top_n: int, schema: Schema
+    table: pd.DataFrame, previous: pd.DataFrame | None, top_n: int, schema: Schema,
+    at: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Add what changed since the previous list: change, rank_before and moved_by.
 
     change: "new in the top N" (in the top group now, not in the previous one), "risen",
     "fallen", "unchanged", "new" (not on the previous list), or "first list"; rank_before is the
     rank on the previous list. moved_by: of a client whose own risk moved, the feature whose term
-    of the log-odds moved furthest the same way.
+    of the log-odds moved furthest the same way. `at` is each row's position in `previous` (-1 if
+    absent), when the caller knows it already.
     """
     import numpy as np
     import pandas as pd
@@ -334,7 +345,8 @@ def with_changes(
             "rank_before": pd.array([pd.NA] * len(table), dtype="Int64"),
             "moved_by": "",
         })
-    at = pd.Index(client_keys(previous, schema)).get_indexer(client_keys(table, schema))
+    if at is None:
+        at = pd.Index(client_keys(previous, schema)).get_indexer(client_keys(table, schema))
     found = at >= 0
     before = np.where(found, previous["rank"].to_numpy(dtype="int64")[at], 0)
     change = np.full(len(table), "unchanged", dtype=object)
@@ -343,10 +355,24 @@ def with_changes(
     change[~found] = "new"
     change[(rank <= top_n) & (~found | (before > top_n))] = f"new in the top {top_n}"
     return _with_columns(table, where, {
-        "change": change,
+        "change": _texts(change, table.index),
         "rank_before": pd.arrays.IntegerArray(before, ~found),
-        "moved_by": _moved_by(table, previous, at),
+        "moved_by": _texts(_moved_by(table, previous, at), table.index),
     })
+
+
+def _positions_in(
+    previous: pd.DataFrame, codes: np.ndarray, history: ClientHistory, schema: Schema
+) -> np.ndarray:
+    """Each client's (by code) row in the previous list, -1 if absent, through the history's
+    index of clients, which the track record hashes anyway."""
+    import numpy as np
+
+    previous_codes = history.clients.get_indexer(client_keys(previous, schema))
+    row_of_code = np.full(len(history.clients), -1, dtype="int64")
+    known = previous_codes >= 0
+    row_of_code[previous_codes[known]] = np.flatnonzero(known)
+    return row_of_code[codes]
 
 
 def _with_columns(table: pd.DataFrame, where: int, columns: dict[str, Any]) -> pd.DataFrame:
@@ -399,7 +425,11 @@ def rebuild_call_list(settings: Settings) -> CallList:
     table = ranked_table(model, release.version, current.rows, schema)
     top_n = settings.diagnostics.risk_top_n
     previous = read_previous_list(settings.risk_scores_path, schema)
-    table = with_changes(table, previous, top_n, schema)
+    if previous is not None:
+        at = _positions_in(previous, current.codes[table.index.to_numpy()], history, schema)
+        table = with_changes(table, previous, top_n, schema, at)
+    else:
+        table = with_changes(table, None, top_n, schema)
     del previous  # a million rows: free them before the list is formatted
 
     list_id = records.add(settings.records_path, "call_lists", {
@@ -486,30 +516,41 @@ def write_list(path: Path, table: pd.DataFrame) -> None:
     """Write the list as CSV, atomically, a chunk of rows at a time.
 
     pandas' to_csv takes about 20 s for a million clients with their reasons on our machines; one
-    %-format per row takes a fraction of that. Cells are quoted only in a column that needs it.
+    %-format per row takes a fraction of that. Cells are quoted only in a column that needs it, and
+    a column with one value in a chunk (the release) goes into the format itself.
     """
     import pandas as pd
 
-    numbers = {
-        column: "%.6f" if pd.api.types.is_float_dtype(dtype) else "%d"
-        for column, dtype in table.dtypes.items()
-        if pd.api.types.is_numeric_dtype(dtype)
-        and not isinstance(dtype, pd.api.extensions.ExtensionDtype)
-    }
-
-    def cells(column: str, rows: slice) -> tuple[list[Any], str]:
-        """A chunk of a column as Python values, and the format of its cells."""
+    def cells(column: str, rows: slice) -> tuple[list[Any] | None, str]:
+        """A chunk of a column as Python values and the format of its cells (values None: the
+        format holds the one value)."""
         values = table[column].iloc[rows]
-        if column in numbers:
-            return values.tolist(), numbers[column]
-        texts = values.to_numpy(dtype=object, na_value="").tolist()
-        if not (isinstance(values.dtype, pd.StringDtype) or values.dtype == object):
+        dtype = values.dtype
+        if pd.api.types.is_float_dtype(dtype):
+            return values.tolist(), "%.6f"
+        if pd.api.types.is_integer_dtype(dtype) and not values.hasnans:
+            return values.to_numpy(dtype="int64").tolist(), "%d"
+        if pd.api.types.is_integer_dtype(dtype):  # nullable: empty where missing
+            texts = [
+                "" if gone else str(number) for number, gone in zip(
+                    values.to_numpy(dtype="int64", na_value=0).tolist(),
+                    values.isna().tolist(), strict=True,
+                )
+            ]
+        else:
+            texts = values.tolist()
+        try:
+            everything = "\x00".join(texts)  # one scan of all the cells for what needs quoting
+        except TypeError:  # a missing cell among the text: empty
+            texts = values.to_numpy(dtype=object, na_value="").tolist()
+            everything = "\x00".join(map(str, texts))
             texts = [str(text) for text in texts]
-        everything = "\x00".join(texts)  # one scan of all the cells for what needs quoting
         if '"' in everything or "\n" in everything or "\r" in everything:
             return [_csv_field(text) for text in texts], "%s"
-        # Every reason holds a comma: quoting the whole column costs nothing per cell.
-        return texts, '"%s"' if "," in everything else "%s"
+        quote = '"' if "," in everything else ""  # every reason holds a comma
+        if len(set(texts)) == 1:
+            return None, f"{quote}{texts[0].replace('%', '%%')}{quote}"
+        return texts, f"{quote}%s{quote}"
 
     with atomicio.open_atomic(path, "w", encoding="utf-8", newline="") as stream:
         stream.write(",".join(_csv_field(column) for column in table.columns) + "\n")
@@ -517,7 +558,11 @@ def write_list(path: Path, table: pd.DataFrame) -> None:
             chunk = [cells(column, slice(start, start + WRITE_CHUNK_ROWS))
                      for column in table.columns]
             line = ",".join(cell_format for _, cell_format in chunk) + "\n"
-            stream.writelines(map(line.__mod__, zip(*(values for values, _ in chunk))))
+            columns = [values for values, _ in chunk if values is not None]
+            if columns:
+                stream.writelines(map(line.__mod__, zip(*columns)))
+            else:  # every cell of the chunk is the same: a list of one client
+                stream.write(line * len(table.iloc[start:start + WRITE_CHUNK_ROWS]))
 
 
 def read_list(path: Path, schema: Schema, rows: int | None = None) -> pd.DataFrame:

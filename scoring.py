@@ -240,7 +240,8 @@ def explain(model: Any, frame: pd.DataFrame) -> Explanation:
 
 def number_text(value: float) -> str:
     """A number as a manager reads it: whole numbers whole, others to three significant digits."""
-    if value == int(value) and abs(value) < 1e15:
+    value = float(value)
+    if value.is_integer() and abs(value) < 1e15:
         return str(int(value))
     return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
@@ -251,8 +252,11 @@ def _numeric_reason_texts(
     # Worded once per distinct value: a million clients have far fewer distinct counts.
     codes, distinct = pd.factorize(values, use_na_sentinel=True)
     typical_text = number_text(typical)
-    worded = [f"{column} {number_text(value)}, typical {typical_text}: raises risk"
-              for value in distinct.tolist()]
+    whole = np.isfinite(distinct) & (np.mod(distinct, 1) == 0) & (np.abs(distinct) < 1e15)
+    numbers = np.empty(len(distinct), dtype=object)
+    numbers[whole] = distinct[whole].astype("int64").astype(str)  # counts: the usual case
+    numbers[~whole] = [number_text(value) for value in distinct[~whole].tolist()]
+    worded = [f"{column} {number}, typical {typical_text}: raises risk" for number in numbers]
     worded.append(
         f"{column} unknown (taken as {number_text(fill)}), typical {typical_text}: raises risk"
     )
