@@ -34,6 +34,7 @@ from settings import Schema, Settings, add_config_argument, load_settings
 if TYPE_CHECKING:
     import argparse
 
+    import numpy as np
     import pandas as pd
 
 log = logging.getLogger(__name__)
@@ -490,13 +491,35 @@ def _record(
                 "mtime_ns": source.mtime_ns,
                 "status": outcome.status,
                 "rows_read": outcome.rows_read,
-                "accepted": outcome.accepted,
+                # Rows added to the master dataset (master_batches counts on it); a roster's
+                # clients go to rosters.csv, and the rosters table says how many.
+                "accepted": outcome.accepted if outcome.kind == "labeled" else 0,
                 "duplicate": outcome.duplicate,
                 "quarantined": outcome.quarantined,
                 "missing_cells": outcome.missing_cells,
                 "reason": outcome.reason,
             },
         )
+
+
+def master_batches(settings: Settings, rows: int) -> np.ndarray | None:
+    """The ingestion run (batch) each row of the master dataset came from, in the dataset's order.
+
+    Ingestion appends each run's accepted rows at the end of the master dataset, so the recorded
+    counts of accepted rows, run by run, say where each batch lies. None when the records do not
+    add up to the dataset (it was made or changed outside ingestion).
+    """
+    import numpy as np
+
+    runs = records.query(
+        settings.records_path,
+        "SELECT run_id, SUM(accepted) AS accepted FROM ingestions WHERE status = 'ingested' "
+        "GROUP BY run_id HAVING SUM(accepted) > 0 ORDER BY MIN(id)",
+    )
+    if sum(run["accepted"] for run in runs) != rows:
+        log.info("the ingestion records do not add up to the %d master rows", rows)
+        return None
+    return np.repeat([run["run_id"] for run in runs], [run["accepted"] for run in runs])
 
 
 def ingested_file_names(settings: Settings) -> list[str]:

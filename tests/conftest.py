@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT_DIR))
+import generate_data
+from settings import Settings, load_settings
 
-import generate_data  # noqa: E402
-from settings import Settings, load_settings  # noqa: E402
+PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 SOURCE_ROWS = 600
 TEST_ROWS = 400
@@ -88,3 +88,50 @@ def deployed(_deployed_template: Path, tmp_path: Path) -> Settings:
     root = tmp_path / "workspace"
     shutil.copytree(_deployed_template, root)
     return load_settings(root / "config.json")
+
+
+class Receiver:
+    """A webhook on 127.0.0.1: keeps what it is sent, answers with `status`, or stalls if `slow`."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.status = 200
+        self.answer = b"ok"
+        self.slow = False
+        self.received: list[dict] = []
+        self.content_types: list[str] = []
+        self.released = threading.Event()
+
+
+@pytest.fixture
+def receiver():
+    """A webhook receiver on 127.0.0.1, stopped at the end of the test."""
+    state = Receiver()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            state.received.append(json.loads(body))
+            state.content_types.append(self.headers["Content-Type"])
+            if state.slow:
+                state.released.wait(10)  # until teardown; the sender has given up long before
+                return
+            self.send_response(state.status)
+            self.send_header("Content-Length", str(len(state.answer)))
+            self.end_headers()
+            self.wfile.write(state.answer)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    state.url = f"http://127.0.0.1:{server.server_port}/hooks/risk"
+    try:
+        yield state
+    finally:
+        state.released.set()
+        server.shutdown()
+        thread.join()
+        server.server_close()

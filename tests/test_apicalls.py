@@ -127,6 +127,20 @@ def test_token_from_the_environment_is_sent(reported, monkeypatch):
         assert run(reported, url) == 0
 
 
+def test_token_from_the_token_file_is_sent(reported):
+    (reported.base_dir / "api-token").write_text(TOKEN)
+    (reported.base_dir / "api-token").chmod(0o600)
+    settings = reported._replace(api=reported.api._replace(token_file="api-token"))
+
+    with serve(settings) as url:
+        answers = apicalls.call_endpoints(
+            settings, url, token=apicalls.token_from_environment(settings)
+        )
+
+    assert [answer.call.name for answer in answers.failures] == []
+    assert len(answers.returns) == len(apicalls.endpoint_calls(settings))
+
+
 def test_missing_token_fails_on_each_protected_endpoint(reported, monkeypatch):
     monkeypatch.setenv("RISK_API_TOKEN", TOKEN)
     with serve(reported) as url:
