@@ -64,6 +64,8 @@ def load_model(model_path: Path, expected_sha256: str | None = None) -> Any:
 
 # A client manager prepares a call from a few reasons, not from every feature.
 REASONS_PER_CLIENT = 3
+# Below this many rows, reasons are worded row by row rather than through pandas.
+FEW_ROWS = 64
 
 
 class LinearScorer:
@@ -249,21 +251,30 @@ def number_text(value: float) -> str:
 def _numeric_reason_texts(
     column: str, values: np.ndarray, typical: float, fill: float
 ) -> np.ndarray:
+    typical_text = number_text(typical)
+    unknown = f"{column} unknown (taken as {number_text(fill)}), typical {typical_text}: raises risk"
+    if len(values) < FEW_ROWS:  # an API request: plain Python beats pandas' fixed cost
+        return np.array([
+            unknown if value != value else f"{column} {number_text(value)}, typical "
+            f"{typical_text}: raises risk" for value in values.tolist()
+        ] or [], dtype=object)
     # Worded once per distinct value: a million clients have far fewer distinct counts.
     codes, distinct = pd.factorize(values, use_na_sentinel=True)
-    typical_text = number_text(typical)
     whole = np.isfinite(distinct) & (np.mod(distinct, 1) == 0) & (np.abs(distinct) < 1e15)
     numbers = np.empty(len(distinct), dtype=object)
     numbers[whole] = distinct[whole].astype("int64").astype(str)  # counts: the usual case
     numbers[~whole] = [number_text(value) for value in distinct[~whole].tolist()]
     worded = [f"{column} {number}, typical {typical_text}: raises risk" for number in numbers]
-    worded.append(
-        f"{column} unknown (taken as {number_text(fill)}), typical {typical_text}: raises risk"
-    )
+    worded.append(unknown)
     return np.array(worded, dtype=object)[codes]  # code -1 (a missing value) picks the last
 
 
 def _category_reason_texts(column: str, cells: np.ndarray) -> np.ndarray:
+    if len(cells) < FEW_ROWS:
+        return np.array([
+            f"{column} unknown: raises risk" if pd.isna(cell) else f"{column} {cell}: raises risk"
+            for cell in cells.tolist()
+        ] or [], dtype=object)
     codes, distinct = pd.factorize(cells, use_na_sentinel=True)
     worded = [f"{column} {category}: raises risk" for category in distinct.tolist()]
     worded.append(f"{column} unknown: raises risk")
