@@ -917,20 +917,13 @@ def read_risk_list(settings: Settings, rows: int) -> RiskList:
 
 
 def risk_entries(head: pd.DataFrame, schema: Schema) -> list[dict[str, Any]]:
-    """List rows as JSON: today's fields, then the reasons, the change and the log-odds terms."""
-    terms = [c for c in head.columns if c.startswith(calllist.CONTRIBUTION_PREFIX)]
-    grouped = {*calllist.REASON_COLUMNS, "change", "rank_before", "moved_by", *terms}
+    """List rows as JSON: today's fields, then the reasons as a list and the change."""
     entries = []
     for row in diagnostics.json_safe(head.to_dict(orient="records")):
-        entry = {column: value for column, value in row.items() if column not in grouped}
+        entry = {key: value for key, value in row.items() if key not in calllist.REASON_COLUMNS}
         if "reason_1" in row:
             entry["reasons"] = [row[c] for c in calllist.REASON_COLUMNS if row.get(c)]
-            entry["change"] = row["change"]
-            entry["rank_before"] = row["rank_before"]
-            entry["moved_by"] = row["moved_by"] or None
-            entry["contributions"] = {
-                term.removeprefix(calllist.CONTRIBUTION_PREFIX): row[term] for term in terms
-            }
+            entry["moved_by"] = entry["moved_by"] or None
         entries.append(entry)
     return entries
 

@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 # One column per reason (scoring.REASONS_PER_CLIENT), strongest first.
 REASON_COLUMNS = ("reason_1", "reason_2", "reason_3")
-CONTRIBUTION_PREFIX = "contribution_"
 # Rows formatted and written at a time: bounds the memory that a million clients' text takes.
 WRITE_CHUNK_ROWS = 100_000
 
@@ -64,6 +63,7 @@ class CurrentClients(NamedTuple):
     codes: np.ndarray  # each row's client code (ClientHistory)
     left: int  # clients whose newest row says they left: counted, not ranked
     from_rosters: int  # current clients whose newest row is a roster snapshot
+    sources: np.ndarray  # each row's row in the data: master row i, or snapshot row j as -(j + 1)
 
 
 class CallList(NamedTuple):
@@ -135,6 +135,7 @@ def current_clients(
         codes=np.concatenate([stayed, listed]),
         left=int((~newest.snapshot_is_newest & (newest.outcome == 1)).sum()),
         from_rosters=len(listed),
+        sources=np.concatenate([newest.labeled_at[stayed], -newest.listed_at[listed] - 1]),
     )
 
 
@@ -231,15 +232,35 @@ def read_snapshots(settings: Settings) -> pd.DataFrame:
 # --- Ranking with reasons and changes ----------------------------------------------------------
 
 
+class Ranked(NamedTuple):
+    """A list before it is written: what a manager reads, and what the next list compares with."""
+
+    table: pd.DataFrame  # rank, ids, probability, predicted class, release, reasons (+ changes)
+    terms: np.ndarray  # each row's log-odds terms (rows x features), in rank order
+    features: tuple[str, ...]
+    sources: np.ndarray  # each row's row in the data: master row i, or snapshot row j as -(j + 1)
+    codes: np.ndarray  # each row's client code (ClientHistory)
+
+
 def rank_current_clients(settings: Settings, model: Any, version: str) -> pd.DataFrame:
     """The list `model` makes of the current data, compared with the list on disk; not written."""
     from dataset import read_master
 
-    schema = settings.schema
-    history = client_history(read_master(settings), read_snapshots(settings), schema)
-    table = ranked_table(model, version, current_clients(history, schema).rows, schema)
-    previous = read_previous_list(settings.risk_scores_path, schema)
-    return with_changes(table, previous, settings.diagnostics.risk_top_n, schema)
+    history = client_history(read_master(settings), read_snapshots(settings), settings.schema)
+    current = current_clients(history, settings.schema)
+    return make_list(settings, model, version, history, current).table
+
+
+def make_list(
+    settings: Settings, model: Any, version: str, history: ClientHistory, current: CurrentClients
+) -> Ranked:
+    """Rank the current clients with their reasons, and say what changed since the list on disk."""
+    ranked = _ranked(model, version, current, settings.schema)
+    before, shift = _compared_with_previous(settings, history, ranked)
+    table = with_changes(
+        ranked.table, settings.diagnostics.risk_top_n, before, shift, ranked.features
+    )
+    return ranked._replace(table=table)
 
 
 def ranked_table(model: Any, version: str, rows: pd.DataFrame, schema: Schema) -> pd.DataFrame:
@@ -247,30 +268,41 @@ def ranked_table(model: Any, version: str, rows: pd.DataFrame, schema: Schema) -
 
     Ties go by client id, so the order never depends on the order rows happened to arrive in.
     The columns are today's (rank, ids, probability, predicted class, model_version), then the
-    reasons, then each feature's term of the log-odds. The index is each row's position in `rows`.
+    reasons.
     """
+    import numpy as np
+
+    every_row = np.arange(len(rows))
+    current = CurrentClients(rows, every_row, left=0, from_rosters=0, sources=every_row)
+    return _ranked(model, version, current, schema).table
+
+
+def _ranked(model: Any, version: str, current: CurrentClients, schema: Schema) -> Ranked:
     import numpy as np
     import pandas as pd
 
     from scoring import explain, linear_scorer, probabilities_of
 
+    rows = current.rows
     why = explain(model, rows)
     probabilities = probabilities_of(why.logits())
     order = _risk_order(probabilities, client_keys(rows, schema))
+    index = pd.RangeIndex(len(order))
     table = pd.DataFrame(
-        {column: _texts(rows[column].to_numpy(dtype=object)[order], pd.Index(order))
+        {column: _texts(rows[column].to_numpy(dtype=object)[order], index)
          for column in schema.id_columns},
     )
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     table["probability"] = probabilities[order]
     threshold = linear_scorer(model).threshold
     table[f"predicted_{schema.target}"] = (probabilities[order] >= threshold).astype("int64")
-    table["model_version"] = _texts(np.full(len(table), version, dtype=object), table.index)
+    table["model_version"] = _texts(np.full(len(table), version, dtype=object), index)
     for position, column in enumerate(REASON_COLUMNS):
-        table[column] = _texts(why.reason_texts(position)[order], table.index)
-    for index, feature in enumerate(why.features):
-        table[CONTRIBUTION_PREFIX + feature] = why.contributions[order, index]
-    return table
+        table[column] = _texts(why.reason_texts(position)[order], index)
+    return Ranked(
+        table=table, terms=why.contributions[order], features=why.features,
+        sources=current.sources[order], codes=current.codes[order],
+    )
 
 
 def _texts(values: np.ndarray, index: pd.Index) -> pd.Series:
@@ -299,80 +331,49 @@ def _risk_order(probabilities: np.ndarray, keys: np.ndarray) -> np.ndarray:
     return order
 
 
-def read_previous_list(path: Path, schema: Schema) -> pd.DataFrame | None:
-    """The ranks and log-odds terms of the list on disk, to say what changed; None if none."""
-    import pandas as pd
-
-    if not path.is_file():
-        return None
-    ids = list(schema.id_columns)
-    try:
-        header = pd.read_csv(path, nrows=0).columns
-        columns = [
-            c for c in header if c in ids or c == "rank" or c.startswith(CONTRIBUTION_PREFIX)
-        ]
-        if "rank" not in columns or not set(ids) <= set(columns):
-            raise ValueError("it has no rank or client id column")
-        return pd.read_csv(
-            path, usecols=columns, dtype={c: "str" for c in ids}, keep_default_na=False
-        )
-    except (OSError, ValueError, pd.errors.ParserError) as error:
-        log.warning("comparing with no previous list: %s cannot be read (%s)", path, error)
-        return None
-
-
 def with_changes(
-    table: pd.DataFrame, previous: pd.DataFrame | None, top_n: int, schema: Schema,
-    at: np.ndarray | None = None,
+    table: pd.DataFrame, top_n: int, before: np.ndarray | None, shift: np.ndarray | None,
+    features: tuple[str, ...],
 ) -> pd.DataFrame:
     """Add what changed since the previous list: change, rank_before and moved_by.
 
+    `before` is each row's rank on the previous list (0: not on it; None: there is no previous
+    list); `shift`, how each row's log-odds terms moved since (NaN, or None: not known).
     change: "new in the top N" (in the top group now, not in the previous one), "risen",
-    "fallen", "unchanged", "new" (not on the previous list), or "first list"; rank_before is the
-    rank on the previous list. moved_by: of a client whose own risk moved, the feature whose term
-    of the log-odds moved furthest the same way. `at` is each row's position in `previous` (-1 if
-    absent), when the caller knows it already.
+    "fallen", "unchanged", "new" (not on the previous list), or "first list". moved_by: of a
+    client whose own risk moved, the feature whose term moved furthest the same way.
     """
     import numpy as np
     import pandas as pd
 
-    rank = table["rank"].to_numpy()
-    # After the reasons, before the log-odds terms: the columns a manager reads come first.
+    # After the reasons: the columns a manager reads first.
     where = list(table.columns).index(REASON_COLUMNS[-1]) + 1
-    if previous is None:
+    if before is None:
         return _with_columns(table, where, {
-            "change": "first list",
+            "change": _texts(np.full(len(table), "first list", dtype=object), table.index),
             "rank_before": pd.array([pd.NA] * len(table), dtype="Int64"),
-            "moved_by": "",
+            "moved_by": _texts(np.full(len(table), "", dtype=object), table.index),
         })
-    if at is None:
-        at = pd.Index(client_keys(previous, schema)).get_indexer(client_keys(table, schema))
-    found = at >= 0
-    before = np.where(found, previous["rank"].to_numpy(dtype="int64")[at], 0)
+    rank = table["rank"].to_numpy()
+    found = before > 0
     change = np.full(len(table), "unchanged", dtype=object)
     change[found & (rank < before)] = "risen"
     change[found & (rank > before)] = "fallen"
     change[~found] = "new"
     change[(rank <= top_n) & (~found | (before > top_n))] = f"new in the top {top_n}"
+    moved = np.full(len(table), "", dtype=object)
+    if shift is not None:
+        known = found & ~np.isnan(shift).any(axis=1)
+        total = shift[known].sum(axis=1)
+        # Terms recomputed from the same row and model agree to the last bit; anything else moved.
+        own = np.abs(total) > 1e-9
+        strongest = np.argmax(shift[known][own] * np.sign(total[own])[:, None], axis=1)
+        moved[np.flatnonzero(known)[own]] = np.array(features, dtype=object)[strongest]
     return _with_columns(table, where, {
         "change": _texts(change, table.index),
         "rank_before": pd.arrays.IntegerArray(before, ~found),
-        "moved_by": _texts(_moved_by(table, previous, at), table.index),
+        "moved_by": _texts(moved, table.index),
     })
-
-
-def _positions_in(
-    previous: pd.DataFrame, codes: np.ndarray, history: ClientHistory, schema: Schema
-) -> np.ndarray:
-    """Each client's (by code) row in the previous list, -1 if absent, through the history's
-    index of clients, which the track record hashes anyway."""
-    import numpy as np
-
-    previous_codes = history.clients.get_indexer(client_keys(previous, schema))
-    row_of_code = np.full(len(history.clients), -1, dtype="int64")
-    known = previous_codes >= 0
-    row_of_code[previous_codes[known]] = np.flatnonzero(known)
-    return row_of_code[codes]
 
 
 def _with_columns(table: pd.DataFrame, where: int, columns: dict[str, Any]) -> pd.DataFrame:
@@ -382,24 +383,67 @@ def _with_columns(table: pd.DataFrame, where: int, columns: dict[str, Any]) -> p
     return table
 
 
-def _moved_by(table: pd.DataFrame, previous: pd.DataFrame, at: np.ndarray) -> np.ndarray:
+def _compared_with_previous(
+    settings: Settings, history: ClientHistory, ranked: Ranked
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Each new row's rank on the list on disk (0: not on it) and how its terms moved since.
+
+    The terms file written beside the list says where each client's row lies in the data, so the
+    two lists meet through integer codes; without it (or for a list of other data) the clients
+    are matched by id, and what moved them is not known. (None, None): no list on disk.
+    """
+    import numpy as np
+    import pandas as pd
+
+    path = settings.risk_scores_path
+    if not path.is_file():
+        return None, None
+    saved = read_terms(settings, history)
+    if saved is not None:
+        codes_before = _codes_of(saved["sources"], history)
+        row_before = np.full(len(history.clients), -1, dtype="int64")
+        row_before[codes_before] = np.arange(len(codes_before))
+        at = row_before[ranked.codes]
+        found = at >= 0
+        shift = None
+        if tuple(saved["features"].tolist()) == ranked.features:
+            shift = np.full(ranked.terms.shape, np.nan)
+            shift[found] = ranked.terms[found] - saved["terms"][at[found]]
+        return np.where(found, at + 1, 0), shift
+    previous = read_previous_list(path, settings.schema)
+    if previous is None:
+        return None, None
+    at = pd.Index(client_keys(previous, settings.schema)).get_indexer(
+        history.clients[ranked.codes]
+    )
+    return np.where(at >= 0, previous["rank"].to_numpy(dtype="int64")[at], 0), None
+
+
+def _codes_of(sources: np.ndarray, history: ClientHistory) -> np.ndarray:
+    """The client code of each source row: master row i, or snapshot row j given as -(j + 1)."""
     import numpy as np
 
-    terms = [c for c in table.columns if c.startswith(CONTRIBUTION_PREFIX)]
-    moved = np.full(len(table), "", dtype=object)
-    if not terms or not set(terms) <= set(previous.columns):
-        return moved
-    found = at >= 0
-    now = table.loc[found, terms].to_numpy(dtype="float64")
-    before = previous[terms].to_numpy(dtype="float64")[at[found]]
-    shift = now - before
-    direction = np.sign(shift.sum(axis=1))
-    # Terms are written to six decimals: a smaller move is the rounding of an unchanged risk.
-    own_move = np.abs(shift.sum(axis=1)) > 1e-5
-    strongest = np.argmax(shift * direction[:, None], axis=1)
-    names = np.array([t.removeprefix(CONTRIBUTION_PREFIX) for t in terms], dtype=object)
-    moved[np.flatnonzero(found)[own_move]] = names[strongest[own_move]]
-    return moved
+    from_master = sources >= 0
+    codes = np.empty(len(sources), dtype="int64")
+    codes[from_master] = history.master_clients[sources[from_master]]
+    codes[~from_master] = history.snapshot_clients[-sources[~from_master] - 1]
+    return codes
+
+
+def read_previous_list(path: Path, schema: Schema) -> pd.DataFrame | None:
+    """The ids and ranks of the list on disk; None if there is none or it cannot be read."""
+    import pandas as pd
+
+    if not path.is_file():
+        return None
+    ids = list(schema.id_columns)
+    try:
+        return pd.read_csv(
+            path, usecols=[*ids, "rank"], dtype={c: "str" for c in ids}, keep_default_na=False
+        )
+    except (OSError, ValueError, pd.errors.ParserError) as error:
+        log.warning("comparing with no previous list: %s cannot be read (%s)", path, error)
+        return None
 
 
 # --- Writing and recording ---------------------------------------------------------------------
@@ -422,36 +466,84 @@ def rebuild_call_list(settings: Settings) -> CallList:
     schema = settings.schema
     history = client_history(read_master(settings), read_snapshots(settings), schema)
     current = current_clients(history, schema)
-    table = ranked_table(model, release.version, current.rows, schema)
+    ranked = make_list(settings, model, release.version, history, current)
     top_n = settings.diagnostics.risk_top_n
-    previous = read_previous_list(settings.risk_scores_path, schema)
-    if previous is not None:
-        at = _positions_in(previous, current.codes[table.index.to_numpy()], history, schema)
-        table = with_changes(table, previous, top_n, schema, at)
-    else:
-        table = with_changes(table, None, top_n, schema)
-    del previous  # a million rows: free them before the list is formatted
-
     list_id = records.add(settings.records_path, "call_lists", {
         "time": records.utc_now(),
         "model_version": release.version,
         "roster": _newest_roster(settings, len(history.snapshots)),
         "master_rows": len(history.master),
         "roster_rows": len(history.snapshots),
-        "ranked": len(table),
+        "ranked": len(ranked.table),
         "from_rosters": current.from_rosters,
         "left_not_ranked": current.left,
         "top_n": top_n,
-        "top_clients": client_keys(table.head(top_n), schema).tolist(),
+        "top_clients": client_keys(ranked.table.head(top_n), schema).tolist(),
         "data_stamp": stamp,
     })
-    write_list(settings.risk_scores_path, table)
+    write_list(settings.risk_scores_path, ranked.table)
+    write_terms(settings, list_id, ranked, history)
     records.update(settings.records_path, "call_lists", list_id,
                    {"file_stamp": file_stamp(settings.risk_scores_path)})
     results = update_track_records(settings, history, list_id)
     log.info("risk list %d of release %s: %d clients ranked, %d already left",
-             list_id, release.version, len(table), current.left)
+             list_id, release.version, len(ranked.table), current.left)
     return _call_list(settings, latest_list(settings), rebuilt=True, results=results)
+
+
+def terms_path(settings: Settings) -> Path:
+    """Beside riskscores.csv: each listed client's row in the data and log-odds terms, in rank
+    order, so that the next list can say what moved each client without reading this one."""
+    return settings.risk_scores_path.with_suffix(".terms.npz")
+
+
+# Ids of this many listed clients, spread over the list, are kept in the terms file to check that
+# its rows still point at the same clients (the data might have been made anew since).
+CHECKED_IDS = 100
+
+
+def write_terms(settings: Settings, list_id: int, ranked: Ranked, history: ClientHistory) -> None:
+    import numpy as np
+
+    listed = len(ranked.codes)
+    checked = np.unique(np.linspace(0, listed - 1, min(listed, CHECKED_IDS)).astype("int64"))
+
+    def write(path: Path) -> None:
+        with open(path, "wb") as stream:
+            np.savez(
+                stream, list_id=np.array(list_id), sources=ranked.sources, terms=ranked.terms,
+                features=np.array(ranked.features, dtype=str), checked=checked,
+                checked_ids=np.array(history.clients[ranked.codes[checked]], dtype=str),
+            )
+
+    atomicio.write_with(terms_path(settings), write)
+
+
+def read_terms(settings: Settings, history: ClientHistory) -> dict[str, np.ndarray] | None:
+    """The terms file of the list on disk, if it is that list's and still fits the data."""
+    import numpy as np
+
+    listed = latest_list(settings)
+    if listed is None or listed["file_stamp"] != file_stamp(settings.risk_scores_path):
+        return None
+    try:
+        with np.load(terms_path(settings), allow_pickle=False) as stored:
+            saved = {name: stored[name] for name in stored.files}
+    except (OSError, ValueError, KeyError) as error:
+        log.info("the terms of the previous list are not at hand (%s)", error)
+        return None
+    sources = saved["sources"]
+    fits = (
+        int(saved["list_id"]) == listed["id"]
+        and (sources < len(history.master)).all()
+        and (-sources - 1 < len(history.snapshots)).all()
+    )
+    if not fits or not (
+        history.clients[_codes_of(sources[saved["checked"]], history)]
+        == saved["checked_ids"].astype(object)
+    ).all():
+        return None
+    return saved
 
 
 def call_list_is_current(settings: Settings) -> bool:
@@ -548,7 +640,7 @@ def write_list(path: Path, table: pd.DataFrame) -> None:
         if '"' in everything or "\n" in everything or "\r" in everything:
             return [_csv_field(text) for text in texts], "%s"
         quote = '"' if "," in everything else ""  # every reason holds a comma
-        if len(set(texts)) == 1:
+        if texts and texts[0] == texts[-1] and len(set(texts)) == 1:
             return None, f"{quote}{texts[0].replace('%', '%%')}{quote}"
         return texts, f"{quote}%s{quote}"
 
@@ -654,9 +746,8 @@ def track_record(
     left[known] = target[master_rows + first_after[known]] == 1
     ranked = _newest_rows(history, schema, master_rows, roster_rows).current & known
     top = np.zeros(clients, dtype=bool)
-    in_history = history.clients.get_indexer(top_clients)
-    top[in_history[in_history >= 0]] = True
-    top &= ranked
+    candidates = np.flatnonzero(ranked)  # only ids with an outcome need hashing, not every client
+    top[candidates] = _isin(np.asarray(history.clients[candidates], dtype=object), top_clients)
     ranked_known, top_known = int(ranked.sum()), int(top.sum())
     if ranked_known == 0:
         return None
@@ -676,6 +767,13 @@ def track_record(
         if share > 0:
             numbers.update(lift=precision / share, lift_low=low / share, lift_high=high / share)
     return numbers
+
+
+def _isin(values: np.ndarray, pool: list[str]) -> np.ndarray:
+    """Which values are in pool, by hashing (numpy's isin sorts, slow for text)."""
+    import pandas as pd
+
+    return pd.Series(values, dtype=object).isin(pool).to_numpy()
 
 
 def track_record_text(result: dict[str, Any]) -> str:

@@ -164,21 +164,25 @@ def test_reasons_of_a_hand_made_client_match_a_hand_computation(deployed):
     assert [why.reason_texts(p)[0] for p in range(len(raising))] == [said[i] for i in raising]
 
 
-def test_the_list_carries_three_reasons_and_every_term_of_the_log_odds(deployed):
+def test_each_client_on_the_list_carries_its_strongest_reasons(deployed):
     calllist.rebuild_call_list(deployed)
+    model, _ = deployment.load_deployed_model(deployed)
 
     ranked = written_list(deployed)
 
     assert list(ranked.columns[:5]) == [
         "rank", ID, "probability", "predicted_exited", "model_version"
     ]
-    terms = ranked[[c for c in ranked.columns if c.startswith("contribution_")]]
-    assert terms.shape[1] == 3
-    # Only a feature that raises the risk is a reason, strongest first.
     first = ranked.iloc[0]
-    assert first["reason_1"].endswith(": raises risk")
-    strongest = terms.iloc[0].idxmax().removeprefix("contribution_")
+    row = read_master(deployed).drop_duplicates(ID, keep="last").set_index(ID).loc[[first[ID]]]
+    why = explain(model, row.reset_index())
+    strongest = why.features[int(np.argmax(why.contributions[0]))]
     assert first["reason_1"].startswith(strongest + " ")
+    assert first["reason_1"].endswith(": raises risk")
+    raising = int((why.contributions[0] > 0).sum())
+    assert [bool(first[column]) for column in calllist.REASON_COLUMNS] == [
+        position < raising for position in range(3)
+    ]
 
 
 def test_each_entry_says_what_changed_since_the_previous_list(deployed):
@@ -205,6 +209,22 @@ def test_each_entry_says_what_changed_since_the_previous_list(deployed):
     pushed_down = after[(after["rank_before"] < after["rank"]).fillna(False)]
     assert (pushed_down["change"] == "fallen").all() and len(pushed_down) > 0
     assert (pushed_down["moved_by"] == "").all()  # its own risk did not move
+
+
+def test_without_the_terms_of_the_previous_list_changes_are_told_by_id(deployed):
+    calllist.rebuild_call_list(deployed)
+    before = written_list(deployed).set_index(ID)
+    calllist.terms_path(deployed).unlink()
+    shipped_roster(deployed)
+    ingest(deployed)
+
+    calllist.rebuild_call_list(deployed)
+
+    after = written_list(deployed).set_index(ID)
+    stayed_on = after.index.intersection(before.index)
+    assert (after.loc[stayed_on, "rank_before"] == before.loc[stayed_on, "rank"]).all()
+    assert (after["moved_by"] == "").all()  # what moved them needs the terms
+    assert calllist.terms_path(deployed).exists()
 
 
 def test_a_list_that_is_up_to_date_is_left_as_it_is(deployed):

@@ -151,8 +151,6 @@ def test_report_writes_the_risk_list_beside_the_deployed_model(reported):
     assert written.columns.tolist() == [
         "rank", "corporation", "probability", "predicted_exited", "model_version",
         "reason_1", "reason_2", "reason_3", "change", "rank_before", "moved_by",
-        "contribution_lastmonth_activity", "contribution_lastyear_activity",
-        "contribution_number_of_employees",
     ]
     newest = read_master(settings).drop_duplicates("corporation", keep="last")
     assert len(written) == result.clients == (newest["exited"] == 0).sum()
