@@ -9,10 +9,11 @@ top group, risen or fallen, and the feature that moved it. When labeled data lat
 outcomes of clients an earlier list ranked, that list's track record is recorded: how many of its
 top group left, against the share of leavers among all it ranked (precision at the top, and lift).
 
-`rebuild_call_list` writes the list of the served release and records it; it does nothing when the
-list already describes the served release and the current data, so the cycle, the report and a
-rollback can all call it. pandas and numpy are imported by the functions that rank, so that
-`call_list_is_current` costs a stat and a query.
+`rebuild_call_list` writes the list of the served release and records it (the `call_lists` table),
+with each listed client's log-odds terms beside it (riskscores.terms.npz) for the next list to
+compare with; it does nothing when the list already describes the served release and the current
+data, so the cycle, the report and a rollback can all call it. pandas and numpy are imported by
+the functions that rank, so that `call_list_is_current` costs a stat and a query.
 """
 
 from __future__ import annotations
