@@ -29,7 +29,7 @@ import logging
 import os
 import secrets
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -51,6 +51,7 @@ from flask import (
 from flask.blueprints import BlueprintSetupState
 from werkzeug.exceptions import HTTPException, NotFound
 
+import calllist
 import deployment
 import diagnostics
 import ingestion
@@ -81,6 +82,7 @@ SESSION_HOURS = 12
 # The call list shows the top group on its first page (up to this many rows a page).
 MIN_PAGE_ROWS, MAX_PAGE_ROWS = 25, 200
 LAST_CYCLES = 20
+RECENT_LISTS = 20  # lists whose top group a client's page looks up
 # How a cycle's decision reads to the model's owner (fullprocess.py names them).
 DECISIONS = {
     "first-deployment": "First deployment: nothing was deployed yet, so the first trained model "
@@ -97,8 +99,8 @@ DECISIONS = {
 # Columns of the risk list the pages know; any other column is shown as it is.
 REASON_PREFIX = "reason"
 CHANGE_COLUMN = "change"
-CHANGE_DETAIL_COLUMNS = ("rank_before", "moved_by")
-TECHNICAL_PREFIXES = ("contribution_",)  # the model's arithmetic: on the client page only
+RANK_BEFORE_COLUMN = "rank_before"
+MOVED_BY_COLUMN = "moved_by"
 SECURITY_HEADERS = {
     # Nothing is loaded from elsewhere and nothing runs inline: a hostile id in a data file can
     # do nothing even if a template ever failed to escape it.
@@ -131,8 +133,7 @@ class PageState:
     """What the pages keep between requests: each input parsed once per file or record."""
 
     risk_lists: KeyedCache = field(default_factory=KeyedCache)
-    masters: KeyedCache = field(default_factory=KeyedCache)
-    top_groups: KeyedCache = field(default_factory=KeyedCache)
+    clients: KeyedCache = field(default_factory=KeyedCache)
 
 
 def pages() -> PageState:
@@ -337,10 +338,9 @@ class RiskList:
         self.reason_columns = [c for c in self.header if c.startswith(REASON_PREFIX)]
         self.has_changes = CHANGE_COLUMN in self.header
         known = {"rank", "probability", self.predicted_column, "model_version", CHANGE_COLUMN,
-                 *self.id_columns, *self.reason_columns, *CHANGE_DETAIL_COLUMNS}
-        # Columns a later risk list added, shown as they are; the model's arithmetic is not.
-        self.extra_columns = [c for c in self.header
-                              if c not in known and not c.startswith(TECHNICAL_PREFIXES)]
+                 RANK_BEFORE_COLUMN, MOVED_BY_COLUMN, *self.id_columns, *self.reason_columns}
+        # Columns a later risk list adds are shown as they are.
+        self.extra_columns = [c for c in self.header if c not in known]
 
     def __len__(self) -> int:
         return len(self._bounds) - 2  # the bounds of the header and of each row, and the end
@@ -408,89 +408,36 @@ def risk_list() -> RiskList | None:
     return pages().risk_lists.get(key, lambda: RiskList(path, settings().schema))
 
 
-# --- What changed: the call list's own columns, or the recorded top groups ---------------------
-
-
-class TopGroups(NamedTuple):
-    """The top group each release ranked, as reporting.py recorded it (risktopgroups.json)."""
-
-    ranks: dict[str, dict[str, int]]  # release -> client -> rank in its top group
-
-
-def top_groups() -> TopGroups:
-    path = settings().deployment_folder / reporting.TOP_GROUPS_FILE
-    key = file_key(path)
-    if key is None:
-        return TopGroups({})
-    return pages().top_groups.get(key, lambda: _read_top_groups(path))
-
-
-def _read_top_groups(path: Path) -> TopGroups:
-    try:
-        groups = json.loads(path.read_text(encoding="utf-8"))["groups"]
-        return TopGroups({
-            version: {client: rank for rank, client in enumerate(ids, start=1)}
-            for version, ids in groups.items()
-        })
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        log.warning("pages: %s is unreadable (%s); no earlier top groups shown", path, error)
-        return TopGroups({})
-
-
-def release_history() -> list[str]:
-    """Every release that has been served, oldest first, each once (the manifest's history)."""
-    manifest = deployment.read_manifest(settings()) or {}
-    seen: list[str] = []
-    for entry in manifest.get("history", []):
-        if entry["version"] in seen:
-            seen.remove(entry["version"])
-        seen.append(entry["version"])
-    return seen
-
-
-def previous_release(version: str) -> str | None:
-    """The release served before `version`, whose top group the list is compared with."""
-    history = [v for v in release_history() if v != version]
-    return history[-1] if history else None
+# --- What the list says about each client, and what the records say about the list ------------
 
 
 class Change(NamedTuple):
     """What changed for one client since the previous list, in words, and its kind for styling."""
 
-    kind: str  # new | risen | fallen | unchanged | left | "" (unknown)
+    kind: str  # new | risen | fallen | unchanged | "" (nothing to say)
     text: str
 
 
-def change_of(row: dict[str, str], rank: int, client: str, top_n: int,
-              before: dict[str, int] | None) -> Change:
-    """The list's own change column when it has one; else the recorded previous top group."""
-    if CHANGE_COLUMN in row:
-        text = row[CHANGE_COLUMN]
-        kind = next((k for k in ("new", "risen", "fallen", "unchanged") if k in text.lower()), "")
-        return Change(kind, text)
-    if before is None:
-        return Change("", "")
-    was = before.get(client)
-    in_top = rank <= top_n
-    if was is None:
-        return Change("new", f"new in top {top_n}") if in_top else Change("", "")
-    if not in_top:
-        return Change("left", f"left top {top_n} (was {was})")
-    if rank < was:
-        return Change("risen", f"risen from {was}")
-    if rank > was:
-        return Change("fallen", f"fallen from {was}")
-    return Change("unchanged", "unchanged")
+CHANGE_KINDS = ("new", "risen", "fallen", "unchanged")
 
 
-def comparison_base(risk: RiskList) -> tuple[str | None, dict[str, int] | None]:
-    """The previous release and its top group, when the list carries no change column."""
-    if risk.has_changes:
-        return None, None
-    previous = previous_release(risk.model_version)
-    if previous is None:
-        return None, None
-    return previous, top_groups().ranks.get(previous)
+def change_of(row: dict[str, str]) -> Change:
+    """The list's own words for what changed (calllist.py writes them), with the rank before."""
+    text = row.get(CHANGE_COLUMN, "")
+    kind = next((kind for kind in CHANGE_KINDS if kind in text.lower()), "")
+    before = row.get(RANK_BEFORE_COLUMN, "")
+    if before and kind != "unchanged":
+        text = f"{text} (was {before})"
+    return Change(kind, text)
+
+
+def recorded_list(risk: RiskList) -> dict[str, Any] | None:
+    """The records' entry of the list on disk (calllist.py records each list it writes)."""
+    listed = calllist.latest_list(settings())
+    size, mtime_ns = risk.key[2], risk.key[1]  # of the file indexed, in calllist.file_stamp's form
+    if listed is None or listed["file_stamp"] != f"{size}:{mtime_ns}":
+        return None  # written some other way, or the records lag behind the file
+    return listed
 
 
 class ListRow(NamedTuple):
@@ -498,6 +445,7 @@ class ListRow(NamedTuple):
 
     rank: int
     client: str
+    url: str
     probability: float | None
     predicted: str
     reasons: list[str]
@@ -507,19 +455,28 @@ class ListRow(NamedTuple):
 
 
 def list_row(risk: RiskList, row: dict[str, str], top_n: int,
-             before: dict[str, int] | None) -> ListRow:
+             client_url: Callable[[str], str] | None = None) -> ListRow:
     rank = int(row["rank"])
     client = risk.client_id(row)
     return ListRow(
         rank=rank,
         client=client,
+        url=(client_url or client_page_url())(client),
         probability=to_float(row.get("probability")),
         predicted=predicted_words(row.get(risk.predicted_column)),
         reasons=[row[c] for c in risk.reason_columns if row.get(c)],
-        change=change_of(row, rank, client, top_n, before),
+        change=change_of(row),
         extras=[row.get(c, "") for c in risk.extra_columns],
         in_top_group=rank <= top_n,
     )
+
+
+def client_page_url() -> Callable[[str], str]:
+    """What url_for("pages.client", client_id=...) gives, built without it for each of a page's
+    rows: url_for would take a fifth of the call list's time."""
+    prefix = url_for("pages.client", client_id="-")[:-1]
+    converter = current_app.url_map.converters["path"](current_app.url_map)
+    return lambda client: prefix + converter.to_url(client)
 
 
 def to_float(text: str | None) -> float | None:
@@ -562,20 +519,20 @@ def call_list() -> str | Response | tuple[str, int]:
         raw = risk.rows(start, start + page_rows)
     else:
         raw = [risk.rows(int(p), int(p) + 1)[0] for p in positions[start:start + page_rows]]
-    previous, before = comparison_base(risk)
     served = deployment.current_release(settings())
+    client_url = client_page_url()
     return render_template(
         "calllist.html",
         risk=risk,
-        rows=[list_row(risk, row, top_n, before) for row in raw],
+        listed=recorded_list(risk),
+        track_record=calllist.latest_track_record(settings()),
+        rows=[list_row(risk, row, top_n, client_url) for row in raw],
         query=query,
         total=total,
         page=page,
         pages_count=pages_count,
         first_shown=start + 1,
         top_n=top_n,
-        previous=previous,
-        before_recorded=before is not None,
         served=served,
     )
 
@@ -594,72 +551,99 @@ def risk_scores_csv() -> Response:
 # --- One client: /clients/<id> ------------------------------------------------------------------
 
 
-class MasterIndex:
-    """The master dataset's rows by client, with the ingestion run (batch) each row came from."""
+class ClientRows:
+    """Every row of every client: the master dataset's labeled rows and the rosters' snapshots.
+
+    Indexed by client id (sorted, for binary search) once per pair of files; each row keeps where
+    it came from: its ingestion run and master position, or its roster snapshot.
+    """
 
     def __init__(self, settings: Settings) -> None:
         schema = settings.schema
         master = read_master(settings)
-        ids = np.array(
-            [text.encode("utf-8") for text in _joined_ids(master, schema)], dtype=bytes
-        ) if len(master) else np.array([], dtype="S1")
+        snapshots = calllist.read_snapshots(settings)
+        keys = np.concatenate([calllist.client_keys(master, schema),
+                               calllist.client_keys(snapshots, schema)])
+        ids = np.array([key.encode("utf-8") for key in keys], dtype=bytes) if len(keys) else (
+            np.array([], dtype="S1"))
         self._order = np.argsort(ids, kind="stable")
         self._sorted_ids = ids[self._order]
-        self.columns = list(schema.features) + [schema.target]
-        self._values = {c: master[c].to_numpy() for c in self.columns}
-        self.batches = ingestion.master_batches(settings, len(master)) if len(master) else None
-        self.batch_times = {
+        self.master_rows = len(master)
+        self.features = list(schema.features)
+        self._values = {
+            c: np.concatenate([column_values(master[c], c, schema),
+                               column_values(snapshots[c], c, schema)])
+            for c in self.features
+        }
+        self._outcomes = master[schema.target].to_numpy(dtype="float64", na_value=np.nan)
+        # A snapshot that arrived when the master dataset had P rows is newer than rows 0..P-1.
+        positions = snapshots[ingestion.MASTER_POSITION_COLUMN].to_numpy(dtype="int64")
+        self._arrival = np.concatenate([2 * np.arange(len(master)) + 1, 2 * positions])
+        self._snapshot_numbers = snapshots[ingestion.SNAPSHOT_COLUMN].to_numpy(dtype="int64")
+        self._batches = ingestion.master_batches(settings, len(master)) if len(master) else None
+        self._batch_times = {
             row["run_id"]: row["time"] for row in records.query(
                 settings.records_path,
                 "SELECT run_id, MIN(time) AS time FROM ingestions GROUP BY run_id",
             )
         }
+        self._rosters = {
+            row["snapshot"]: row for row in records.query(
+                settings.records_path, "SELECT snapshot, file, time FROM rosters"
+            )
+        }
 
     def rows_of(self, client: str) -> list[dict[str, Any]]:
-        """The client's rows in the order they arrived, each with its batch and when it came."""
+        """The client's rows in the order they arrived, each with its source and outcome."""
         wanted = client.encode("utf-8")
         if not len(self._sorted_ids) or len(wanted) > self._sorted_ids.dtype.itemsize:
             return []
         key = np.array(wanted, dtype=self._sorted_ids.dtype)
         low = int(np.searchsorted(self._sorted_ids, key, side="left"))
         high = int(np.searchsorted(self._sorted_ids, key, side="right"))
-        rows = []
-        for position in np.sort(self._order[low:high]):
-            batch = None if self.batches is None else str(self.batches[position])
-            rows.append({
-                "values": {c: plain(self._values[c][position]) for c in self.columns},
-                "batch": batch,
-                "ingested_at": self.batch_times.get(batch) if batch else None,
-            })
-        return rows
+        found = self._order[low:high]
+        return [self._row(int(i)) for i in found[np.lexsort((found, self._arrival[found]))]]
+
+    def _row(self, index: int) -> dict[str, Any]:
+        values = {c: plain(self._values[c][index]) for c in self.features}
+        if index >= self.master_rows:
+            roster = self._rosters.get(int(self._snapshot_numbers[index - self.master_rows]), {})
+            return {"values": values, "position": None, "outcome": None,
+                    "snapshot_row": index - self.master_rows,
+                    "source": f"roster {roster.get('file', '')}".strip(),
+                    "arrived_at": roster.get("time")}
+        batch = None if self._batches is None else str(self._batches[index])
+        outcome = self._outcomes[index]
+        return {"values": values, "position": index, "snapshot_row": None,
+                "outcome": None if np.isnan(outcome) else int(outcome),
+                "source": "labeled batch", "arrived_at": self._batch_times.get(batch)}
 
 
-def _joined_ids(frame: pd.DataFrame, schema: Schema) -> Iterable[str]:
-    ids = list(schema.id_columns)
-    if len(ids) == 1:
-        return frame[ids[0]].astype("str")
-    return frame[ids].astype("str").agg(" / ".join, axis=1)
+def column_values(column: pd.Series, name: str, schema: Schema) -> np.ndarray:
+    """A column as a compact array: numbers as floats (NaN where missing), categories as text."""
+    if name in schema.numeric_features:
+        return column.to_numpy(dtype="float64", na_value=np.nan)
+    return column.to_numpy(dtype=object)
 
 
 def plain(value: Any) -> Any:
     """A numpy cell as a plain number (None when missing), for the template."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return None
     if isinstance(value, np.generic):
         value = value.item()
-        if isinstance(value, float) and np.isnan(value):
-            return None
+    if isinstance(value, float) and np.isnan(value):
+        return None
     return value
 
 
-def master_index() -> MasterIndex | None:
-    path = settings().finaldata_path
-    key = file_key(path)
-    if key is None:
+def client_rows() -> ClientRows | None:
+    """Every client's rows, indexed once per version of the master dataset and the rosters."""
+    current = settings()
+    key = (file_key(current.finaldata_path), file_key(current.rosters_path))
+    if key == (None, None):
         return None
     try:
-        return pages().masters.get(key, lambda: MasterIndex(settings()))
-    except DataError as error:  # the server's own file: not the visitor's mistake
+        return pages().clients.get(key, lambda: ClientRows(current))
+    except DataError as error:  # the server's own files: not the visitor's mistake
         raise DataNotReady(f"{error}: run ingestion.py") from None
 
 
@@ -681,49 +665,72 @@ def client(client_id: str) -> str | tuple[str, int]:
     top_n = settings().diagnostics.risk_top_n
     found = risk.positions_of(client_id, exact=True)
     raw = risk.rows(int(found[0]), int(found[0]) + 1)[0] if len(found) else None
-    master = master_index()
-    history = master.rows_of(client_id) if master is not None else []
+    rows = client_rows()
+    history = rows.rows_of(client_id) if rows is not None else []
     if raw is None and not history:
-        raise NotFound(f"No client {client_id!r} on the risk list or in the master dataset.")
-    previous, before = comparison_base(risk)
-    listed = list_row(risk, raw, top_n, before) if raw is not None else None
+        raise NotFound(f"No client {client_id!r} on the risk list or in the data.")
+    lists = ranks_in_lists(client_id)
     statistics, statistics_time = typical_client()
-    # Both times are recorded to the second; a batch of the same second as the list counts as
-    # later, since within a cycle ingestion comes seconds before the list is written.
-    later = [row for row in history
-             if row["ingested_at"] is not None and row["ingested_at"] >= risk.made_at]
     return render_template(
         "client.html",
         client_id=client_id,
         risk=risk,
-        listed=listed,
-        list_columns=[(c, raw[c]) for c in risk.header if c.startswith(TECHNICAL_PREFIXES)
-                      or c in CHANGE_DETAIL_COLUMNS] if raw is not None else [],
+        entry=list_row(risk, raw, top_n) if raw is not None else None,
+        moved_by=raw.get(MOVED_BY_COLUMN) if raw is not None else None,
+        extra_columns=[(c, raw[c]) for c in risk.extra_columns] if raw is not None else [],
+        listed=recorded_list(risk),
         latest=history[-1] if history else None,
         history=history,
-        later=later,
+        outcome=outcome_after_lists(history, lists),
         features=list(settings().schema.features),
-        target=settings().schema.target,
         statistics=statistics,
         statistics_time=statistics_time,
-        across_releases=ranks_across_releases(risk.client_id(raw) if raw else client_id),
+        lists=lists,
         top_n=top_n,
-        previous=previous,
         served=deployment.current_release(settings()),
     )
 
 
-def ranks_across_releases(client: str) -> list[dict[str, Any]]:
-    """The client's rank in each recorded release's top group (None: not in it), oldest first."""
-    groups = top_groups().ranks
-    created = {r.version: r.created_at for r in deployment.list_releases(settings())}
-    order = [v for v in release_history() if v in groups]
-    order += sorted(v for v in groups if v not in order)
-    return [
-        {"version": v, "created_at": created.get(v), "rank": groups[v].get(client),
-         "top_n": len(groups[v])}
-        for v in order
-    ]
+def ranks_in_lists(client: str) -> list[dict[str, Any]]:
+    """The client's rank in the top group of each recent list (None: not in it), oldest first.
+
+    The records keep each list's top group; below it, ranks are not kept.
+    """
+    lists = records.query(
+        settings().records_path,
+        "SELECT id, time, model_version, roster, master_rows, roster_rows, top_n, top_clients "
+        "FROM call_lists "
+        "ORDER BY id DESC LIMIT ?",
+        (RECENT_LISTS,),
+    )
+    for listed in lists:
+        top = json.loads(listed.pop("top_clients"))
+        listed["rank"] = top.index(client) + 1 if client in top else None
+    return lists[::-1]
+
+
+def outcome_after_lists(
+    history: list[dict[str, Any]], lists: list[dict[str, Any]]
+) -> dict[str, Any] | None:
+    """What a batch said of the client after the newest list that ranked it, with that list.
+
+    As calllist counts a list's track record: a list ranked the client when its newest row then
+    did not say it had left, and the client's outcome is its first labeled row after the list.
+    """
+    for listed in reversed(lists):
+        known = [row for row in history if was_known_to(row, listed)]
+        after = [row for row in history
+                 if row["position"] is not None and row["position"] >= listed["master_rows"]]
+        if known and known[-1]["outcome"] != 1 and after:
+            return {"row": after[0], "list": listed}
+    return None
+
+
+def was_known_to(row: dict[str, Any], listed: dict[str, Any]) -> bool:
+    """Whether a row of the data was there when the list was made."""
+    if row["position"] is not None:
+        return row["position"] < listed["master_rows"]
+    return row["snapshot_row"] < listed["roster_rows"]
 
 
 # --- The model: /model --------------------------------------------------------------------------
@@ -738,6 +745,7 @@ def model() -> str | tuple[str, int]:
     metadata = release.metadata()
     latest = diagnostics.latest_diagnostics(current)
     risk = risk_list()
+    track = calllist.track_records(current)
     return render_template(
         "model.html",
         release=release,
@@ -749,7 +757,8 @@ def model() -> str | tuple[str, int]:
         confusion_matrix=current.confusion_matrix_path.is_file(),
         report_for=risk.model_version if risk is not None else None,
         report=current.report_path.is_file(),
-        charts=[release_chart(), scores_chart()],
+        track=track,
+        charts=[release_chart(), scores_chart(), track_chart(track)],
         diagnostics=latest,
         cycles=last_cycles(),
         releases=list(reversed(deployment.list_releases(current))),
@@ -830,6 +839,7 @@ class Chart(NamedTuple):
     description: str
     lines: list[Line]
     x_ticks: list[tuple[float, str, str]]  # x, label, text-anchor
+    measure: str  # what the values are, for the table of numbers
     y_ticks: list[tuple[float, str]]
     # A narrow drawing: on a phone it shrinks less, so its labels stay readable.
     width: int = 400
@@ -846,9 +856,9 @@ PALETTE = [("#1a56a8", ""), ("#b3261e", "6 4"), ("#1e7a34", "2 3"), ("#6b3fa0", 
 
 def line_chart(title: str, description: str,
                series: dict[str, list[tuple[float, str, float]]],
-               x_ticks: list[tuple[float, str]]) -> Chart:
+               x_ticks: list[tuple[float, str]], measure: str = "F1") -> Chart:
     """Series of (x, x label, value) with x in [0, 1] and values (scores) in [0, 1]."""
-    frame = Chart(title, description, [], [], [])
+    frame = Chart(title, description, [], [], measure, [])
     plot_width = frame.width - frame.left - frame.right
     plot_height = frame.height - frame.top - frame.bottom
 
@@ -923,6 +933,26 @@ def scores_chart() -> Chart:
         "drift-holdout: a retrained model on held-out new rows.",
         series,
         ticks,
+    )
+
+
+def track_chart(track: list[dict[str, Any]]) -> Chart:
+    """Each list's track record: the share of leavers in its top group and among all it ranked."""
+    xs = spread(len(track))
+    precision = [(x, short_time(r["list_time"]), r["precision"])
+                 for x, r in zip(xs, track, strict=True) if r["precision"] is not None]
+    share = [(x, short_time(r["list_time"]), r["leaver_share"])
+             for x, r in zip(xs, track, strict=True)]
+    step = max(1, len(share) // 6)
+    return line_chart(
+        "Track record of the lists",
+        "For each list whose clients' outcomes have arrived: the share who left among its top "
+        "group (precision at the top) and among all the clients it ranked."
+        if track else "No list's outcomes have arrived yet.",
+        {name: points for name, points in [("top group", precision), ("all ranked", share)]
+         if points},
+        [(x, label) for x, label, _ in share[::step]],
+        measure="share who left",
     )
 
 

@@ -43,7 +43,7 @@ WARM_UP_REQUESTS = 8  # per kind of page: enough for both workers to index the l
 
 
 def make_workspace(root: Path, clients: int) -> Path:
-    """Source data of `clients` clients, test data, a config; then every stage, as a user runs it."""
+    """Data of `clients` clients, test data and a config; then every stage, as a user runs it."""
     generate_data.write_csv(generate_data.make_clients(clients, seed=1),
                             root / "sourcedata" / "clients.csv")
     generate_data.write_csv(
@@ -142,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{clients:,} clients (gunicorn, 2 workers, 127.0.0.1; "
                   f"target p50 {target or '-'} ms for / and /clients/<id>):")
             for kind, figures in results.items():
-                print(f"  {kind:<24} p50 {figures['p50_ms']:>7.1f} ms   p95 "
-                      f"{figures['p95_ms']:>7.1f} ms   first request {figures['first_ms']:>8.1f} ms")
+                print(f"  {kind:<24} p50 {figures['p50_ms']:>7.1f} ms   "
+                      f"p95 {figures['p95_ms']:>7.1f} ms   "
+                      f"first request {figures['first_ms']:>8.1f} ms")
     return 0
 
 

@@ -186,6 +186,6 @@ def test_model_page_draws_its_charts(browser, server):
 
     charts = browser.find_elements(By.CSS_SELECTOR, "svg.plot")
 
-    assert len(charts) == 2
+    assert len(charts) == 3
     assert all(chart.size["width"] > 200 for chart in charts)
     screenshot(browser, "model")

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 import atomicio
+import calllist
 import deployment
 import diagnostics
 import fullprocess
@@ -29,6 +30,8 @@ from ingestion import ingest
 from settings import Settings, load_settings
 
 TOKEN = "page-token-7d1e"
+# The client links of the call list's rows, in order.
+LISTED = r'<th role="rowheader"[^>]*><a href="/clients/([^"]+)">'
 HOSTILE_ID = '<script>alert("x")</script>,\'&'
 # Nothing listens on the discard port, so a cycle's API call reports "not reachable" and goes on.
 UNREACHABLE_API = {"base_url": "http://127.0.0.1:9"}
@@ -49,7 +52,8 @@ def without_secrets(monkeypatch):
 
 def build_site(template: Path, root: Path) -> Settings:
     """A workspace with a history: a first release and its report, then a cycle that found drift
-    in a new batch and deployed a retrained release, then a later batch that brings outcomes."""
+    in a new batch and deployed a retrained release, then a later batch that brings the outcomes
+    of three clients at the top of that release's list, and a new list."""
     shutil.copytree(template, root)
     config = json.loads((root / "config.json").read_text())
     settings = load_settings(write_config(root, **{**config, "api": UNREACHABLE_API}))
@@ -67,6 +71,7 @@ def build_site(template: Path, root: Path) -> Settings:
     later = later.assign(lastmonth_activity=0, exited=1)
     generate_data.write_csv(later, settings.input_folder / "batch4.csv")
     ingest(settings)
+    calllist.rebuild_call_list(settings)  # as a cycle does after any ingestion
     return settings
 
 
@@ -170,13 +175,23 @@ def test_download_before_reporting_is_503_naming_reporting_py(browse, deployed, 
 
 
 def test_call_list_names_the_release_the_time_and_the_number_of_clients(client, site):
-    listed = risk_list(site)
+    listed = calllist.latest_list(site)
 
     page = text_of(client.get("/"))
 
-    assert f"Made by release {listed['model_version'][0]}" in page
-    assert f"ranking {len(listed):,} clients" in page
+    assert f"Made by release {listed['model_version']}" in page
+    assert f"{listed['ranked']:,} current clients ranked" in page
+    assert f"{listed['left_not_ranked']:,} clients who have already left are not on it" in page
     assert re.search(r"on \d{4}-\d\d-\d\d \d\d:\d\d UTC", page)
+
+
+def test_call_list_says_how_an_earlier_list_did(client, site):
+    record = calllist.latest_track_record(site)
+
+    page = text_of(client.get("/"))
+
+    assert f"{record['top_left']} left ({record['precision']:.0%})" in page
+    assert f"against {record['leaver_share']:.0%} of all the clients it ranked" in page
 
 
 def test_first_page_is_the_top_group_highest_risk_first(client, site):
@@ -185,7 +200,7 @@ def test_first_page_is_the_top_group_highest_risk_first(client, site):
 
     html = client.get("/").get_data(as_text=True)
 
-    shown = re.findall(r'<th scope="row"><a href="/clients/([^"]+)">', html)
+    shown = re.findall(LISTED, html)
     assert shown == listed["corporation"].head(top_n).tolist()
     assert f"{listed['probability'][0]:.1%}" in html
 
@@ -197,7 +212,7 @@ def test_pages_go_through_the_whole_list(client, site):
 
     html = client.get(f"/?page={last_page}").get_data(as_text=True)
 
-    shown = re.findall(r'<th scope="row"><a href="/clients/([^"]+)">', html)
+    shown = re.findall(LISTED, html)
     assert shown == listed["corporation"].iloc[(last_page - 1) * top_n:].tolist()
     assert f"Page {last_page} of {last_page}" in text_of(client.get(f"/?page={last_page}"))
 
@@ -231,7 +246,7 @@ def test_search_by_the_start_of_an_id_lists_the_matches_highest_risk_first(clien
 
     html = client.get("/", query_string={"q": prefix}).get_data(as_text=True)
 
-    shown = re.findall(r'<th scope="row"><a href="/clients/([^"]+)">', html)
+    shown = re.findall(LISTED, html)
     assert shown == [c for c in listed["corporation"] if c.startswith(prefix)][:len(shown)]
     assert shown
 
@@ -248,51 +263,39 @@ def test_csv_download_is_production_risk_list_byte_for_byte(client, site):
         assert response.data == site.risk_scores_path.read_bytes()
 
 
-def test_changes_since_the_previous_release_come_from_its_recorded_top_group(client, site):
-    groups = json.loads((site.deployment_folder / reporting.TOP_GROUPS_FILE).read_text())["groups"]
-    listed = risk_list(site)
-    previous, current = deployment.read_manifest(site)["history"][-2:]
-    before = groups[previous["version"]]
-    newcomer = next(c for c in listed["corporation"].head(100) if c not in before)
-    stayer_rank, stayer = next(
-        (rank, c) for rank, c in enumerate(listed["corporation"].head(100), 1) if c in before
-    )
-
+def test_each_client_shows_its_reasons_and_what_changed_as_the_list_words_them(client, site):
+    listed = calllist.read_list(site.risk_scores_path, site.schema, rows=100)
     response = client.get("/")
 
-    assert row_text(response, newcomer).endswith("new in top 100")
-    was = before.index(stayer) + 1
-    expected = "unchanged" if was == stayer_rank else (
-        f"risen from {was}" if stayer_rank < was else f"fallen from {was}")
-    assert row_text(response, stayer).endswith(expected)
+    for row in listed.itertuples():
+        text = row_text(response, row.corporation)
+        assert all(reason in text for reason in (row.reason_1, row.reason_2, row.reason_3))
+        assert row.change in text
+        if not pd.isna(row.rank_before) and row.change != "unchanged":
+            assert f"(was {row.rank_before})" in text
 
 
-def test_list_with_reasons_and_changes_shows_them_and_keeps_model_terms_off_the_list(
-    browse, own_site
-):
-    listed = risk_list(own_site).assign(
-        reason_1="last month's activity 80% below the typical client's",
-        reason_2="few employees",
-        reason_3="",
-        change="risen 9 -> 1",
-        rank_before=9,
-        moved_by="lastmonth_activity",
-        contribution_lastmonth_activity=1.25,
-        account_manager="Ada",
-    )
-    write_risk_list(own_site, listed)
+def test_columns_a_later_list_adds_are_shown_as_they_are(browse, own_site):
+    write_risk_list(own_site, risk_list(own_site).assign(account_manager="Ada"))
     client = browse(own_site)
-    first = listed["corporation"][0]
+    first = risk_list(own_site)["corporation"][0]
 
-    page = text_of(client.get("/"))
-    client_page = text_of(client.get(f"/clients/{first}"))
+    assert "account_manager" in text_of(client.get("/"))
+    assert "account_manager Ada" in text_of(client.get(f"/clients/{first}"))
 
-    assert "last month's activity 80% below the typical client's few employees" in page
-    assert "risen 9 -> 1" in page
-    assert "account_manager" in page and "Ada" in page
-    assert "contribution_lastmonth_activity" not in page
-    assert "contribution_lastmonth_activity 1.25" in client_page
-    assert "moved_by lastmonth_activity" in client_page
+
+def test_list_without_reasons_or_changes_shows_what_it_has(browse, own_site):
+    bare = risk_list(own_site)[["rank", "corporation", "probability", "predicted_exited",
+                                "model_version"]]
+    write_risk_list(own_site, bare)
+    client = browse(own_site)
+
+    list_page = text_of(client.get("/"))
+    client_page = text_of(client.get(f"/clients/{bare['corporation'][0]}"))
+
+    assert "Reasons" not in list_page and "Change since" not in list_page
+    assert f"ranking {len(bare):,} clients" in list_page
+    assert "This risk list carries no reasons" in client_page
 
 
 def test_list_made_by_an_earlier_release_says_to_report_again(browse, own_site):
@@ -337,23 +340,34 @@ def test_client_page_shows_rank_risk_and_the_typical_client(client, site):
     assert "number_of_employees" in page and pages.number(median) in page
 
 
-def test_client_page_shows_its_rank_in_each_release_top_group(client, site):
-    groups = json.loads((site.deployment_folder / reporting.TOP_GROUPS_FILE).read_text())["groups"]
-    first, second = deployment.read_manifest(site)["history"][-2:]
-    both = next(c for c in groups[second["version"]] if c in groups[first["version"]])
+def test_client_page_shows_its_rank_in_each_list_top_group(client, site):
+    lists = records.query(site.records_path, "SELECT time, top_clients FROM call_lists ORDER BY id")
+    tops = [json.loads(listed["top_clients"]) for listed in lists]
+    in_all = next(c for c in tops[-1] if all(c in top for top in tops))
 
-    page = text_of(client.get(f"/clients/{both}"))
+    page = text_of(client.get(f"/clients/{in_all}"))
 
-    assert f"rank {groups[first['version']].index(both) + 1} of 100" in page
-    assert f"rank {groups[second['version']].index(both) + 1} of 100" in page
+    for top in tops:
+        assert f"rank {top.index(in_all) + 1} of 100" in page
 
 
-def test_client_page_shows_an_outcome_a_later_batch_brought(client, site):
-    told = risk_list(site)["corporation"][0]
-    not_told = risk_list(site)["corporation"][10]
+def test_client_who_left_after_a_list_shows_that_outcome_and_is_off_the_new_list(client, site):
+    lists = records.query(site.records_path, "SELECT time, top_clients FROM call_lists ORDER BY id")
+    left = json.loads(lists[-2]["top_clients"])[0]  # batch4 brought its outcome: it left
 
-    assert "says the client left" in text_of(client.get(f"/clients/{told}"))
-    assert "has brought this client's outcome yet" in text_of(client.get(f"/clients/{not_told}"))
+    page = text_of(client.get(f"/clients/{left}"))
+
+    assert "not on the current risk list" in page
+    assert "which had this client at rank 1" in page
+    assert "says the client left" in page
+
+
+def test_client_without_a_later_outcome_says_none_arrived(client, site):
+    listed = risk_list(site)["corporation"][10]
+
+    assert "No labeled batch has brought this client's outcome" in text_of(
+        client.get(f"/clients/{listed}")
+    )
 
 
 def test_unknown_client_is_a_404_page(client):
@@ -414,11 +428,23 @@ def test_model_page_shows_drift_per_feature_cycles_and_releases_with_rollback_hi
 
 
 def test_model_page_draws_trends_as_svg_with_their_numbers_in_tables(client):
-    html = client.get("/model").get_data(as_text=True)
+    page = client.get("/model").get_data(as_text=True)
 
-    assert html.count('<svg class="plot"') == 2
-    assert "F1 at deployment, by release" in html
-    assert "drift-check" in html and "drift-holdout" in html
+    assert page.count('<svg class="plot"') == 3
+    assert "F1 at deployment, by release" in page
+    assert "drift-check" in page and "drift-holdout" in page
+    assert "Track record of the lists" in page
+
+
+def test_model_page_shows_each_list_track_record(client, site):
+    record = calllist.latest_track_record(site)
+
+    page = text_of(client.get("/model"))
+
+    assert (
+        f"{record['top_known']} {record['top_left']} {record['precision']:.2f} "
+        f"({record['precision_low']:.2f}–{record['precision_high']:.2f})"
+    ) in page
 
 
 def test_model_page_links_the_report_and_the_confusion_matrix(client, site):
@@ -459,6 +485,15 @@ def test_search_for_a_hostile_id_redirects_to_its_page_quoted(browse, hostile):
     assert response.status_code == 302
     assert "<" not in response.location and '"' not in response.location
     assert browse(hostile).get(response.location).status_code == 200
+
+
+def test_list_links_a_hostile_id_to_the_page_its_search_opens(browse, hostile):
+    client = browse(hostile)
+    location = client.get("/", query_string={"q": HOSTILE_ID}).location
+
+    links = re.findall(LISTED, client.get("/").get_data(as_text=True))
+
+    assert "/clients/" + unescape(links[0]) == location
 
 
 def test_pages_forbid_inline_scripts_and_framing(client):
