@@ -12,7 +12,6 @@ without argparse.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import math
 import os
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import atomicio
 import deployment
 import ingestion
+import locks
 import records
 from errors import CycleBusyError, PipelineError, run_cli
 from settings import DriftSettings, Settings, add_config_argument, load_settings
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fullprocess")
 
-LOCK_NAME = ".fullprocess.lock"
+LOCK_NAME = locks.LOCK_NAME
 # On drift, this share of the new rows is kept out of retraining to judge the retrained model.
 HELD_OUT_SHARE = 0.3
 MIN_HELD_OUT_ROWS = 20
@@ -445,28 +445,13 @@ def after_deployment(settings: Settings) -> list[str]:
 
 @contextlib.contextmanager
 def cycle_lock(settings: Settings) -> Iterator[None]:
-    """Hold the cycle lock, or raise CycleBusyError at once if another cycle holds it.
+    """Hold the pipeline lock for a cycle, or raise CycleBusyError at once if anyone holds it.
 
-    An flock is released by the kernel when its holder dies, so a crashed cycle never blocks the
-    next one.
+    The stages the cycle calls take the same lock and join the cycle's hold; a stage run by hand
+    meanwhile waits or says the cycle is running (locks.py).
     """
-    settings.output_folder.mkdir(parents=True, exist_ok=True)
-    lock_path = settings.output_folder / LOCK_NAME
-    with open(lock_path, "a+") as lock_file:
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock_file.seek(0)
-            holder = lock_file.read().strip() or "unknown"
-            raise CycleBusyError(f"another cycle is still running ({holder}); exiting") from None
-        lock_file.seek(0)
-        lock_file.truncate()
-        lock_file.write(f"pid {os.getpid()} since {records.utc_now()}\n")
-        lock_file.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
+    with locks.pipeline_lock(settings, "a cycle", wait_seconds=0, nested=False):
+        yield
 
 
 def describe_plan(settings: Settings, force: bool) -> str:

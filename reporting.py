@@ -38,6 +38,7 @@ from diagnostics import latest_diagnostics, run_diagnostics, section_texts
 from errors import InsufficientDataError, run_cli
 from dataset import read_master
 from scoring import Evaluation, client_ids, evaluate, predict_frame, read_test_data
+from locks import pipeline_lock
 from settings import Settings, add_config_argument, load_settings
 
 log = logging.getLogger(__name__)
@@ -597,7 +598,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = load_settings(args.config)
-    result = build_report(settings)
+    with pipeline_lock(settings, "reporting"):
+        result = build_report(settings)
     print(result.summary())
     return 0
 

@@ -205,7 +205,7 @@ def test_second_cycle_started_while_one_runs_exits_at_once(cycle_settings, capsy
     with cycle_lock(cycle_settings):
         assert run(cycle_settings) == 0
 
-    assert "another cycle is still running" in capsys.readouterr().out
+    assert "skipped: a cycle is running" in capsys.readouterr().out
     assert [f.path.name for f in fullprocess.ingestion.find_new_files(cycle_settings)] == ["fresh.csv"]
 
 
