@@ -24,13 +24,17 @@ TEST_ROWS = 400
 
 
 def write_config(root: Path, **overrides) -> Path:
-    """A config.json in `root` in the original format, plus any optional sections given."""
+    """A config.json in `root` in the original format, plus any optional sections given.
+
+    Tests write a source file and ingest it at once, so no file is left to settle.
+    """
     config = {
         "input_folder_path": "sourcedata",
         "output_folder_path": "ingesteddata",
         "test_data_path": "testdata",
         "output_model_path": "models",
         "prod_deployment_path": "production_deployment",
+        "ingestion": {"settle_seconds": 0},
         **overrides,
     }
     path = root / "config.json"
