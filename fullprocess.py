@@ -85,23 +85,34 @@ class CycleOutcome(NamedTuple):
         return "\n".join(lines)
 
 
+class Trouble(str):
+    """A step that went wrong without stopping the cycle ("report failed: ...; will retry"); the
+    cycle's message repeats it, so that the log line and the record say what really happened."""
+
+    __slots__ = ()
+
+
 class Journal:
     """The steps a cycle took and the numbers behind its decisions, in the order they happened."""
 
-    __slots__ = ("new_files", "steps", "details")
+    __slots__ = ("new_files", "steps", "details", "troubles")
 
     def __init__(self, new_files: list[str]) -> None:
         self.new_files = new_files
         self.steps: list[str] = []
         self.details: dict[str, Any] = {}
+        self.troubles: list[str] = []
 
     def add(self, step: str, **details: Any) -> None:
         self.steps.append(step)
         self.details.update(details)
+        if isinstance(step, Trouble):
+            self.troubles.append(step)
 
     def outcome(self, decision: str, message: str, release: str | None = None) -> CycleOutcome:
         return CycleOutcome(
-            decision, message, self.new_files, release, dict(self.details), tuple(self.steps)
+            decision, "; ".join([message, *self.troubles]), self.new_files, release,
+            dict(self.details), tuple(self.steps),
         )
 
 
@@ -214,7 +225,8 @@ def run_cycle(settings: Settings, *, force: bool = False) -> CycleOutcome:
     if not deployment.is_deployed(settings):
         return first_deployment(settings, new_files)
     if not new_files and not force:
-        return CycleOutcome("nothing-new", "no new data files", new_files)
+        nothing_new = CycleOutcome("nothing-new", "no new data files", new_files)
+        return refresh_outputs(settings, nothing_new)
 
     journal = Journal(new_files)
     accepted_rows = 0
@@ -422,14 +434,8 @@ def release_candidate(settings: Settings, candidate: Candidate) -> Release:
 def after_deployment(settings: Settings) -> list[str]:
     """Diagnose, report, and refresh the API's saved answers (if the API is up); say what was done."""
     import apicalls
-    import diagnostics
-    import reporting
 
-    steps = []
-    diagnostics.run_diagnostics(settings)
-    steps.append("recorded diagnostics")
-    report = reporting.build_report(settings)
-    steps.append(f"wrote the report and risk list ({report.report_path.name})")
+    steps = build_outputs(settings)
     base_url = apicalls.resolve_base_url(settings, None)
     try:
         apicalls.call_endpoints(settings, base_url, token=apicalls.token_from_environment(settings))
@@ -437,6 +443,57 @@ def after_deployment(settings: Settings) -> list[str]:
     except apicalls.ApiUnreachable as error:
         steps.append(f"API not called: {error}")
     return steps
+
+
+def build_outputs(settings: Settings) -> list[str]:
+    """Record diagnostics and write the report and risk list of the served release.
+
+    The release serves already, so a failure is a Trouble step, not an error: the next cycle sees
+    the outputs out of step with the release and builds them again (refresh_outputs).
+    """
+    import diagnostics
+    import reporting
+
+    steps: list[str] = []
+    try:
+        diagnostics.run_diagnostics(settings)
+        steps.append("recorded diagnostics")
+        report = reporting.build_report(settings)
+        steps.append(f"wrote the report and risk list ({report.report_path.name})")
+    except Exception as error:  # the release is served whatever happens here; retried next cycle
+        failed = "report" if steps else "diagnostics"
+        log.error("%s of the served release failed", failed, exc_info=True)
+        steps.append(Trouble(f"{failed} failed: {str(error) or repr(error)}; will retry"))
+    return steps
+
+
+def refresh_outputs(settings: Settings, outcome: CycleOutcome) -> CycleOutcome:
+    """Build the diagnostics, report and risk list again if they describe another release than
+    the served one (after a deployment or rollback whose report failed or was killed).
+
+    Costs a few stats and two small JSON reads when they are in step, which they nearly always are.
+    """
+    out_of_step = deployment.outputs_out_of_step(settings)
+    if not out_of_step:
+        return outcome
+    served = deployment.served_version(settings)
+    journal = Journal(outcome.new_files)
+    for step in outcome.steps:
+        journal.add(step)
+    described = ", ".join(f"{name} {version or 'missing'}" for name, version in out_of_step.items())
+    journal.add(
+        f"outputs out of step with the served release {served} ({described})",
+        outputs_out_of_step=out_of_step,
+    )
+    for step in build_outputs(settings):
+        journal.add(step)
+    repaired = "brought" if not journal.troubles else "could not bring"
+    return journal.outcome(
+        outcome.decision,
+        f"{outcome.message}; {repaired} the report, risk list and diagnostics in line with the "
+        f"served release {served}",
+        served,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,7 +560,7 @@ def cycle_log(settings: Settings, max_bytes: int = 1_000_000, backups: int = 5) 
 
 def record_cycle(
     settings: Settings, started: float, started_at: str, outcome: CycleOutcome | None,
-    status: str, message: str,
+    status: str, message: str, release: str | None = None,
 ) -> None:
     seconds = time.monotonic() - started
     records.add(
@@ -517,7 +574,7 @@ def record_cycle(
             "decision": outcome.decision if outcome else None,
             "details": {**(outcome.details or {}), "steps": list(outcome.steps)}
             if outcome else {},
-            "release": outcome.release if outcome else None,
+            "release": outcome.release if outcome else release,
             "outcome": status,
             "message": message,
         },
@@ -565,12 +622,20 @@ def run_locked_cycle(settings: Settings, force: bool) -> int:
     try:
         with cycle_lock(settings):
             outcome = None
+            served_before = _served_version(settings)
             try:
                 outcome = run_cycle(settings, force=force)
             except BaseException as error:
                 message = str(error) if isinstance(error, PipelineError) else repr(error)
-                record_cycle(settings, started, started_at, outcome, "failed", message)
-                log.error("cycle failed; the previous deployment keeps serving: %s", message)
+                served = _served_version(settings)
+                if served != served_before:
+                    message = (
+                        f"deployed {served}, then failed: {message}; the next cycle builds its "
+                        "report, risk list and diagnostics"
+                    )
+                record_cycle(settings, started, started_at, outcome, "failed", message, served)
+                serving = f"release {served} is serving" if served else "nothing is deployed"
+                log.error("cycle failed; %s: %s", serving, message)
                 raise
             record_cycle(settings, started, started_at, outcome, "ok", outcome.message)
     except CycleBusyError as busy:
@@ -579,6 +644,14 @@ def run_locked_cycle(settings: Settings, force: bool) -> int:
         return 0
     print(outcome.summary())
     return 0
+
+
+def _served_version(settings: Settings) -> str | None:
+    """The served release, for the failure message: a manifest that cannot be read is None here."""
+    try:
+        return deployment.served_version(settings)
+    except PipelineError:
+        return None
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_curve
 
 import atomicio
 import records
-from deployment import Release, list_releases, load_deployed_model, read_manifest
+from deployment import Release, list_releases, load_deployed_model, read_manifest, record_outputs
 from diagnostics import latest_diagnostics, run_diagnostics, section_texts
 from errors import InsufficientDataError, run_cli
 from dataset import read_master
@@ -229,6 +229,7 @@ def build_report(settings: Settings) -> ReportResult:
             path, settings, release, metadata, test, diagnostics, risk, top_group
         ),
     )
+    record_outputs(settings, release.version)
     records.add_stage_run(settings.records_path, "reporting", time.perf_counter() - started, len(risk))
     log.info("wrote the report of release %s to %s", release.version, settings.report_path)
     return ReportResult(

@@ -30,11 +30,11 @@ def offline_pip(monkeypatch):
 
 
 @pytest.fixture
-def cycle_settings(deployed):
-    """A deployed workspace whose config points apicalls at a port where no API runs."""
-    config = json.loads(deployed.config_path.read_text())
-    write_config(deployed.base_dir, **{**config, "api": UNREACHABLE_API})
-    return load_settings(deployed.config_path)
+def cycle_settings(reported):
+    """A deployed, reported workspace whose config points apicalls at a port where no API runs."""
+    config = json.loads(reported.config_path.read_text())
+    write_config(reported.base_dir, **{**config, "api": UNREACHABLE_API})
+    return load_settings(reported.config_path)
 
 
 def run(settings, *flags):
