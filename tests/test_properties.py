@@ -14,7 +14,15 @@ import pandas as pd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dataset import MAX_COUNT, MISSING_MARKERS, RowHashes, frame_of, parse_rows, read_chunks, read_header
+from dataset import (
+    MAX_COUNT,
+    MISSING_MARKERS,
+    RowHashes,
+    frame_of,
+    parse_rows,
+    read_chunks,
+    read_header,
+)
 from ingestion import split_rows
 from settings import Schema
 
@@ -26,14 +34,20 @@ CHECKS = settings(
 
 # Cells as files bring them: numbers of every shape and size, the spellings of a missing value and
 # of a label, and any text at all (but NUL and lone surrogates, which no UTF-8 text file holds).
-any_text = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=12)
+any_text = st.text(
+    st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=12
+)
 number_text = st.one_of(
     st.integers(-(10**6), 10**6).map(str),
     st.integers(-(10**400), 10**400).map(str),
     st.floats().map(repr),
-    st.sampled_from(["inf", "-Infinity", "1e400", "1e20", "2.5", " 7 ", "0x10", "1_000", "٣", "+3"]),
+    st.sampled_from(
+        ["inf", "-Infinity", "1e400", "1e20", "2.5", " 7 ", "0x10", "1_000", "٣", "+3"]
+    ),
 )
-label_text = st.sampled_from(["0", "1", "yes", "No", "y", "TRUE", "false", "1.0", "maybe", "2", " 1 "])
+label_text = st.sampled_from(
+    ["0", "1", "yes", "No", "y", "TRUE", "false", "1.0", "maybe", "2", " 1 "]
+)
 cell = st.one_of(number_text, label_text, st.sampled_from(MISSING_MARKERS), any_text)
 row = st.fixed_dictionaries({column: st.one_of(st.none(), cell) for column in SCHEMA.columns})
 
