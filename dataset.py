@@ -465,4 +465,7 @@ class RowHashes:
         self._sorted = merged
 
     def update(self, other: RowHashes) -> None:
-        self.add(other._sorted)
+        if not len(self):  # nothing to merge: share the sorted array, which is never changed
+            self._sorted = other._sorted
+        else:
+            self.add(other._sorted)
