@@ -54,6 +54,25 @@ class StorageError(PipelineError):
     """The disk is full or the records database is locked: the message names what to free."""
 
 
+class DataNotReady(PipelineError):
+    """An answer needs something not produced yet; the message names the command that makes it.
+
+    No master dataset, no diagnostics recorded, no risk list, no report.
+    """
+
+
+class DataFileNotFound(DataError):
+    """A data file a request names does not exist."""
+
+
+class UnsupportedInput(DataError):
+    """A request's input comes in a form that cannot be read (its content type)."""
+
+
+class InputTooLarge(DataError):
+    """A request's input is larger than the configured limit."""
+
+
 def configure_logging(verbose: bool = False) -> None:
     """Log to stderr, so that stdout carries only a command's own output."""
     logging.basicConfig(

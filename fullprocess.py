@@ -18,11 +18,9 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import atomicio
 import deployment
 import ingestion
 import locks
@@ -36,10 +34,11 @@ if TYPE_CHECKING:
     import pandas as pd
     from sklearn.base import ClassifierMixin
 
+    from alerts import Alert
     from deployment import Release
     from ingestion import IngestReport
     from scoring import ModelComparison
-    from training import TrainingResult
+    from training import TrainingPlan, TrainingResult
 
 log = logging.getLogger("fullprocess")
 
@@ -78,16 +77,25 @@ class CycleOutcome(NamedTuple):
     release: str | None = None
     details: dict[str, Any] | None = None
     steps: tuple[str, ...] = ()
+    # What went wrong without failing the cycle (an API serving another release, say).
+    warnings: tuple[str, ...] = ()
+    alerts: tuple[Alert, ...] = ()
+
+    @property
+    def status(self) -> str:
+        return "ok, with warnings" if self.warnings else "ok"
 
     def summary(self) -> str:
-        lines = [f"{self.decision}: {self.message}"]
+        warned = f" ({len(self.warnings)} warning(s))" if self.warnings else ""
+        lines = [f"{self.decision}: {self.message}{warned}"]
         lines += [f"  - {step}" for step in self.steps]
+        lines += [f"  ! {warning}" for warning in self.warnings]
         return "\n".join(lines)
 
 
 class Trouble(str):
-    """A step that went wrong without stopping the cycle ("report failed: ...; will retry"); the
-    cycle's message repeats it, so that the log line and the record say what really happened."""
+    """A step that went wrong without stopping the cycle ("report failed: ...; will retry"): a
+    warning, which the cycle's message repeats, so that the record says what really happened."""
 
     __slots__ = ()
 
@@ -95,24 +103,35 @@ class Trouble(str):
 class Journal:
     """The steps a cycle took and the numbers behind its decisions, in the order they happened."""
 
-    __slots__ = ("new_files", "steps", "details", "troubles")
+    __slots__ = ("new_files", "steps", "details", "warnings", "alerts", "troubles")
 
     def __init__(self, new_files: list[str]) -> None:
         self.new_files = new_files
         self.steps: list[str] = []
         self.details: dict[str, Any] = {}
+        self.warnings: list[str] = []
+        self.alerts: list[Alert] = []
         self.troubles: list[str] = []
 
     def add(self, step: str, **details: Any) -> None:
-        self.steps.append(step)
         self.details.update(details)
         if isinstance(step, Trouble):
             self.troubles.append(step)
+            self.warn(step)
+        else:
+            self.steps.append(step)
+
+    def warn(self, warning: str) -> None:
+        self.warnings.append(warning)
+        log.warning("%s", warning)
+
+    def alert(self, *alerts: Alert) -> None:
+        self.alerts.extend(alerts)
 
     def outcome(self, decision: str, message: str, release: str | None = None) -> CycleOutcome:
         return CycleOutcome(
             decision, "; ".join([message, *self.troubles]), self.new_files, release,
-            dict(self.details), tuple(self.steps),
+            dict(self.details), tuple(self.steps), tuple(self.warnings), tuple(self.alerts),
         )
 
 
@@ -127,6 +146,16 @@ def standard_error_from_interval(low: float | None, high: float | None, z: float
     return max(high - low, 0.0) / (2 * z)
 
 
+class Measure(NamedTuple):
+    """One measure of the model on two datasets: where it was deployed, and on the new batch."""
+
+    name: str  # "F1", "ROC AUC", "top-group precision"
+    deployed: float | None
+    deployed_interval: tuple[float | None, float | None]
+    new: float | None
+    new_interval: tuple[float | None, float | None]
+
+
 def drift_decision(
     deployed_f1: float,
     deployed_interval: tuple[float | None, float | None],
@@ -134,40 +163,70 @@ def drift_decision(
     new_interval: tuple[float, float],
     rule: DriftSettings,
     z: float = 1.96,
+    *,
+    ranking: tuple[Measure, ...] = (),
+    everyone_leaves_f1: float | None = None,
 ) -> DriftDecision:
-    """Has F1 fallen on new data by more than the rule allows? See DriftSettings for the rules."""
-    drop = deployed_f1 - new_f1
+    """Has the model fallen on new data by more than the rule allows? See DriftSettings.
+
+    F1 is the system's measure; `ranking` measures (ROC AUC, precision in the top group) catch a
+    model whose ranking collapses while F1 barely moves; and a model below the F1 of predicting
+    "leaves" for everyone is worse than no model, which is always drift.
+    """
+    f1 = Measure("F1", deployed_f1, deployed_interval, new_f1, new_interval)
+    checks = [_measure_check(measure, rule, z) for measure in (f1, *ranking)]
     numbers: dict[str, Any] = {
         "deployed_f1": deployed_f1,
         "new_f1": new_f1,
         "new_f1_interval": list(new_interval),
-        "drop": drop,
+        **{key: checks[0][key] for key in ("drop", "allowed_drop", "noise_band") if key in checks[0]},
         "rule": rule.rule,
         "tolerance": rule.tolerance,
+        "measures": checks,
     }
+    fallen = [check for check in checks if check["fell"]]
+    if everyone_leaves_f1 is not None:
+        numbers["everyone_leaves_f1"] = everyone_leaves_f1
+        if new_f1 < everyone_leaves_f1:
+            return DriftDecision(
+                True,
+                f"F1 {new_f1:.3f} on new data is below the {everyone_leaves_f1:.3f} of predicting "
+                "'leaves' for everyone",
+                numbers,
+            )
+    if fallen:
+        return DriftDecision(True, "; ".join(check["text"] for check in fallen), numbers)
+    return DriftDecision(
+        False,
+        f"F1 {new_f1:.3f} on the new batch vs {deployed_f1:.3f} at release (drop "
+        f"{checks[0]['drop']:.3f} within allowed {checks[0]['allowed_drop']:.3f})",
+        numbers,
+    )
+
+
+def _measure_check(measure: Measure, rule: DriftSettings, z: float) -> dict[str, Any]:
+    """Did one measure fall by more than sampling noise (rule 'interval') or the tolerance?"""
+    if measure.deployed is None or measure.new is None:
+        return {"measure": measure.name, "fell": False, "note": "not measured on both"}
+    drop = measure.deployed - measure.new
+    check: dict[str, Any] = {"measure": measure.name, "deployed": measure.deployed,
+                             "new": measure.new, "drop": drop}
     if rule.rule == "raw":
         allowed = rule.tolerance
     else:
         noise = math.hypot(
-            standard_error_from_interval(*deployed_interval, z),
-            standard_error_from_interval(*new_interval, z),
+            standard_error_from_interval(*measure.deployed_interval, z),
+            standard_error_from_interval(*measure.new_interval, z),
         )
         allowed = z * noise + rule.tolerance
-        numbers["noise_band"] = z * noise
-    numbers["allowed_drop"] = allowed
-    if drop > allowed:
-        return DriftDecision(
-            True,
-            f"F1 fell from {deployed_f1:.3f} to {new_f1:.3f} (drop {drop:.3f} > allowed "
-            f"{allowed:.3f})",
-            numbers,
-        )
-    return DriftDecision(
-        False,
-        f"F1 {new_f1:.3f} on new data vs deployed {deployed_f1:.3f} (drop {drop:.3f} within "
-        f"allowed {allowed:.3f})",
-        numbers,
+        check["noise_band"] = z * noise
+    check["allowed_drop"] = allowed
+    check["fell"] = drop > allowed
+    check["text"] = (
+        f"{measure.name} fell from {measure.deployed:.3f} to {measure.new:.3f} on the new batch "
+        f"(drop {drop:.3f} > allowed {allowed:.3f}; the first is the release's own figure)"
     )
+    return check
 
 
 def base_rate_change(
@@ -192,27 +251,75 @@ def base_rate_change(
 
 
 def deploy_decision(
-    comparison: ModelComparison, evaluation: str, forced: bool = False
+    comparison: ModelComparison, evaluation: str, forced: bool = False,
+    require_better: bool = False,
 ) -> DeployDecision:
-    """Deploy the retrained model unless it is clearly worse than the deployed one on the same rows."""
+    """Should the retrained model replace the deployed one, judged on the same rows?
+
+    On the held-out newest rows (`require_better`) the retrained model must be significantly
+    better, or the deployed model stays: a change of model has to be earned. On the test data,
+    which describes the business as it was, it only must not be significantly worse.
+    """
     numbers = {**comparison.as_dict(), "evaluated_on": evaluation}
+    interval = (
+        f"difference interval {comparison.difference_low:+.3f} to "
+        f"{comparison.difference_high:+.3f}"
+    )
+    scores = (
+        f"F1 {comparison.candidate_f1:.3f} vs deployed {comparison.deployed_f1:.3f} on {evaluation}"
+    )
     if forced:
         return DeployDecision(True, "forced retrain: deploying regardless of scores", numbers)
     if comparison.candidate_significantly_worse:
         return DeployDecision(
-            False,
-            f"retrained model is worse on {evaluation}: F1 {comparison.candidate_f1:.3f} vs "
-            f"deployed {comparison.deployed_f1:.3f} (difference interval "
-            f"{comparison.difference_low:+.3f} to {comparison.difference_high:+.3f}); keeping "
-            "the deployed model",
+            False, f"retrained model is worse: {scores} ({interval}); keeping the deployed model",
             numbers,
         )
-    return DeployDecision(
-        True,
-        f"retrained model F1 {comparison.candidate_f1:.3f} vs deployed "
-        f"{comparison.deployed_f1:.3f} on {evaluation}: not worse, deploying",
-        numbers,
-    )
+    if require_better and comparison.difference_low <= 0:
+        return DeployDecision(
+            False,
+            f"retrained model is not significantly better: {scores} ({interval}); keeping the "
+            "deployed model",
+            numbers,
+        )
+    verdict = "significantly better" if require_better else "not worse"
+    return DeployDecision(True, f"retrained model {scores}: {verdict}, deploying", numbers)
+
+
+class PlanScore(NamedTuple):
+    """A way to train (or the deployed model as it is) judged on the held-out newest rows."""
+
+    name: str
+    plan: TrainingPlan | None  # None: the deployed model as it is
+    training_rows: int | None
+    f1: float
+    roc_auc: float | None
+    top_precision: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "candidate": self.name,
+            "training_rows": self.training_rows,
+            "f1": self.f1,
+            "roc_auc": self.roc_auc,
+            "top_precision": self.top_precision,
+        }
+
+
+def choose_plan(scores: list[PlanScore], f1_tie: float, auc_tie: float) -> PlanScore:
+    """The best F1 on the held-out rows; among those within `f1_tie` of it, the best ROC AUC.
+
+    Candidates within `auc_tie` of that AUC are a tie too, and a tie goes to the earlier candidate:
+    the deployed model first, then all history. No change of model, and no discarding of data,
+    without a reason the held-out rows can tell from noise.
+    """
+    def auc(score: PlanScore) -> float:
+        return -1.0 if score.roc_auc is None else score.roc_auc
+
+    best_f1 = max(score.f1 for score in scores)
+    tied = [score for score in scores if score.f1 >= best_f1 - f1_tie]
+    best_auc = max(auc(score) for score in tied)
+    return next(score for score in tied if auc(score) >= best_auc - auc_tie)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,57 +328,84 @@ def deploy_decision(
 
 def run_cycle(settings: Settings, *, force: bool = False) -> CycleOutcome:
     """One cycle: new data? drift? deploy? Each question is answered by a function below."""
+
     new_files = [source.path.name for source in ingestion.find_new_files(settings)]
     if not deployment.is_deployed(settings):
         return first_deployment(settings, new_files)
     if not new_files and not force:
         nothing_new = CycleOutcome("nothing-new", "no new data files", new_files)
         return refresh_outputs(settings, nothing_new)
+    import alerts  # past the no-op return, which nearly every cycle takes: it imports nothing more
 
     journal = Journal(new_files)
-    accepted_rows = 0
-    if new_files:
-        report = ingest_new_files(settings, journal)
-        accepted_rows = report.accepted_rows
-        if not accepted_rows and not force:
-            return journal.outcome("no-usable-rows", "new files added no new rows")
-    if accepted_rows:
+    report = ingest_new_files(settings, journal) if new_files else None
+    if report is not None and not report.accepted_rows and not force:
+        return journal.outcome("no-usable-rows", "new files added no new rows")
+    if report is not None and report.accepted_rows:
         drift = check_drift(settings)
         journal.add(f"drift check: {drift.reason}", drift=drift._asdict())
         if not drift.drifted and not force:
             return journal.outcome("no-drift", drift.reason)
+        if drift.drifted:
+            journal.alert(alerts.drift_found(
+                deployment.current_release(settings).version, new_files,
+                drift.numbers["deployed_f1"], drift.numbers["new_f1"],
+                drift.numbers["allowed_drop"], action="retraining",
+            ))
 
     deployed_model, served = deployment.load_deployed_model(settings)
-    candidate = retrain(settings, hold_out_new_rows=bool(accepted_rows))
+    held_out = split_new_rows(settings)[1] if report is not None and report.accepted_rows else None
+    plan = None  # all history
+    if held_out is not None:
+        scores = judge_plans(settings, held_out, deployed_model, report.run_id)
+        best = choose_plan(scores, settings.retrain.f1_tie, settings.retrain.auc_tie)
+        journal.add(describe_plans(scores, best), candidates=[s.as_dict() for s in scores],
+                    chosen=best.name)
+        if best.plan is None and not force:
+            journal.alert(alerts.retrain_refused(
+                served.version, max(s.f1 for s in scores[1:]) if len(scores) > 1 else scores[0].f1,
+                scores[0].f1, "the held-out new rows", candidate="every training plan",
+            ))
+            return journal.outcome("drift-kept-deployed", journal.steps[-1], served.version)
+        plan = best.plan
+    candidate = retrain(settings, held_out, plan)
     journal.add(candidate.describe())
     decision = deploy_decision(
         compare_with_deployed(settings, candidate, deployed_model), candidate.judged_on,
-        forced=force,
+        forced=force, require_better=held_out is not None,
     )
     journal.add(decision.reason, deploy=decision._asdict())
     if not decision.deploy:
+        journal.alert(alerts.retrain_refused(
+            served.version, decision.numbers["candidate_f1"], decision.numbers["deployed_f1"],
+            candidate.judged_on, candidate=candidate.training.version,
+        ))
         return journal.outcome("drift-kept-deployed", decision.reason, served.version)
 
     release = release_candidate(settings, candidate)
     journal.add(f"deployed release {release.version}")
-    for step in after_deployment(settings):
-        journal.add(step)
+    journal.alert(alerts.release_deployed(release.version, served.version, release.f1,
+                                          decision.reason))
+    decided = "forced-redeploy" if force else "drift-redeployed"
+    check_after_deployment(settings, release.version, journal, decided)
     return journal.outcome(
-        "forced-redeploy" if force else "drift-redeployed",
+        decided,
         f"deployed release {release.version} (was {served.version})", release.version,
     )
 
 
 def first_deployment(settings: Settings, new_files: list[str]) -> CycleOutcome:
     """Nothing deployed yet: ingest, train, score and deploy the first release."""
+    import alerts
+
     journal = Journal(new_files)
     ingest_new_files(settings, journal)
-    candidate = retrain(settings, hold_out_new_rows=False)
+    candidate = retrain(settings, None, None)
     journal.add(candidate.describe())
     release = deployment.deploy(settings)
     journal.add(f"deployed release {release.version}")
-    for step in after_deployment(settings):
-        journal.add(step)
+    journal.alert(alerts.release_deployed(release.version, None, release.f1))
+    check_after_deployment(settings, release.version, journal, "first-deployment")
     return journal.outcome(
         "first-deployment",
         f"deployed the first release {release.version} (F1 {candidate.test_f1:.3f})",
@@ -281,13 +415,16 @@ def first_deployment(settings: Settings, new_files: list[str]) -> CycleOutcome:
 
 def ingest_new_files(settings: Settings, journal: Journal) -> IngestReport:
     """Ingest the new files and note what became of each."""
+    import alerts
+
     report = ingestion.ingest(settings)
     rejected = f", rejected {len(report.rejected)}" if report.rejected else ""
     journal.add(
         f"ingested {len(report.ingested)} file(s){rejected}: {report.accepted_rows} new rows "
         f"(master dataset {report.total_rows} rows)",
-        ingestion=[f.as_dict() for f in report.files],
+        ingestion=[f.as_dict() for f in report.files], ingestion_run=report.run_id,
     )
+    journal.alert(*alerts.quarantine_alerts(settings, report.files))
     return report
 
 
@@ -303,13 +440,23 @@ def check_drift(settings: Settings) -> DriftDecision:
         purpose="drift-check",
     ).metrics
     z = normal_quantile(settings.scoring.confidence)
+    reference = deployed_test_score
     decision = drift_decision(
         deployed_f1,
-        (deployed_test_score.get("f1_low"), deployed_test_score.get("f1_high")),
+        (reference.get("f1_low"), reference.get("f1_high")),
         new.f1,
         (new.f1_low, new.f1_high),
         settings.drift,
         z,
+        ranking=(
+            Measure("ROC AUC", reference.get("roc_auc"),
+                    (reference.get("roc_auc_low"), reference.get("roc_auc_high")),
+                    new.roc_auc, (new.roc_auc_low, new.roc_auc_high)),
+            Measure("top-group precision", reference.get("top_precision"),
+                    (reference.get("top_precision_low"), reference.get("top_precision_high")),
+                    new.top_precision, (new.top_precision_low, new.top_precision_high)),
+        ),
+        everyone_leaves_f1=new.everyone_leaves_f1,
     )
     decision.numbers["new_rows"] = new.rows
     leavers = base_rate_change(
@@ -363,15 +510,101 @@ class Candidate(NamedTuple):
         )
 
 
-def retrain(settings: Settings, *, hold_out_new_rows: bool) -> Candidate:
-    """Train on the master dataset, less part of the newest batch when asked; score on test data."""
+def retrain(
+    settings: Settings, held_out: pd.DataFrame | None, plan: TrainingPlan | None
+) -> Candidate:
+    """Train by `plan` (None: all history) on the master dataset less the held-out rows; score it
+    on the test data."""
     from scoring import score
-    from training import train
+    from training import ALL_HISTORY, train
 
-    held_out = split_new_rows(settings)[1] if hold_out_new_rows else None
-    trained = train(settings, held_out=held_out)
+    trained = train(settings, held_out=held_out, plan=plan or ALL_HISTORY)
     metrics = score(settings, model=trained.model).metrics
     return Candidate(trained, metrics.f1, held_out)
+
+
+def judge_plans(
+    settings: Settings, held_out: pd.DataFrame, deployed_model: ClassifierMixin, run_id: str
+) -> list[PlanScore]:
+    """The deployed model and each way to retrain, judged on the held-out newest rows.
+
+    Each plan is fitted once without the held-out rows (time order holds: they are the newest);
+    the winner is then trained for real. The plans: all history; only the batches since the
+    change (the batch that showed the drift, and earlier ones whose drift kept the deployed
+    model); history weighted by recency.
+    """
+    import numpy as np
+
+    from dataset import read_master
+    from errors import InsufficientDataError
+    from ingestion import master_batches
+    from scoring import compute_metrics, predict_frame
+    from training import ALL_HISTORY, TrainingPlan, fit_quickly, training_frame
+
+    schema = settings.schema
+    truth = held_out[schema.target].to_numpy(dtype=int)
+
+    def judged(
+        name: str, plan: TrainingPlan | None, rows: int | None, probabilities: np.ndarray,
+        predictions: np.ndarray,
+    ) -> PlanScore:
+        metrics = compute_metrics(truth, probabilities, predictions, settings.scoring)
+        return PlanScore(name, plan, rows, metrics.f1, metrics.roc_auc, metrics.top_precision)
+
+    deployed = predict_frame(deployed_model, "", held_out, schema)
+    scores = [judged("deployed model as it is", None, None,
+                     np.asarray(deployed.probabilities), np.asarray(deployed.predictions))]
+    master = read_master(settings)
+    plans = [ALL_HISTORY]
+    if master_batches(settings, len(master)) is not None:
+        since_change = frozenset(batches_since_change(settings, run_id))
+        plans += [
+            TrainingPlan("since the change", batches=since_change),
+            TrainingPlan("recency-weighted", half_life_batches=settings.retrain.half_life_batches),
+        ]
+    for plan in plans:
+        frame, weights, _ = training_frame(settings, master, held_out, plan)
+        try:
+            pipeline, threshold = fit_quickly(frame, schema, settings.model, weights)
+        except InsufficientDataError as error:
+            log.info("candidate %s skipped: %s", plan.name, error)
+            continue
+        probabilities = pipeline.predict_proba(held_out[list(schema.features)])[:, 1]
+        scores.append(judged(plan.name, plan, len(frame), probabilities, probabilities >= threshold))
+    return scores
+
+
+def batches_since_change(settings: Settings, run_id: str) -> list[str]:
+    """The batch that showed the drift and the earlier drifted batches the deployed model outlived.
+
+    Walking back through the cycles, every cycle that found drift but kept the deployed model saw
+    a batch of the changed business too; the first cycle that found no drift, or deployed, ends it.
+    """
+    import json
+
+    batches = [run_id]
+    cycles = records.query(
+        settings.records_path, "SELECT decision, details FROM cycles ORDER BY id DESC LIMIT 200"
+    )
+    for cycle in cycles:
+        if cycle["decision"] != "drift-kept-deployed":
+            break
+        earlier = json.loads(cycle["details"] or "{}").get("ingestion_run")
+        if earlier:
+            batches.append(earlier)
+    return batches
+
+
+def describe_plans(scores: list[PlanScore], best: PlanScore) -> str:
+    """One line: every candidate's numbers on the held-out rows, and which won."""
+    def numbers(score: PlanScore) -> str:
+        auc = "-" if score.roc_auc is None else f"{score.roc_auc:.3f}"
+        return f"{score.name} F1 {score.f1:.3f} AUC {auc}"
+
+    return (
+        f"candidates on the held-out new rows: {'; '.join(numbers(s) for s in scores)}; "
+        f"best: {best.name}"
+    )
 
 
 def split_new_rows(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame | None]:
@@ -431,22 +664,28 @@ def release_candidate(settings: Settings, candidate: Candidate) -> Release:
     return deployment.deploy(settings)
 
 
-def after_deployment(settings: Settings) -> list[str]:
-    """Diagnose, report, and refresh the API's saved answers (if the API is up); say what was done."""
-    import apicalls
+def check_after_deployment(
+    settings: Settings, release: str, journal: Journal, decision: str
+) -> None:
+    """Diagnose and report the new release, then check that the API serves it."""
+    import alerts
 
-    steps = build_outputs(settings)
-    base_url = apicalls.resolve_base_url(settings, None)
-    try:
-        apicalls.call_endpoints(settings, base_url, token=apicalls.token_from_environment(settings))
-        steps.append(f"called the API at {base_url}; answers in {settings.api_returns_path}")
-    except apicalls.ApiUnreachable as error:
-        steps.append(f"API not called: {error}")
-    return steps
+    import json
+
+    # The report opens with this cycle's decision, which is recorded only when the cycle ends.
+    deciding_cycle = {"started": records.utc_now(), "decision": decision,
+                      "details": json.dumps(journal.details, default=str)}
+    for step in after_deployment(settings, deciding_cycle):
+        journal.add(step)
+    api = check_api(settings, release)
+    journal.add(api.step)
+    if api.warning is not None:
+        journal.warn(api.warning)
+        journal.alert(alerts.api_check_failed(api.base_url, api.warning, api.failing))
 
 
-def build_outputs(settings: Settings) -> list[str]:
-    """Record diagnostics and write the report and risk list of the served release.
+def after_deployment(settings: Settings, deciding_cycle: dict[str, Any] | None) -> list[str]:
+    """Diagnose and report the served release; say what was done.
 
     The release serves already, so a failure is a Trouble step, not an error: the next cycle sees
     the outputs out of step with the release and builds them again (refresh_outputs).
@@ -458,13 +697,57 @@ def build_outputs(settings: Settings) -> list[str]:
     try:
         diagnostics.run_diagnostics(settings)
         steps.append("recorded diagnostics")
-        report = reporting.build_report(settings)
+        report = reporting.build_report(settings, deciding_cycle=deciding_cycle)
         steps.append(f"wrote the report and risk list ({report.report_path.name})")
     except Exception as error:  # the release is served whatever happens here; retried next cycle
         failed = "report" if steps else "diagnostics"
         log.error("%s of the served release failed", failed, exc_info=True)
         steps.append(Trouble(f"{failed} failed: {str(error) or repr(error)}; will retry"))
     return steps
+
+
+class ApiCheck(NamedTuple):
+    """What the API of this workspace answered after a deployment."""
+
+    base_url: str
+    step: str
+    warning: str | None = None  # None: all is well, or no API runs (running one is optional)
+    failing: tuple[str, ...] = ()
+
+
+def check_api(settings: Settings, release: str) -> ApiCheck:
+    """Does the API of this workspace serve `release` and answer every endpoint?
+
+    The answers are saved in apireturns.txt. A problem here never fails the cycle: the release is
+    deployed either way, and the cycle ends "ok, with warnings".
+    """
+    import apicalls
+
+    base_url = apicalls.resolve_base_url(settings, None)
+    try:
+        answers = apicalls.call_endpoints(
+            settings, base_url, token=apicalls.token_from_environment(settings)
+        )
+    except apicalls.ApiUnreachable as error:
+        return ApiCheck(base_url, f"API not called: {error}")
+    except PipelineError as error:  # e.g. a token file that others can read
+        return ApiCheck(base_url, "API not checked", f"the API check could not start: {error}")
+    step = f"called the API at {base_url}; answers in {settings.api_returns_path}"
+    if answers.failures:
+        reasons = "; ".join(
+            f"{answer.call.name} answered {answer.status}: {answer.error_message}"
+            for answer in answers.failures
+        )
+        return ApiCheck(base_url, step, f"the API at {base_url} failed: {reasons}",
+                        tuple(answer.call.name for answer in answers.failures))
+    ready = next((a.body for a in answers.returns if a.call.path == "/ready"), None)
+    served = ready.get("model_version") if isinstance(ready, dict) else None
+    if served != release:
+        return ApiCheck(base_url, step, (
+            f"the server at {base_url} serves release {served}, not {release}: restart it or "
+            "check api.base_url"
+        ), ("GET /ready",))
+    return ApiCheck(base_url, f"{step}; it serves release {release}")
 
 
 def refresh_outputs(settings: Settings, outcome: CycleOutcome) -> CycleOutcome:
@@ -485,8 +768,12 @@ def refresh_outputs(settings: Settings, outcome: CycleOutcome) -> CycleOutcome:
         f"outputs out of step with the served release {served} ({described})",
         outputs_out_of_step=out_of_step,
     )
-    for step in build_outputs(settings):
+    for step in after_deployment(settings, None):  # the records say why the release is served
         journal.add(step)
+    if journal.troubles:
+        import alerts
+
+        journal.alert(alerts.outputs_out_of_step(served, out_of_step))
     repaired = "brought" if not journal.troubles else "could not bring"
     return journal.outcome(
         outcome.decision,
@@ -572,7 +859,8 @@ def record_cycle(
             "seconds": round(seconds, 3),
             "new_files": outcome.new_files if outcome else None,
             "decision": outcome.decision if outcome else None,
-            "details": {**(outcome.details or {}), "steps": list(outcome.steps)}
+            "details": {**(outcome.details or {}), "steps": list(outcome.steps),
+                        "warnings": list(outcome.warnings)}
             if outcome else {},
             "release": outcome.release if outcome else release,
             "outcome": status,
@@ -591,32 +879,44 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--force", action="store_true", help="retrain and redeploy whether or not there is drift"
     )
+    parser.add_argument(
+        "--quiet", action="store_true",
+        help="print nothing on success (for cron); warnings and errors still go to stderr",
+    )
     return parser
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace | SimpleNamespace:
-    """The options; cron's own `--config PATH` is read as argparse would, without argparse.
+    """The options; cron's own `--config PATH [--quiet]` is read as argparse would, without it.
 
     Importing argparse and building the parser (which loads gettext, locale and shutil) costs more
     than all of a no-op cycle's own work. Any other command line goes to argparse.
     """
     arguments = sys.argv[1:] if argv is None else argv
-    if len(arguments) == 2 and arguments[0] == "--config" and not arguments[1].startswith("-"):
-        return SimpleNamespace(config=arguments[1], dry_run=False, force=False)
+    quiet = arguments[2:] == ["--quiet"]
+    if (len(arguments) == 2 or quiet) and arguments[0] == "--config" and not arguments[
+        1
+    ].startswith("-"):
+        return SimpleNamespace(config=arguments[1], dry_run=False, force=False, quiet=quiet)
     return argument_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.quiet:
+        # Cron mails or appends whatever a job prints: on success, print nothing at all. The
+        # cycle's own log (log_path, rotated) has every line; warnings and errors still show.
+        for handler in logging.getLogger().handlers:
+            handler.setLevel(logging.WARNING)
     settings = load_settings(args.config)
     if args.dry_run:
         print(describe_plan(settings, args.force))
         return 0
     with cycle_log(settings):
-        return run_locked_cycle(settings, force=args.force)
+        return run_locked_cycle(settings, force=args.force, quiet=args.quiet)
 
 
-def run_locked_cycle(settings: Settings, force: bool) -> int:
+def run_locked_cycle(settings: Settings, force: bool, quiet: bool = False) -> int:
     """Run one cycle under the lock and record it, whatever happens."""
     started, started_at = time.monotonic(), records.utc_now()
     try:
@@ -636,13 +936,27 @@ def run_locked_cycle(settings: Settings, force: bool) -> int:
                 record_cycle(settings, started, started_at, outcome, "failed", message, served)
                 serving = f"release {served} is serving" if served else "nothing is deployed"
                 log.error("cycle failed; %s: %s", serving, message)
+                if not isinstance(error, KeyboardInterrupt):
+                    import alerts
+
+                    alerts.notify(settings, [alerts.cycle_failed(
+                        message if served != served_before else error
+                    )])
                 raise
-            record_cycle(settings, started, started_at, outcome, "ok", outcome.message)
+            record_cycle(settings, started, started_at, outcome, outcome.status, outcome.message)
+            if outcome.alerts:
+                import alerts
+
+                alerts.notify(settings, list(outcome.alerts))
     except CycleBusyError as busy:
-        print(f"skipped: {busy}")
+        if not quiet:
+            print(f"skipped: {busy}")
         log.info("skipped: %s", busy)
         return 0
-    print(outcome.summary())
+    if not quiet:
+        print(outcome.summary())
+    elif outcome.warnings:
+        print(outcome.summary(), file=sys.stderr)
     return 0
 
 

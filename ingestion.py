@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     import argparse
     from typing import IO
 
+    import numpy as np
     import pandas as pd
 
     from dataset import Chunk, RowHashes
@@ -698,6 +699,26 @@ def _record(
             for source, outcome in compiled
         ],
     )
+
+
+def master_batches(settings: Settings, rows: int) -> np.ndarray | None:
+    """The ingestion run (batch) each row of the master dataset came from, in the dataset's order.
+
+    Ingestion appends each run's accepted rows at the end of the master dataset, so the recorded
+    counts of accepted rows, run by run, say where each batch lies. None when the records do not
+    add up to the dataset (it was made or changed outside ingestion).
+    """
+    import numpy as np
+
+    runs = records.query(
+        settings.records_path,
+        "SELECT run_id, SUM(accepted) AS accepted FROM ingestions WHERE status = 'ingested' "
+        "GROUP BY run_id HAVING SUM(accepted) > 0 ORDER BY MIN(id)",
+    )
+    if sum(run["accepted"] for run in runs) != rows:
+        log.info("the ingestion records do not add up to the %d master rows", rows)
+        return None
+    return np.repeat([run["run_id"] for run in runs], [run["accepted"] for run in runs])
 
 
 def ingested_file_names(settings: Settings) -> list[str]:

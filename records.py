@@ -19,7 +19,7 @@ from typing import Any
 from errors import StorageError
 
 # Stored in the database's user_version once its tables exist; raise it when SCHEMA gains a table.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 SCHEMA = {
     "ingestions": """
@@ -123,6 +123,19 @@ SCHEMA = {
 }
 
 
+# Columns added to tables after their first release; databases made earlier gain them on connect.
+ADDED_COLUMNS = {
+    "scores": {
+        "roc_auc_low": "REAL",
+        "roc_auc_high": "REAL",
+        "top_rows": "INTEGER",
+        "top_precision": "REAL",
+        "top_precision_low": "REAL",
+        "top_precision_high": "REAL",
+    },
+}
+
+
 def utc_now() -> str:
     """The current time as a UTC ISO-8601 string, the form every record uses."""
     return datetime.now(UTC).isoformat(timespec="seconds")
@@ -183,6 +196,11 @@ def _create_tables(connection: sqlite3.Connection) -> None:
         return
     for statement in SCHEMA.values():
         connection.execute(statement)
+    for table, columns in ADDED_COLUMNS.items():
+        present = {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}
+        for column, kind in columns.items():
+            if column not in present:
+                connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
     connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 

@@ -234,9 +234,22 @@ class Metrics:
     roc_auc: float | None
     leaver_share: float
     predicted_leaver_share: float
+    # ROC AUC's interval (Hanley and McNeil's normal approximation); None with one class only.
+    roc_auc_low: float | None = None
+    roc_auc_high: float | None = None
+    # The call list's own measure: the share of leavers among the `top_rows` highest-risk rows.
+    top_rows: int = 0
+    top_precision: float | None = None
+    top_precision_low: float | None = None
+    top_precision_high: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def everyone_leaves_f1(self) -> float:
+        """The F1 of predicting "leaves" for every row: a model below it is worse than no model."""
+        return 2 * self.leaver_share / (1 + self.leaver_share)
 
 
 @dataclass(frozen=True)
@@ -323,6 +336,13 @@ def compute_metrics(
     fn = int(np.sum((truth == 1) & (predictions == 0)))
     tn = rows - tp - fp - fn
     low, high = _bootstrap_f1_interval(np.array([tp, fp, fn, tn]), options)
+    z = normal_quantile(options.confidence)
+    auc = roc_auc(truth, probabilities) if 0 < truth.sum() < rows else None
+    auc_low, auc_high = _auc_interval(auc, int(truth.sum()), rows - int(truth.sum()), z)
+    top_rows = max(1, round(rows * options.top_share))
+    top = np.argsort(-np.asarray(probabilities, dtype="float64"), kind="stable")[:top_rows]
+    top_precision = float(truth[top].mean())
+    top_spread = z * math.sqrt(top_precision * (1 - top_precision) / top_rows)
     return Metrics(
         rows=rows,
         f1=float(f1_from_counts(np.array(tp), np.array(fp), np.array(fn))),
@@ -330,10 +350,30 @@ def compute_metrics(
         f1_high=high,
         precision=tp / (tp + fp) if tp + fp else 0.0,
         recall=tp / (tp + fn) if tp + fn else 0.0,
-        roc_auc=roc_auc(truth, probabilities) if 0 < truth.sum() < rows else None,
+        roc_auc=auc,
         leaver_share=float(truth.mean()),
         predicted_leaver_share=float(predictions.mean()),
+        roc_auc_low=auc_low,
+        roc_auc_high=auc_high,
+        top_rows=top_rows,
+        top_precision=top_precision,
+        top_precision_low=max(0.0, top_precision - top_spread),
+        top_precision_high=min(1.0, top_precision + top_spread),
     )
+
+
+def _auc_interval(
+    auc: float | None, positives: int, negatives: int, z: float
+) -> tuple[float | None, float | None]:
+    """Hanley and McNeil's (1982) normal interval of ROC AUC: cheap at any size."""
+    if auc is None:
+        return None, None
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    variance = (
+        auc * (1 - auc) + (positives - 1) * (q1 - auc * auc) + (negatives - 1) * (q2 - auc * auc)
+    ) / (positives * negatives)
+    spread = z * math.sqrt(max(variance, 0.0))
+    return max(0.0, auc - spread), min(1.0, auc + spread)
 
 
 def _bootstrap_f1_interval(cell_counts: np.ndarray, options: ScoringSettings) -> tuple[float, float]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -25,10 +27,14 @@ from conftest import PROJECT_DIR, TEST_ROWS
 from errors import (
     ConfigError,
     DataError,
+    DataFileNotFound,
+    DataNotReady,
     DeploymentError,
+    InputTooLarge,
     InsufficientDataError,
     ModelNotDeployedError,
     ModelNotFoundError,
+    UnsupportedInput,
 )
 from ingestion import ingest
 from scoring import score
@@ -45,37 +51,46 @@ def no_token_from_the_environment(monkeypatch):
 
 
 @pytest.fixture
-def client(deployed):
-    app = create_app(deployed)
-    app.testing = True
-    return app.test_client()
+def make_client():
+    """A test client of the API built for the given settings, as flaskr's `app.test_client()`."""
+    def make(settings):
+        app = create_app(settings)
+        app.testing = True
+        return app.test_client()
+    return make
 
 
 @pytest.fixture
-def undeployed_client(workspace):
-    app = create_app(workspace)
-    app.testing = True
-    return app.test_client()
+def client(make_client, deployed):
+    return make_client(deployed)
 
 
 @pytest.fixture
-def token_client(deployed, monkeypatch):
+def undeployed_client(make_client, workspace):
+    return make_client(workspace)
+
+
+@pytest.fixture
+def token_client(make_client, deployed, monkeypatch):
     monkeypatch.setenv("RISK_API_TOKEN", TOKEN)
-    app = create_app(deployed)
-    app.testing = True
-    return app.test_client()
+    return make_client(deployed)
 
 
-def rows_of_test_file(settings, count=None) -> list[dict]:
-    frame = pd.read_csv(settings.base_dir / TEST_FILE, dtype={"corporation": "str"})
-    frame = frame.drop(columns="exited")
-    return frame.head(count).to_dict(orient="records") if count else frame.to_dict("records")
+@pytest.fixture
+def rows_of_test_file(deployed) -> list[dict]:
+    """The test file's rows without their target, as JSON records in the file's order."""
+    frame = pd.read_csv(deployed.base_dir / TEST_FILE, dtype={"corporation": "str"})
+    return frame.drop(columns="exited").to_dict(orient="records")
 
 
-def predict(client, **request):
-    response = client.post("/prediction", **request)
-    assert response.status_code == 200, response.json
-    return response.json
+@pytest.fixture
+def predict(client):
+    """POST /prediction; the answer, once it is known to be a 200."""
+    def post(**request):
+        response = client.post("/prediction", **request)
+        assert response.status_code == 200, response.json
+        return response.json
+    return post
 
 
 def retrain_and_deploy(settings) -> str:
@@ -107,29 +122,33 @@ def test_ready_names_the_deployed_release(client, deployed):
 
 
 @pytest.mark.parametrize(
-    ("method", "path", "request_args"),
+    ("method", "path", "request_args", "command"),
     [
-        ("get", "/ready", {}),
-        ("post", "/prediction", {"json": {"filepath": TEST_FILE}}),
-        ("get", "/scoring", {}),
+        ("get", "/ready", {}, "deployment.py"),
+        ("post", "/prediction", {"json": {"filepath": TEST_FILE}}, "deployment.py"),
+        ("get", "/scoring", {}, "deployment.py"),
+        ("get", "/summarystats", {}, "ingestion.py"),
+        ("get", "/diagnostics", {}, "diagnostics.py"),
+        ("get", "/risk", {}, "reporting.py"),
+        ("get", "/report", {}, "reporting.py"),
     ],
 )
-def test_endpoints_needing_a_model_answer_503_until_one_is_deployed(
-    undeployed_client, method, path, request_args
+def test_answer_not_produced_yet_is_503_naming_the_command_that_makes_it(
+    undeployed_client, method, path, request_args, command
 ):
     response = getattr(undeployed_client, method)(path, **request_args)
 
     assert response.status_code == 503
-    assert "deployment.py" in error_of(response)
+    assert command in error_of(response)
 
 
 # --- Prediction: good input --------------------------------------------------------------------
 
 
-def test_prediction_of_a_named_file_follows_its_row_order(client, deployed):
-    answer = predict(client, json={"filepath": TEST_FILE})
+def test_prediction_of_a_named_file_follows_its_row_order(predict, deployed, rows_of_test_file):
+    answer = predict(json={"filepath": TEST_FILE})
 
-    assert answer["ids"] == [row["corporation"] for row in rows_of_test_file(deployed)]
+    assert answer["ids"] == [row["corporation"] for row in rows_of_test_file]
     assert len(answer["predictions"]) == len(answer["probabilities"]) == TEST_ROWS
     assert answer["model_version"] == deployment.current_release(deployed).version
 
@@ -143,40 +162,51 @@ def test_prediction_of_a_named_file_follows_its_row_order(client, deployed):
     ],
     ids=["urlencoded-form", "multipart-form", "query-parameter"],
 )
-def test_prediction_takes_the_filepath_as_form_field_or_query_parameter(client, request_args):
-    assert predict(client, **request_args) == predict(client, json={"filepath": TEST_FILE})
+def test_prediction_takes_the_filepath_as_form_field_or_query_parameter(predict, request_args):
+    assert predict(**request_args) == predict(json={"filepath": TEST_FILE})
 
 
-def test_prediction_of_records_matches_the_same_rows_in_a_file(client, deployed):
-    from_records = predict(client, json={"records": rows_of_test_file(deployed, 25)})
-    from_file = predict(client, json={"filepath": TEST_FILE})
+def test_prediction_of_records_matches_the_same_rows_in_a_file(predict, rows_of_test_file):
+    from_records = predict(json={"records": rows_of_test_file[:25]})
+    from_file = predict(json={"filepath": TEST_FILE})
 
     assert from_records["ids"] == from_file["ids"][:25]
     assert from_records["predictions"] == from_file["predictions"][:25]
     assert from_records["probabilities"] == pytest.approx(from_file["probabilities"][:25])
 
 
-def test_prediction_reads_numbers_given_as_json_strings_like_numbers(client, deployed):
-    rows = rows_of_test_file(deployed, 5)
+def test_prediction_reads_numbers_given_as_json_strings_like_numbers(predict, rows_of_test_file):
+    rows = rows_of_test_file[:5]
     as_text = [{key: str(value) for key, value in row.items()} for row in rows]
 
-    assert predict(client, json={"records": as_text}) == predict(client, json={"records": rows})
+    assert predict(json={"records": as_text}) == predict(json={"records": rows})
 
 
-def test_prediction_of_a_csv_body_matches_the_same_file_by_name(client, deployed):
+def test_prediction_of_a_csv_body_matches_the_same_file_by_name(predict, deployed):
     body = (deployed.base_dir / TEST_FILE).read_bytes()
 
-    from_body = predict(client, data=body, content_type="text/csv")
+    from_body = predict(data=body, content_type="text/csv")
+    from_file = predict(json={"filepath": TEST_FILE})
 
-    assert from_body == predict(client, json={"filepath": TEST_FILE})
+    assert from_file.pop("resolved_path") == TEST_FILE
+    assert "resolved_path" not in from_body
+    assert from_body == from_file
 
 
-def test_prediction_treats_null_as_a_missing_value_to_impute(client, deployed):
-    row = {**rows_of_test_file(deployed, 1)[0], "number_of_employees": None}
+def test_prediction_treats_null_as_a_missing_value_imputed_with_the_training_median(
+    predict, deployed, rows_of_test_file
+):
+    row = {**rows_of_test_file[0], "number_of_employees": None}
+    median = pd.read_csv(deployed.finaldata_path)["number_of_employees"].median()
+    model, _ = deployment.load_deployed_model(deployed)
+    with_median = pd.DataFrame([{**row, "number_of_employees": median}])[FEATURES]
 
-    answer = predict(client, json={"records": [row]})
+    answer = predict(json={"records": [row]})
 
     assert 0 <= answer["probabilities"][0] <= 1
+    assert answer["probabilities"][0] == pytest.approx(
+        model.predict_proba(with_median)[0, 1], rel=1e-9
+    )
 
 
 # --- Prediction: bad input ---------------------------------------------------------------------
@@ -219,7 +249,7 @@ CSV_HEADER = "corporation,lastmonth_activity,lastyear_activity,number_of_employe
         ({"data": CSV_HEADER + "abc,3,x40,5\n", "content_type": "text/csv"},
          400, "lastyear_activity 'x40' is not a number"),
         ({"data": "abc,3,40,5", "content_type": "text/plain"}, 415, "cannot read a body of type"),
-        ({"data": {"file": TEST_FILE}}, 400, "the form has no filepath field"),
+        ({"data": {"csv": TEST_FILE}}, 400, "the form has no filepath field"),
         ({"json": {"filepath": TEST_FILE}, "query_string": {"filepath": TEST_FILE}},
          400, "not both"),
     ],
@@ -240,31 +270,38 @@ def test_prediction_rejects_bad_input_naming_the_problem(client, request_args, s
 
 
 @pytest.mark.parametrize(
-    ("filepath", "message"),
+    ("filepath", "status", "message"),
     [
-        ("../workspace/testdata/testdata.csv", "must not contain '..'"),
-        ("testdata/../testdata/testdata.csv", "must not contain '..'"),
-        ("models/trainingsample.csv", "outside the data folders"),
-        ("production_deployment/riskscores.csv", "outside the data folders"),
-        ("config.csv", "outside the data folders"),
-        ("config.json", "not a .csv file"),
-        ("ingesteddata/ingestedfiles.txt", "not a .csv file"),
-        ("", "must be a file name"),
-        (42, "must be a file name"),
+        ("../workspace/testdata/testdata.csv", 400, "must not contain '..'"),
+        ("testdata/../testdata/testdata.csv", 400, "must not contain '..'"),
+        ("models/trainingsample.csv", 400, "outside the data folders"),
+        ("production_deployment/riskscores.csv", 400, "outside the data folders"),
+        ("config.csv", 404, "no file 'config.csv' in the data folders"),
+        ("config.json", 400, "not a .csv file"),
+        ("ingesteddata/ingestedfiles.txt", 400, "not a .csv file"),
+        ("", 400, "must be a file name"),
+        (42, 400, "must be a file name"),
+        ("{workspace}/config.json.csv", 400, "outside the data folders"),
+        ("/etc/passwd.csv", 400, "outside the data folders"),
+        ("testdata/absent.csv", 404, "no file 'testdata/absent.csv'"),
+        ("sourcedata/nofolder/absent.csv", 404, "no file 'sourcedata/nofolder/absent.csv'"),
+    ],
+    ids=[
+        "parent-first", "parent-within", "model-folder", "deployment-folder", "project-folder",
+        "not-csv", "not-csv-in-data-folder", "empty", "not-text",
+        "absolute-in-the-project-folder", "absolute-elsewhere", "absent-file", "absent-folder",
     ],
 )
-def test_prediction_rejects_path_outside_data_folders(client, filepath, message):
+def test_prediction_refuses_a_filepath_outside_the_data_folders_or_absent(
+    client, deployed, filepath, status, message
+):
+    if isinstance(filepath, str):
+        filepath = filepath.format(workspace=deployed.base_dir)
+
     response = client.post("/prediction", json={"filepath": filepath})
 
-    assert response.status_code == 400
+    assert response.status_code == status
     assert message in error_of(response)
-
-
-def test_prediction_rejects_an_absolute_path_even_to_a_data_file(client, deployed):
-    response = client.post("/prediction", json={"filepath": str(deployed.base_dir / TEST_FILE)})
-
-    assert response.status_code == 400
-    assert "must be relative" in error_of(response)
 
 
 @pytest.mark.parametrize(
@@ -290,16 +327,10 @@ def test_prediction_refuses_a_symbolic_link_inside_a_data_folder(
     assert "symbolic link" in error_of(response)
 
 
-@pytest.mark.parametrize("filepath", ["testdata/absent.csv", "sourcedata/nofolder/absent.csv"])
-def test_prediction_of_an_unknown_file_is_404(client, filepath):
-    response = client.post("/prediction", json={"filepath": filepath})
-
-    assert response.status_code == 404
-    assert f"no file '{filepath}'" in error_of(response)
-
-
-def test_prediction_of_a_named_file_with_a_bad_row_names_the_row(client, deployed):
-    rows = rows_of_test_file(deployed, 3)
+def test_prediction_of_a_named_file_with_a_bad_row_names_the_row(
+    client, deployed, rows_of_test_file
+):
+    rows = rows_of_test_file[:3]
     rows[2]["lastyear_activity"] = "unknown!"
     pd.DataFrame(rows).to_csv(deployed.input_folder / "typo.csv", index=False)
 
@@ -320,9 +351,9 @@ def test_prediction_of_a_named_file_with_a_bad_row_names_the_row(client, deploye
     ],
     ids=["content-length", "chunked"],
 )
-def test_body_over_the_size_limit_is_refused_with_413(deployed, framing):
+def test_body_over_the_size_limit_is_refused_with_413(make_client, deployed, framing):
     limited = deployed._replace(api=deployed.api._replace(max_request_bytes=1000))
-    client = create_app(limited).test_client()
+    client = make_client(limited)
     body = (CSV_HEADER + "abcdef,30,400,12\n" * 100).encode()
 
     response = client.post(
@@ -343,18 +374,20 @@ def test_error_quoting_a_huge_input_is_cut_short(client):
 # --- Releases: a new one is served at once, a broken one never ---------------------------------
 
 
-def test_new_release_is_served_on_the_next_request_without_restart(client, deployed):
-    first = predict(client, json={"filepath": TEST_FILE})["model_version"]
+def test_new_release_is_served_on_the_next_request_without_restart(client, predict, deployed):
+    first = predict(json={"filepath": TEST_FILE})["model_version"]
 
     second = retrain_and_deploy(deployed)
 
     assert second != first
-    assert predict(client, json={"filepath": TEST_FILE})["model_version"] == second
+    assert predict(json={"filepath": TEST_FILE})["model_version"] == second
     assert client.get("/ready").json["model_version"] == second
 
 
-def test_release_failing_its_checksum_is_refused_not_replaced_by_the_cached_model(client, deployed):
-    predict(client, json={"filepath": TEST_FILE})
+def test_release_failing_its_checksum_is_refused_not_replaced_by_the_cached_model(
+    client, predict, deployed
+):
+    predict(json={"filepath": TEST_FILE})
     release = deployment.current_release(deployed)
     with open(release.model_path, "ab") as model_file:
         model_file.write(b"tampered")
@@ -395,16 +428,14 @@ def test_summary_statistics_are_those_of_the_master_dataset(client, deployed):
     assert response.status_code == 200
     assert response.json["statistics"] == diagnostics.summary_statistics(deployed)
     assert set(response.json["statistics"]) == set(FEATURES)
+    master = pd.read_csv(deployed.finaldata_path)
+    for feature, statistics in response.json["statistics"].items():
+        assert statistics["mean"] == pytest.approx(master[feature].mean())
+        assert statistics["median"] == pytest.approx(master[feature].median())
+        assert statistics["count"] == master[feature].count()
 
 
-def test_summary_statistics_before_ingestion_are_503_naming_ingestion(undeployed_client):
-    response = undeployed_client.get("/summarystats")
-
-    assert response.status_code == 503
-    assert "ingestion.py" in error_of(response)
-
-
-def test_diagnostics_before_any_run_are_503_naming_diagnostics_py(client):
+def test_diagnostics_of_a_deployed_workspace_before_any_run_are_503_naming_diagnostics_py(client):
     response = client.get("/diagnostics")
 
     assert response.status_code == 503
@@ -421,7 +452,7 @@ def test_diagnostics_serve_the_latest_recorded_run(client, deployed):
     assert response.json == latest
 
 
-def test_diagnostics_refresh_records_a_new_run(client, deployed, monkeypatch):
+def test_diagnostics_post_records_a_new_run(client, deployed, monkeypatch):
     run = diagnostics.run_diagnostics
     # The timing and dependency sections take seconds and are diagnostics.py's own business here.
     monkeypatch.setattr(
@@ -429,19 +460,20 @@ def test_diagnostics_refresh_records_a_new_run(client, deployed, monkeypatch):
         lambda settings, **_: run(settings, dependencies=False),
     )
 
-    response = client.get("/diagnostics?refresh=1")
+    response = client.post("/diagnostics")
 
     assert response.status_code == 200
     assert response.json == diagnostics.latest_diagnostics(deployed)
     assert len(records.query(deployed.records_path, "SELECT id FROM diagnostics")) == 1
 
 
-@pytest.mark.parametrize("value", ["maybe", "2"])
-def test_diagnostics_refresh_rejects_an_unclear_value(client, value):
+@pytest.mark.parametrize("value", ["1", "true"])
+def test_diagnostics_get_refuses_a_refresh_and_points_to_post(client, deployed, value):
     response = client.get(f"/diagnostics?refresh={value}")
 
     assert response.status_code == 400
-    assert "refresh must be 1 or 0" in error_of(response)
+    assert "POST /diagnostics" in error_of(response)
+    assert records.query(deployed.records_path, "SELECT id FROM diagnostics") == []
 
 
 # --- Risk list and report ----------------------------------------------------------------------
@@ -467,15 +499,25 @@ def test_risk_returns_the_highest_risk_clients_first(client, risk_list, query, e
     assert [c["rank"] for c in clients] == list(range(1, expected + 1))
 
 
-@pytest.mark.parametrize("top", ["0", "-3", "ten", "1.5", "", "²"])
-def test_risk_rejects_a_top_that_is_not_a_positive_whole_number(client, risk_list, top):
-    response = client.get("/risk", query_string={"top": top})
+@pytest.mark.parametrize(
+    ("path", "query", "message"),
+    [
+        *[pytest.param("/risk", {"top": top}, "top must be a whole number of at least 1",
+                       id=f"top={top}") for top in ["0", "-3", "ten", "1.5", "", "²"]],
+        *[pytest.param("/diagnostics", {"refresh": value}, "refresh must be 1 or 0",
+                       id=f"refresh={value}") for value in ["maybe", "2"]],
+    ],
+)
+def test_query_argument_that_is_not_understood_is_400_naming_it(
+    client, risk_list, path, query, message
+):
+    response = client.get(path, query_string=query)
 
     assert response.status_code == 400
-    assert "top must be a whole number of at least 1" in error_of(response)
+    assert message in error_of(response)
 
 
-def test_risk_before_reporting_is_503_naming_reporting_py(client):
+def test_risk_of_a_deployed_workspace_before_reporting_is_503_naming_reporting_py(client):
     response = client.get("/risk")
 
     assert response.status_code == 503
@@ -492,7 +534,7 @@ def test_report_is_served_as_a_pdf_download(client, deployed):
         assert response.data == b"%PDF-1.7 stand-in for the report"
 
 
-def test_report_before_reporting_is_503_naming_reporting_py(client):
+def test_report_of_a_deployed_workspace_before_reporting_is_503_naming_reporting_py(client):
     response = client.get("/report")
 
     assert response.status_code == 503
@@ -504,7 +546,7 @@ def test_report_before_reporting_is_503_naming_reporting_py(client):
 
 @pytest.mark.parametrize(
     ("method", "path", "status"),
-    [("get", "/nothing-here", 404), ("get", "/prediction", 405), ("post", "/scoring", 405)],
+    [("get", "/nothing-here", 404), ("delete", "/prediction", 405), ("post", "/scoring", 405)],
 )
 def test_unknown_path_or_method_answers_json(client, method, path, status):
     response = getattr(client, method)(path)
@@ -513,7 +555,9 @@ def test_unknown_path_or_method_answers_json(client, method, path, status):
     assert error_of(response)
 
 
-def test_no_request_changes_data_models_deployments_or_records(client, deployed, risk_list):
+def test_reading_requests_change_no_data_models_deployments_or_records(
+    client, predict, deployed, risk_list
+):
     def state():
         files = {
             path: path.read_bytes() for path in deployed.base_dir.rglob("*")
@@ -529,7 +573,7 @@ def test_no_request_changes_data_models_deployments_or_records(client, deployed,
     for path in ["/health", "/ready", "/scoring", "/summarystats", "/diagnostics", "/risk",
                  "/report"]:
         client.get(path)
-    predict(client, json={"filepath": TEST_FILE})
+    predict(json={"filepath": TEST_FILE})
 
     assert state() == before
 
@@ -543,6 +587,10 @@ def test_no_request_changes_data_models_deployments_or_records(client, deployed,
         (ModelNotFoundError("x"), 503),
         (DeploymentError("x"), 503),
         (ConfigError("x"), 500),
+        (DataNotReady("x"), 503),
+        (DataFileNotFound("x"), 404),
+        (InputTooLarge("x"), 413),
+        (UnsupportedInput("x"), 415),
     ],
 )
 def test_each_pipeline_error_has_its_status(error, status):
@@ -553,8 +601,9 @@ def test_each_pipeline_error_has_its_status(error, status):
 
 
 ENDPOINTS = [
-    ("get", "/ready"), ("post", "/prediction"), ("get", "/scoring"), ("get", "/summarystats"),
-    ("get", "/diagnostics"), ("get", "/risk"), ("get", "/report"), ("get", "/nothing-here"),
+    ("get", "/ready"), ("post", "/prediction"), ("get", "/prediction"), ("get", "/scoring"),
+    ("get", "/summarystats"), ("get", "/diagnostics"), ("post", "/diagnostics"), ("get", "/risk"),
+    ("get", "/report"), ("post", "/invocations"), ("get", "/metrics"), ("get", "/nothing-here"),
 ]
 
 
@@ -580,8 +629,26 @@ def test_right_token_is_accepted(token_client):
     assert response.status_code == 200
 
 
-def test_health_needs_no_token(token_client):
-    assert token_client.get("/health").status_code == 200
+@pytest.mark.parametrize("path", ["/health", "/ping"])
+def test_health_checks_need_no_token(token_client, path):
+    assert token_client.get(path).status_code == 200
+
+
+def test_empty_token_is_an_error_at_start_up_not_an_open_api(deployed, monkeypatch):
+    monkeypatch.setenv("RISK_API_TOKEN", "")
+
+    with pytest.raises(ConfigError, match="set but empty"):
+        create_app(deployed)
+
+
+def test_token_from_a_token_file_is_required(make_client, deployed):
+    token_file = deployed.base_dir / "api-token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    client = make_client(deployed._replace(api=deployed.api._replace(token_file="api-token")))
+
+    assert client.get("/ready").status_code == 401
+    assert client.get("/ready", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
 
 
 # --- Under gunicorn ----------------------------------------------------------------------------
@@ -609,16 +676,17 @@ def wait_until_healthy(base_url: str, server: subprocess.Popen, log_path: Path) 
     pytest.fail(f"gunicorn did not answer /health:\n{log_path.read_text()}")
 
 
-@pytest.fixture
-def gunicorn_url(deployed, tmp_path):
+@contextlib.contextmanager
+def running_gunicorn(settings, log_path: Path, workers: int = 2) -> Iterator[str]:
+    """`gunicorn wsgi:app` for a workspace on a free 127.0.0.1 port; its base URL; stopped after."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RISK_API_TOKEN"}
-    env["RISK_CONFIG"] = str(deployed.config_path)
-    log_path = tmp_path / "gunicorn.log"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RISK_API_TOKEN", "PROMETHEUS_MULTIPROC_DIR")}
+    env["RISK_CONFIG"] = str(settings.config_path)
     with open(log_path, "wb") as log_file:
         server = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "2",
-             "wsgi:app"],
+            [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers",
+             str(workers), "wsgi:app"],
             cwd=PROJECT_DIR, env=env, stdout=log_file, stderr=subprocess.STDOUT,
         )
     base_url = f"http://127.0.0.1:{port}"
@@ -632,6 +700,12 @@ def gunicorn_url(deployed, tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+@pytest.fixture
+def gunicorn_url(deployed, tmp_path):
+    with running_gunicorn(deployed, tmp_path / "gunicorn.log") as base_url:
+        yield base_url
 
 
 def test_gunicorn_serves_every_endpoint_and_a_new_release_without_restart(

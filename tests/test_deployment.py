@@ -10,7 +10,7 @@ import deployment
 import records
 from deployment import current_release, deploy, list_releases, load_deployed_model, rollback
 from errors import DeploymentError, ModelNotDeployedError
-from scoring import score
+from scoring import evaluate, load_model, read_test_data, score
 from training import train
 
 
@@ -35,8 +35,13 @@ def test_release_holds_every_file_with_matching_checksums(deployed):
 def test_deployed_model_loads_and_predicts(deployed):
     model, release = load_deployed_model(deployed)
 
+    test_rows = read_test_data(deployed)
+    features = test_rows[list(deployed.schema.features)]
+    trained = load_model(deployed.model_path)
     assert release.is_current
     assert hasattr(model, "predict_proba")
+    assert (model.predict_proba(features) == trained.predict_proba(features)).all()
+    assert evaluate(model, test_rows, deployed).metrics.f1 == pytest.approx(release.f1)
 
 
 def test_nothing_deployed_says_how_to_deploy(workspace):
@@ -120,6 +125,11 @@ def test_list_and_rollback_from_the_command_line(deployed, capsys):
     assert deployment.main(["--config", str(deployed.config_path), "--list"]) == 0
     assert f"* {version}" in capsys.readouterr().out
 
+    retrain_and_deploy(deployed)
+    assert deployment.main(["--config", str(deployed.config_path), "--rollback"]) == 0
+    assert f"production now serves release {version}" in capsys.readouterr().out
+    assert current_release(deployed).version == version
+
 
 # ---------------------------------------------------------------------------------------------
 # After runs that were killed (issue 12)
@@ -195,3 +205,4 @@ def test_a_missing_output_is_out_of_step(reported):
 
 def test_nothing_deployed_has_no_outputs_to_keep_in_step(workspace):
     assert deployment.outputs_out_of_step(workspace) == {}
+

@@ -381,7 +381,7 @@ def test_report_failing_after_a_deployment_is_said_and_retried_by_the_next_cycle
 ):
     import reporting
 
-    def report_fails(settings):
+    def report_fails(settings, **options):
         raise OSError(28, "No space left on device")
 
     with monkeypatch.context() as patch:
@@ -390,7 +390,7 @@ def test_report_failing_after_a_deployment_is_said_and_retried_by_the_next_cycle
 
     served = deployment.served_version(cycle_settings)
     cycle = last_cycle(cycle_settings)
-    assert (cycle["outcome"], cycle["release"]) == ("ok", served)
+    assert (cycle["outcome"], cycle["release"]) == ("ok, with warnings", served)
     assert cycle["message"].startswith(f"deployed release {served} (was ")
     assert "; report failed: [Errno 28] No space left on device; will retry" in cycle["message"]
     assert deployment.outputs_out_of_step(cycle_settings)
@@ -406,7 +406,7 @@ def test_report_failing_after_a_deployment_is_said_and_retried_by_the_next_cycle
 
 
 def test_cycle_failing_after_the_switch_says_which_release_serves(cycle_settings, monkeypatch):
-    def killed_after_switch(settings):
+    def killed_after_switch(settings, *args):
         raise RuntimeError("stopped after the switch")
 
     monkeypatch.setattr(fullprocess, "after_deployment", killed_after_switch)

@@ -70,15 +70,18 @@ def test_id_column_is_never_a_feature(workspace):
     assert (model.predict_proba(frame) == model.predict_proba(shuffled_ids)).all()
 
 
-def test_missing_feature_cells_are_imputed(workspace):
+def test_missing_feature_cells_are_imputed_with_the_training_median(workspace):
     (workspace.input_folder / "gaps.csv").write_text(HEADER + "gap1,,100,5,1\ngap2,3,,,0\n")
     ingest(workspace)
 
     model = train(workspace).model
 
+    features = list(workspace.schema.features)
     frame = pd.DataFrame({"lastmonth_activity": [None], "lastyear_activity": [None],
                           "number_of_employees": [None]})
+    medians = pd.read_csv(workspace.finaldata_path)[features].median().to_frame().T
     assert model.predict_proba(frame).shape == (1, 2)
+    assert model.predict_proba(frame) == pytest.approx(model.predict_proba(medians), rel=1e-12)
 
 
 def test_one_class_only_is_a_clear_error(workspace):
@@ -130,7 +133,14 @@ def test_command_line_trains_and_prints_a_summary(workspace, capsys):
 
     assert main(["--config", str(workspace.config_path)]) == 0
 
-    assert "decision threshold" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    metadata = json.loads(workspace.model_metadata_path.read_text())
+    assert "decision threshold" in out
+    assert f"Trained model {metadata['version']} on 1200 rows" in out
+    assert records.query(workspace.records_path, "SELECT model_version FROM trainings") == [
+        {"model_version": metadata["version"]}
+    ]
+    assert hasattr(load_model(workspace.model_path, metadata["model_sha256"]), "predict_proba")
 
 
 def test_linear_scorer_gives_the_models_own_probabilities_and_classes(workspace):
