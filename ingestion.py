@@ -69,12 +69,20 @@ class SourceFile(NamedTuple):
     problem: str | None = None  # why the file cannot be read at all
 
 
-class Scan(NamedTuple):
-    """What the input folder holds, compared with what earlier ingestions recorded."""
+class Scan:
+    """What the input folder holds, compared with what earlier ingestions recorded.
 
-    new: list[SourceFile]
-    settling: list[Path]  # modified too recently: perhaps still being written
-    unchanged: list[str]
+    A plain class: a NamedTuple costs the cron check, which imports this module, far more to define.
+    """
+
+    __slots__ = ("new", "settling", "unchanged")
+
+    def __init__(
+        self, new: list[SourceFile], settling: list[Path], unchanged: list[str]
+    ) -> None:
+        self.new = new
+        self.settling = settling  # modified too recently: perhaps still being written
+        self.unchanged = unchanged
 
 
 class FileOutcome:
@@ -384,7 +392,7 @@ def _compile_file(
     while it was read is left for the next run. Either way its rows leave the batch again. Only a
     full disk, which is no fault of the file, stops the run.
     """
-    from dataset import RowHashes, row_hashes
+    from dataset import RowHashes, first_sightings, row_hashes
 
     outcome = FileOutcome(file=source.path.name, checksum=source.checksum, status="rejected")
     if source.problem:
@@ -395,12 +403,12 @@ def _compile_file(
     try:
         for valid, quarantined in _read_source(source, settings, outcome):
             hashes = row_hashes(valid, settings.schema).to_numpy()
-            seen = known.contains(hashes) | file_rows.contains(hashes)
-            is_new = ~(seen | _repeated(hashes))
+            is_new = first_sightings(hashes, known, file_rows)
+            new_rows = int(is_new.sum())
             file_rows.add(hashes[is_new])
-            batch.write(valid[is_new], quarantined)
-            outcome.accepted += int(is_new.sum())
-            outcome.duplicate += int((~is_new).sum())
+            batch.write(valid if new_rows == len(valid) else valid[is_new], quarantined)
+            outcome.accepted += new_rows
+            outcome.duplicate += len(valid) - new_rows
     except StorageError:
         raise
     except DataError as error:
@@ -510,13 +518,6 @@ def _as_written(rows: pd.DataFrame) -> pd.DataFrame:
                 whole = (cells % 1 == 0) & (cells.abs() < 2**53)
             text.loc[whole, column] = cells[whole].astype("int64").astype("str")
     return text.where(rows.notna(), "")
-
-
-def _repeated(hashes: Any) -> Any:
-    """Which rows repeat an earlier row of the same chunk."""
-    import pandas as pd
-
-    return pd.Series(hashes, copy=False).duplicated(keep="first").to_numpy()
 
 
 def _changed_since_scan(source: SourceFile) -> str | None:

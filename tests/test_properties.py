@@ -18,6 +18,7 @@ from dataset import (
     MAX_COUNT,
     MISSING_MARKERS,
     RowHashes,
+    first_sightings,
     frame_of,
     parse_rows,
     read_chunks,
@@ -109,3 +110,18 @@ def test_row_hashes_know_exactly_the_hashes_added(added, asked):
     found = hashes.contains(np.array(asked, dtype=np.uint64))
 
     assert found.tolist() == [value in set(added) for value in asked]
+
+
+@CHECKS
+@given(st.lists(st.integers(0, 20)), st.lists(st.integers(0, 20)))
+def test_first_sightings_are_rows_neither_seen_before_nor_repeated(seen_before, rows):
+    seen = RowHashes()
+    seen.add(np.array(seen_before, dtype=np.uint64))
+
+    first = first_sightings(np.array(rows, dtype=np.uint64), seen)
+
+    expected = [
+        value not in seen_before and value not in rows[:position]
+        for position, value in enumerate(rows)
+    ]
+    assert first.tolist() == expected
