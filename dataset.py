@@ -438,6 +438,25 @@ def row_hashes(frame: pd.DataFrame, schema: Schema) -> pd.Series:
     return pd.util.hash_pandas_object(frame[list(schema.columns)], index=False, categorize=False)
 
 
+def read_ids(path: Path, schema: Schema, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    """The id columns of a dataset we wrote (the master dataset, the rosters), as text, a chunk
+    at a time; nothing if the file does not exist."""
+    if not Path(path).exists():
+        return
+    ids = list(schema.id_columns)
+    yield from pd.read_csv(
+        path, usecols=ids, dtype=dict.fromkeys(ids, "str"), keep_default_na=False,
+        na_values=dict.fromkeys(ids, [""]), chunksize=chunk_rows,
+    )
+
+
+def id_hashes(frame: pd.DataFrame, schema: Schema) -> np.ndarray:
+    """A 64-bit hash of each row's client id (all id columns), the same whatever the columns'
+    string type, to tell which clients were seen before (RowHashes)."""
+    ids = pd.DataFrame({c: frame[c].to_numpy(dtype=object) for c in schema.id_columns})
+    return pd.util.hash_pandas_object(ids, index=False, categorize=False).to_numpy()
+
+
 class RowHashes:
     """Hashes of rows (row_hashes) that answer "seen before?" for a whole chunk of rows at once.
 

@@ -480,11 +480,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         print(describe_releases(list_releases(settings)))
     elif args.rollback is not None:
-        release = rollback(settings, args.rollback or None)
-        print(
-            f"Rolled back: production now serves release {release.version} (F1 {release.f1}); "
-            "the next cycle, or reporting.py, brings the report and risk list in line with it"
-        )
+        import reporting  # the risk list and the report follow the release served
+
+        with pipeline_lock(settings, "rollback"):  # one hold: no cycle runs between the two
+            release = rollback(settings, args.rollback or None)
+            print(
+                f"Rolled back: production now serves release {release.version} (F1 {release.f1})"
+            )
+            print(reporting.build_report(settings).summary())
     else:
         release = deploy(settings)
         print(

@@ -9,9 +9,13 @@ in; a rejected file is recorded by checksum, so it is not read again until its c
 file that may still be being written (modified in the last `ingestion.settle_seconds`, or changed
 while it was read) is left for the next run.
 
+A file with the schema's columns but no target is a roster: the company's current clients at that
+moment, outcome unknown. Its valid rows go to their own dataset (rosters.csv), never into the master
+dataset, since they are not training data; the risk list ranks them.
+
 A file is read `ingestion.chunk_rows` rows at a time, so memory stays bounded whatever its size;
 duplicates are found by comparing row hashes with the master dataset's. One run is a transaction:
-the master dataset, the quarantine and the ingestion records change together or not at all (see
+the master dataset, the rosters, the quarantine and the records change together or not at all (see
 _commit and recover), and the run holds the pipeline lock, so a run by hand and a cron cycle never
 interleave.
 
@@ -58,6 +62,12 @@ QUARANTINE_COLUMNS = ("source_file", "source_line", "reason")
 UNREADABLE = "unreadable:"
 # A long file says how far it has got this often.
 PROGRESS_SECONDS = 10.0
+# Columns the roster dataset (rosters.csv) keeps after the schema's ids and features: which
+# snapshot a row belongs to (1, 2, ... in the order rosters arrived), and how many master rows were
+# known when it arrived. A master row at a lower position is older than the snapshot, any other
+# row newer.
+SNAPSHOT_COLUMN = "snapshot"
+MASTER_POSITION_COLUMN = "master_position"
 
 class SourceFile(NamedTuple):
     """A data file in the input folder, identified by its content."""
@@ -94,13 +104,15 @@ class FileOutcome:
 
     __slots__ = (
         "file", "checksum", "status", "rows_read", "accepted", "duplicate", "quarantined",
-        "missing_cells", "reason", "ignored_columns",
+        "missing_cells", "reason", "ignored_columns", "kind", "new_clients",
     )
 
     def __init__(self, file: str, checksum: str, status: str) -> None:
         self.file = file
         self.checksum = checksum
         self.status = status  # ingested | rejected | waiting (left for the next run)
+        self.kind = "labeled"  # labeled | roster
+        self.new_clients = 0  # a roster's ids that no earlier row or roster had
         self.rows_read = 0
         self.accepted = 0
         self.duplicate = 0
@@ -123,6 +135,12 @@ class FileOutcome:
             return f"  {self.file}: REJECTED: {self.reason}"
         if self.status == "waiting":
             return f"  {self.file}: left for the next run: {self.reason}"
+        if self.kind == "roster":
+            return (
+                f"  {self.file}: roster of {self.accepted} current clients ({self.new_clients} not "
+                f"seen before): {self.rows_read} rows read, {self.duplicate} duplicate ids (newest "
+                f"row kept), {self.quarantined} quarantined"
+            )
         text = (
             f"  {self.file}: {self.rows_read} rows read, {self.accepted} accepted, "
             f"{self.duplicate} duplicate, {self.quarantined} quarantined"
@@ -158,7 +176,13 @@ class IngestReport(NamedTuple):
 
     @property
     def accepted_rows(self) -> int:
-        return sum(f.accepted for f in self.files)
+        """Labeled rows added to the master dataset."""
+        return sum(f.accepted for f in self.files if f.kind == "labeled")
+
+    @property
+    def roster_clients(self) -> int:
+        """Current clients listed by the rosters this run ingested."""
+        return sum(f.accepted for f in self.files if f.kind == "roster")
 
     def summary(self) -> str:
         if not self.files:
@@ -176,6 +200,11 @@ class IngestReport(NamedTuple):
             f"Added {self.accepted_rows} rows; master dataset now {self.total_rows} rows "
             f"in {self.finaldata_path}"
         )
+        if any(f.kind == "roster" for f in self.ingested):
+            lines.append(
+                f"Roster snapshot(s) of {self.roster_clients} current clients added beside it, "
+                "to be ranked, never trained on"
+            )
         if quarantined:
             lines.append(f"{quarantined} row(s) quarantined with reasons in {self.quarantine_path}")
         return "\n".join(lines)
@@ -265,12 +294,16 @@ def ingest(settings: Settings) -> IngestReport:
         if scan.new:
             batch = Batch(settings, run_id)
             try:
-                compiled = [
-                    (source, _compile_file(source, settings, known, batch)) for source in scan.new
-                ]
+                rosters: list[tuple[FileOutcome, pd.DataFrame, int]] = []
+                for source in scan.new:
+                    outcome, roster = _compile_file(source, settings, known, batch)
+                    compiled.append((source, outcome))
+                    if roster is not None:  # newer than the master rows known so far
+                        rosters.append((outcome, roster, master_rows + batch.new_rows))
+                snapshots = _add_snapshots(settings, run_id, rosters, batch) if rosters else []
                 recorded = [(s, o) for s, o in compiled if o.status != "waiting"]
                 if recorded:
-                    _commit(settings, run_id, recorded, batch)
+                    _commit(settings, run_id, recorded, snapshots, batch)
             finally:
                 batch.close()
         outcomes = [outcome for _, outcome in compiled]
@@ -279,7 +312,9 @@ def ingest(settings: Settings) -> IngestReport:
             run_id=run_id,
             files=sorted(outcomes, key=lambda outcome: outcome.file),
             unchanged=scan.unchanged,
-            total_rows=master_rows + sum(o.accepted for o in outcomes if o.status == "ingested"),
+            total_rows=master_rows + sum(
+                o.accepted for o in outcomes if o.status == "ingested" and o.kind == "labeled"
+            ),
             finaldata_path=settings.finaldata_path,
             quarantine_path=settings.quarantine_path,
         )
@@ -319,11 +354,13 @@ def _settling(path: Path, settings: Settings) -> FileOutcome:
 
 class Batch:
     """The rows one run adds, written as they are read: the new rows (with a header, as the newest
-    batch keeps them) and the quarantined rows. A file's share is taken out again if the file is
-    rejected or left for later. Hidden files beside the outputs, removed when the run ends."""
+    batch keeps them), the quarantined rows, and the rosters' snapshots. A file's share is taken out
+    again if the file is rejected or left for later. Hidden files beside the outputs, removed when
+    the run ends."""
 
     __slots__ = (
-        "rows_path", "quarantine_path", "new_rows", "quarantined_rows", "_rows", "_quarantine",
+        "rows_path", "quarantine_path", "rosters_path", "new_rows", "quarantined_rows",
+        "roster_rows", "_rows", "_quarantine", "_rosters",
     )
 
     def __init__(self, settings: Settings, run_id: str) -> None:
@@ -333,15 +370,21 @@ class Batch:
         folder.mkdir(parents=True, exist_ok=True)
         self.rows_path = folder / f"{BATCH_PREFIX}{run_id}.rows.csv"
         self.quarantine_path = folder / f"{BATCH_PREFIX}{run_id}.quarantine.csv"
-        self.new_rows = self.quarantined_rows = 0
+        self.rosters_path = folder / f"{BATCH_PREFIX}{run_id}.rosters.csv"
+        self.new_rows = self.quarantined_rows = self.roster_rows = 0
+        schema = settings.schema
         with atomicio.storage_errors(self.rows_path):
             # Text files, as pandas writes CSV fastest; tell() and seek() still give byte offsets.
             self._rows: IO[str] = _open_for_rows(self.rows_path)
             self._quarantine: IO[str] = _open_for_rows(self.quarantine_path)
-            pd.DataFrame(columns=list(settings.schema.columns)).to_csv(self._rows, index=False)
-            pd.DataFrame(columns=[*QUARANTINE_COLUMNS, *settings.schema.columns]).to_csv(
-                self._quarantine, index=False
-            )
+            self._rosters: IO[str] = _open_for_rows(self.rosters_path)
+            for stream, columns in (
+                (self._rows, schema.columns),
+                (self._quarantine, (*QUARANTINE_COLUMNS, *schema.columns)),
+                (self._rosters, (*schema.id_columns, *schema.features, SNAPSHOT_COLUMN,
+                                 MASTER_POSITION_COLUMN)),
+            ):
+                pd.DataFrame(columns=list(columns)).to_csv(stream, index=False)
 
     def mark(self) -> tuple[int, int, int, int]:
         return self._rows.tell(), self._quarantine.tell(), self.new_rows, self.quarantined_rows
@@ -358,25 +401,35 @@ class Batch:
             if len(new_rows):
                 new_rows.to_csv(self._rows, header=False, index=False)
                 self.new_rows += len(new_rows)
-            if quarantined is not None and len(quarantined):
+        self.write_quarantined(quarantined)
+
+    def write_quarantined(self, quarantined: pd.DataFrame | None) -> None:
+        if quarantined is not None and len(quarantined):
+            with atomicio.storage_errors(self.quarantine_path):
                 quarantined.to_csv(self._quarantine, header=False, index=False)
-                self.quarantined_rows += len(quarantined)
+            self.quarantined_rows += len(quarantined)
+
+    def write_snapshot(self, rows: pd.DataFrame) -> None:
+        with atomicio.storage_errors(self.rosters_path):
+            rows.to_csv(self._rosters, header=False, index=False)
+            self.roster_rows += len(rows)
 
     def flush(self) -> None:
         """Put the batch on disk before anything refers to it."""
         with atomicio.storage_errors(self.rows_path):
-            for stream in (self._rows, self._quarantine):
+            for stream in (self._rows, self._quarantine, self._rosters):
                 stream.flush()
                 os.fsync(stream.fileno())
 
     def close(self) -> None:
         """Close the files; remove them unless a run in progress (its journal) still needs them."""
-        self._rows.close()
-        self._quarantine.close()
+        for stream in (self._rows, self._quarantine, self._rosters):
+            stream.close()
         journal_path = self.rows_path.parent / JOURNAL_NAME
         if not journal_path.exists():
             self.rows_path.unlink(missing_ok=True)
         self.quarantine_path.unlink(missing_ok=True)
+        self.rosters_path.unlink(missing_ok=True)
 
 
 def _open_for_rows(path: Path) -> IO[str]:
@@ -385,8 +438,9 @@ def _open_for_rows(path: Path) -> IO[str]:
 
 def _compile_file(
     source: SourceFile, settings: Settings, known: RowHashes, batch: Batch
-) -> FileOutcome:
-    """Read one new file into the batch, and say what became of it and of each of its rows.
+) -> tuple[FileOutcome, pd.DataFrame | None]:
+    """Read one new file into the batch, and say what became of it and of each of its rows; for a
+    roster, also its rows (a client listed twice keeps its last row), to be numbered as a snapshot.
 
     Whatever goes wrong with the file itself rejects it alone, with the reason; a file that changed
     while it was read is left for the next run. Either way its rows leave the batch again. Only a
@@ -397,11 +451,16 @@ def _compile_file(
     outcome = FileOutcome(file=source.path.name, checksum=source.checksum, status="rejected")
     if source.problem:
         outcome.reason = source.problem
-        return outcome
+        return outcome, None
     mark = batch.mark()
     file_rows = RowHashes()
+    roster_chunks: list[pd.DataFrame] = []
     try:
         for valid, quarantined in _read_source(source, settings, outcome):
+            if outcome.kind == "roster":  # the company's client list: held whole, it is short
+                roster_chunks.append(valid)
+                batch.write_quarantined(quarantined)
+                continue
             hashes = row_hashes(valid, settings.schema).to_numpy()
             is_new = first_sightings(hashes, known, file_rows)
             new_rows = int(is_new.sum())
@@ -409,23 +468,47 @@ def _compile_file(
             batch.write(valid if new_rows == len(valid) else valid[is_new], quarantined)
             outcome.accepted += new_rows
             outcome.duplicate += len(valid) - new_rows
+        roster = _last_row_of_each_client(roster_chunks, outcome, settings.schema)
     except StorageError:
         raise
     except DataError as error:
         batch.rewind(mark)
-        return outcome.set_aside("rejected", str(error))
+        return outcome.set_aside("rejected", str(error)), None
     except Exception as error:  # any failure of one file rejects that file, never the run
         log.warning("reading %s failed", source.path, exc_info=True)
         batch.rewind(mark)
         first_line = (str(error).strip().splitlines() or [""])[0]
-        return outcome.set_aside("rejected", f"{type(error).__name__}: {first_line}")
+        return outcome.set_aside("rejected", f"{type(error).__name__}: {first_line}"), None
     change = _changed_since_scan(source)
     if change:
         batch.rewind(mark)
-        return outcome.set_aside("waiting", change)
+        return outcome.set_aside("waiting", change), None
     known.update(file_rows)
     outcome.status = "ingested"
-    return outcome
+    return outcome, roster
+
+
+def _last_row_of_each_client(
+    chunks: list[pd.DataFrame], outcome: FileOutcome, schema: Schema
+) -> pd.DataFrame | None:
+    """A roster's valid rows, a client listed twice keeping its last row; None for a labeled file."""
+    if outcome.kind != "roster":
+        return None
+    import pandas as pd
+
+    from dataset import frame_of
+
+    columns = schema.id_columns + schema.features
+    rows = (
+        pd.concat(chunks) if chunks
+        else frame_of({c: [] for c in columns}, columns, schema, pd.RangeIndex(0))
+    )
+    superseded = rows.duplicated(subset=list(schema.id_columns), keep="last").to_numpy()
+    outcome.duplicate = int(superseded.sum())
+    rows = rows.loc[~superseded]
+    outcome.accepted = len(rows)
+    outcome.missing_cells = int(rows[list(schema.features)].isna().to_numpy().sum())
+    return rows
 
 
 def _read_source(
@@ -441,16 +524,20 @@ def _read_source(
         problem = _column_problem(columns, schema)
         if problem:
             raise DataError(problem)
+        if schema.target not in columns:  # the schema but no target: a roster of current clients
+            outcome.kind = "roster"
         outcome.ignored_columns = [c for c in columns if c not in schema.columns]
         report_at = time.monotonic() + PROGRESS_SECONDS
         chunks = read_chunks(
             stream, columns, schema, name="the file", chunk_rows=settings.ingestion.chunk_rows
         )
         for chunk in chunks:
-            valid, quarantined = split_rows(chunk, schema, source.path.name)
+            labeled = outcome.kind == "labeled"
+            valid, quarantined = split_rows(chunk, schema, source.path.name, labeled=labeled)
             outcome.rows_read += len(chunk.frame)
             outcome.quarantined += 0 if quarantined is None else len(quarantined)
-            outcome.missing_cells += int(valid[list(schema.features)].isna().to_numpy().sum())
+            if labeled:  # a roster's are counted once its repeated clients are dropped
+                outcome.missing_cells += int(valid[list(schema.features)].isna().to_numpy().sum())
             if time.monotonic() >= report_at:
                 log.info(
                     "%s: %d rows read, %.0f%% of %.0f MB", source.path.name, outcome.rows_read,
@@ -463,12 +550,14 @@ def _read_source(
 
 
 def _column_problem(columns: list[str], schema: Schema) -> str | None:
-    """Why a file with this header cannot be used at all, or None."""
+    """Why a file with this header cannot be used at all, or None. The schema's columns make a
+    labeled batch; the same without the target, a roster."""
     missing = [c for c in schema.columns if c not in columns]
-    if missing:
+    if missing and missing != [schema.target]:
         return (
             f"missing required column(s) {', '.join(missing)} "
-            f"(found: {', '.join(columns) or 'none'})"
+            f"(found: {', '.join(columns) or 'none'}): neither a labeled batch "
+            f"({', '.join(schema.columns)}) nor a roster (the same without {schema.target})"
         )
     repeated = sorted({c for c in columns if columns.count(c) > 1})
     if repeated:
@@ -477,23 +566,28 @@ def _column_problem(columns: list[str], schema: Schema) -> str | None:
 
 
 def split_rows(
-    chunk: Chunk, schema: Schema, file_name: str
+    chunk: Chunk, schema: Schema, file_name: str, *, labeled: bool = True
 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Sort a chunk's rows: the valid ones, typed as the master dataset keeps them, and the others
-    as read, each with its file, line and reason, as the quarantine keeps them (None if none)."""
+    as read, each with its file, line and reason, as the quarantine keeps them (None if none).
+
+    A roster's rows (`labeled` False) have no target: none is checked, and none is kept.
+    """
+    import numpy as np
     import pandas as pd
 
     from dataset import frame_of, parse_rows
 
-    frame = chunk.frame[list(schema.columns)]
-    cells = {column: frame[column].to_numpy() for column in schema.columns}
+    columns = schema.columns if labeled else schema.id_columns + schema.features
+    frame = chunk.frame[list(columns)]
+    cells = {column: frame[column].to_numpy() for column in columns}
+    if not labeled:
+        cells[schema.target] = np.zeros(len(frame))  # a valid label, dropped again below
     values, reasons = parse_rows(cells, frame.index, schema)
     if len(chunk.extra_fields):
         reasons = pd.concat([reasons, chunk.extra_fields]).groupby(level=0).agg("; ".join)
     bad = frame.index.isin(reasons.index)
-    valid = frame_of(
-        {c: v[~bad] for c, v in values.items()}, schema.columns, schema, frame.index[~bad]
-    )
+    valid = frame_of({c: values[c][~bad] for c in columns}, columns, schema, frame.index[~bad])
     if not bad.any():
         return valid, None
     quarantined = _as_written(frame.loc[bad])
@@ -501,7 +595,8 @@ def split_rows(
     # Line numbers as a person sees them in an editor: the header is line 1.
     quarantined.insert(0, "source_line", frame.index[bad] + 2)
     quarantined.insert(0, "source_file", file_name)
-    return valid, quarantined
+    # The quarantine has every column of the schema: a roster's rows leave the target blank.
+    return valid, quarantined.reindex(columns=[*QUARANTINE_COLUMNS, *schema.columns], fill_value="")
 
 
 def _as_written(rows: pd.DataFrame) -> pd.DataFrame:
@@ -531,35 +626,87 @@ def _changed_since_scan(source: SourceFile) -> str | None:
     return None
 
 
+def _add_snapshots(
+    settings: Settings, run_id: str, rosters: list[tuple[FileOutcome, pd.DataFrame, int]],
+    batch: Batch,
+) -> list[dict[str, Any]]:
+    """Number this run's rosters as snapshots, count their new clients, put them in the batch;
+    return their records.
+
+    A client is new when no master row, earlier roster or labeled row of this run has its id.
+    """
+    from dataset import RowHashes, id_hashes, read_ids
+
+    schema = settings.schema
+    batch.flush()
+    known = RowHashes()
+    for path in (settings.finaldata_path, settings.rosters_path, batch.rows_path):
+        for ids in read_ids(path, schema, settings.ingestion.chunk_rows):
+            known.add(id_hashes(ids, schema))
+    last = records.query(settings.records_path, "SELECT MAX(snapshot) AS last FROM rosters")
+    number = (last[0]["last"] if last else None) or 0
+    snapshot_records = []
+    for outcome, rows, position in rosters:
+        if outcome.status != "ingested":
+            continue
+        number += 1
+        clients = id_hashes(rows, schema)
+        outcome.new_clients = int((~known.contains(clients)).sum())
+        known.add(clients)
+        batch.write_snapshot(
+            rows.assign(**{SNAPSHOT_COLUMN: number, MASTER_POSITION_COLUMN: position})
+        )
+        snapshot_records.append({
+            "run_id": run_id, "time": records.utc_now(), "file": outcome.file,
+            "checksum": outcome.checksum, "snapshot": number, "master_position": position,
+            "rows_read": outcome.rows_read, "clients": outcome.accepted,
+            "duplicate_ids": outcome.duplicate, "new_clients": outcome.new_clients,
+            "quarantined": outcome.quarantined,
+        })
+    return snapshot_records
+
+
 # ---------------------------------------------------------------------------------------------
 # The transaction: append, record, finish; or, after a kill, finish or undo.
 
 
 def _commit(
-    settings: Settings, run_id: str, compiled: list[tuple[SourceFile, FileOutcome]], batch: Batch
+    settings: Settings, run_id: str, compiled: list[tuple[SourceFile, FileOutcome]],
+    snapshots: list[dict[str, Any]], batch: Batch,
 ) -> None:
-    """Append the batch to the master dataset and the quarantine and record its files: all or none.
+    """Append the batch to the master dataset, the rosters and the quarantine, and record its files
+    and snapshots: all or none.
 
-    The journal notes both files' lengths before anything is appended, and the ingestion records,
-    stored in one transaction, are the commit. A run killed before the commit is undone by the next
-    one (recover), which cuts both files back to the noted lengths; a run killed after it is
-    finished by the next one.
+    The journal notes the files' lengths before anything is appended, and the records, stored in
+    one transaction, are the commit. A run killed before the commit is undone by the next one
+    (recover), which cuts the files back to the noted lengths; a run killed after it is finished by
+    the next one.
     """
     batch.flush()
     journal = {
         "run_id": run_id,
-        "finaldata_bytes": _size_or_none(settings.finaldata_path),
-        "quarantine_bytes": _size_or_none(settings.quarantine_path),
+        **{f"{name}_bytes": _size_or_none(path) for name, path in _appended_files(settings)},
         "batch": batch.rows_path.name,
         "new_rows": batch.new_rows,
     }
     _open_journal(settings, journal)
     if batch.new_rows or not settings.finaldata_path.exists():
         _append_rows_file(settings.finaldata_path, batch.rows_path)
+    if batch.roster_rows:
+        _append_rows_file(settings.rosters_path, batch.rosters_path)
     if batch.quarantined_rows:
         _append_rows_file(settings.quarantine_path, batch.quarantine_path)
-    _record(settings, run_id, compiled)
+    _record(settings, run_id, compiled, snapshots)
     _finish(settings, journal)
+
+
+def _appended_files(settings: Settings) -> list[tuple[str, Path]]:
+    """The files a run appends to, by the name the journal notes their length under."""
+    return [
+        ("finaldata", settings.finaldata_path),
+        ("rosters", settings.rosters_path),
+        ("quarantine", settings.quarantine_path),
+    ]
 
 
 def _finish(settings: Settings, journal: dict[str, Any]) -> None:
@@ -584,19 +731,18 @@ def recover(settings: Settings) -> None:
             _finish(settings, journal)
         else:
             log.warning(
-                "undoing ingestion %s, stopped before it was recorded: %s and %s back to their "
-                "length before it", journal["run_id"], settings.finaldata_path.name,
-                settings.quarantine_path.name,
+                "undoing ingestion %s, stopped before it was recorded: its appends cut off",
+                journal["run_id"],
             )
-            _cut_back(settings.finaldata_path, journal["finaldata_bytes"])
-            _cut_back(settings.quarantine_path, journal["quarantine_bytes"])
+            for name, path in _appended_files(settings):
+                _cut_back(path, journal.get(f"{name}_bytes", _size_or_none(path)))
             _close_journal(settings)
     for leftover in settings.output_folder.glob(f"{BATCH_PREFIX}*"):
         leftover.unlink()
     outputs = [
         path.name for path in (
-            settings.finaldata_path, settings.quarantine_path, settings.latest_batch_path,
-            settings.ingested_files_path, journal_path,
+            settings.finaldata_path, settings.rosters_path, settings.quarantine_path,
+            settings.latest_batch_path, settings.ingested_files_path, journal_path,
         )
     ]
     if settings.output_folder.is_dir():
@@ -674,32 +820,32 @@ def _append_rows_file(master_path: Path, rows_path: Path) -> None:
 
 
 def _record(
-    settings: Settings, run_id: str, compiled: list[tuple[SourceFile, FileOutcome]]
+    settings: Settings, run_id: str, compiled: list[tuple[SourceFile, FileOutcome]],
+    snapshots: list[dict[str, Any]],
 ) -> None:
-    """Record every file of the run, in one transaction: the commit of the run."""
+    """Record every file and roster snapshot of the run, in one transaction: the run's commit."""
     time = records.utc_now()
-    records.add_all(
-        settings.records_path,
-        "ingestions",
-        [
-            {
-                "run_id": run_id,
-                "time": time,
-                "file": str(source.path),
-                "checksum": source.checksum,
-                "size": source.size,
-                "mtime_ns": source.mtime_ns,
-                "status": outcome.status,
-                "rows_read": outcome.rows_read,
-                "accepted": outcome.accepted,
-                "duplicate": outcome.duplicate,
-                "quarantined": outcome.quarantined,
-                "missing_cells": outcome.missing_cells,
-                "reason": outcome.reason,
-            }
-            for source, outcome in compiled
-        ],
-    )
+    ingestions = [
+        {
+            "run_id": run_id,
+            "time": time,
+            "file": str(source.path),
+            "checksum": source.checksum,
+            "size": source.size,
+            "mtime_ns": source.mtime_ns,
+            "status": outcome.status,
+            "rows_read": outcome.rows_read,
+            # Rows added to the master dataset (master_batches counts on it); a roster's
+            # clients go to rosters.csv, and the rosters table says how many.
+            "accepted": outcome.accepted if outcome.kind == "labeled" else 0,
+            "duplicate": outcome.duplicate,
+            "quarantined": outcome.quarantined,
+            "missing_cells": outcome.missing_cells,
+            "reason": outcome.reason,
+        }
+        for source, outcome in compiled
+    ]
+    records.add_all(settings.records_path, {"ingestions": ingestions, "rosters": snapshots})
 
 
 def master_batches(settings: Settings, rows: int) -> np.ndarray | None:

@@ -79,13 +79,18 @@ def ingestion_state(settings):
     folder = settings.output_folder
     files = {
         path.name: path.read_bytes() if path.exists() else None
-        for path in (settings.finaldata_path, settings.quarantine_path,
+        for path in (settings.finaldata_path, settings.rosters_path, settings.quarantine_path,
                      settings.latest_batch_path, settings.ingested_files_path)
     }
     recorded = [
         (Path(row["file"]).name, row["checksum"], row["status"], row["rows_read"], row["accepted"],
          row["duplicate"], row["quarantined"], row["missing_cells"], row["reason"])
         for row in records.query(settings.records_path, "SELECT * FROM ingestions ORDER BY id")
+    ]
+    recorded += [
+        (Path(row["file"]).name, row["snapshot"], row["master_position"], row["clients"],
+         row["duplicate_ids"], row["new_clients"], row["quarantined"])
+        for row in records.query(settings.records_path, "SELECT * FROM rosters ORDER BY id")
     ]
     leftovers = sorted(
         path.name for path in folder.iterdir()
@@ -94,9 +99,16 @@ def ingestion_state(settings):
     return files, recorded, leftovers
 
 
+ROSTER = (
+    "corporation,lastmonth_activity,lastyear_activity,number_of_employees\n"
+    "aaaaaa,1,10,3\nbbbbbb,2,20,4\naaaaaa,7,70,7\ncccccc,x,30,5\n"
+)
+
+
 @pytest.fixture
 def new_batch(workspace):
-    """A workspace with ingested data and three new files: dirty rows, duplicates, a bad file."""
+    """A workspace with ingested data and four new files: dirty rows, duplicates, a roster (a
+    client twice, a bad cell), a bad file."""
     ingestion.ingest(workspace)
     generate_data.make_dirty(300, seed=4, id_offset=700_000).to_csv(
         workspace.input_folder / "dirty.csv", index=False
@@ -105,6 +117,7 @@ def new_batch(workspace):
         generate_data.make_clients(200, seed=5, id_offset=800_000),
         workspace.input_folder / "new.csv",
     )
+    (workspace.input_folder / "roster.csv").write_text(ROSTER)
     (workspace.input_folder / "rejected.csv").write_text("not,a,dataset\n1,2,3\n")
     return workspace
 
@@ -119,13 +132,15 @@ def uninterrupted(new_batch, tmp_path):
 
 INGESTION_STEPS = {
     "reading a file": dict(owner=ingestion, name="split_rows", call=2),
+    "numbering the snapshots": dict(owner=ingestion, name="_add_snapshots"),
     "writing the batch": dict(owner=ingestion.Batch, name="write", call=2),
     "opening the journal": dict(owner=ingestion, name="_open_journal"),
     "appending to the master dataset": dict(owner=ingestion, name="_append_rows_file"),
-    "appending to the quarantine": dict(owner=ingestion, name="_append_rows_file", call=2),
+    "appending to the rosters": dict(owner=ingestion, name="_append_rows_file", call=2),
+    "appending to the quarantine": dict(owner=ingestion, name="_append_rows_file", call=3),
     "recording the files": dict(owner=ingestion, name="_record"),
     "after recording the files": dict(owner=ingestion, name="_record", after=True),
-    "publishing the newest batch": dict(owner=ingestion.os, name="replace", call=4, after=True),
+    "publishing the newest batch": dict(owner=ingestion.os, name="replace", call=5, after=True),
     "listing the ingested files": dict(owner=ingestion, name="_write_ingested_files_list"),
     "closing the journal": dict(owner=ingestion, name="_close_journal"),
 }
@@ -342,7 +357,7 @@ def test_stages_called_inside_a_cycle_join_its_lock(new_batch):
     with fullprocess.cycle_lock(new_batch):
         report = ingestion.ingest(new_batch)
 
-    assert [f.file for f in report.ingested] == ["dirty.csv", "new.csv"]
+    assert [f.file for f in report.ingested] == ["dirty.csv", "new.csv", "roster.csv"]
 
 
 def test_a_cycle_never_runs_inside_another_run(workspace):
