@@ -751,8 +751,8 @@ def model() -> str | tuple[str, int]:
         release=release,
         metadata=metadata,
         why=why_deployed(release.version),
-        deployed_with=reporting.release_score(current, release.version),
-        measured_on=reporting.MEASURED_ON,
+        deployed_with=deployment.release_score(current, release.version),
+        measured_on=deployment.MEASURED_ON,
         scores=release_scores(release.version),
         confusion_matrix=current.confusion_matrix_path.is_file(),
         report_for=risk.model_version if risk is not None else None,
@@ -805,7 +805,7 @@ def release_scores(version: str) -> list[dict[str, Any]]:
     for row in latest.values():
         path = Path(row["data_path"])
         row["data"] = relative_name(path, settings()) if path.is_absolute() else row["data_path"]
-        row["measured_on"] = reporting.MEASURED_ON.get(row["purpose"], row["purpose"])
+        row["measured_on"] = deployment.MEASURED_ON.get(row["purpose"], row["purpose"])
     return list(latest.values())
 
 
