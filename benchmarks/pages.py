@@ -57,6 +57,7 @@ def make_workspace(root: Path, clients: int) -> Path:
         "test_data_path": "testdata",
         "output_model_path": "models",
         "prod_deployment_path": "production_deployment",
+        "ingestion": {"settle_seconds": 0},  # the data was written a moment ago, and whole
     }))
     for stage in STAGES:
         subprocess.run([PYTHON, str(PROJECT_DIR / stage[0]), "--config", str(config), *stage[1:]],
