@@ -67,6 +67,18 @@ def deploy_workspace(settings: Settings) -> None:
     deploy(settings)
 
 
+def as_older_release(settings: Settings) -> None:
+    """Make the current release look like one deployed before releases held model.json."""
+    import atomicio
+    from deployment import RELEASE_MANIFEST_NAME, current_release
+
+    release = current_release(settings)
+    (release.folder / "model.json").unlink()
+    manifest = atomicio.read_json(release.folder / RELEASE_MANIFEST_NAME)
+    del manifest["files"]["model.json"]
+    atomicio.write_json(release.folder / RELEASE_MANIFEST_NAME, manifest)
+
+
 @pytest.fixture
 def workspace(tmp_path: Path) -> Settings:
     """A fresh workspace with source and test data, nothing ingested yet."""
