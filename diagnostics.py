@@ -35,12 +35,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from packaging.version import InvalidVersion, Version
-from scipy import stats
-from scipy.spatial.distance import jensenshannon
 
 import atomicio
 import records
-from deployment import current_release, load_deployed_model
+from deployment import current_release
 from errors import (
     ConfigError,
     DataError,
@@ -50,7 +48,6 @@ from errors import (
     run_cli,
 )
 from dataset import read_dataset, read_master, validate_frame
-from ingestion import ingest, list_source_files
 from settings import (
     PROJECT_DIR,
     DiagnosticsSettings,
@@ -59,8 +56,7 @@ from settings import (
     add_config_argument,
     load_settings,
 )
-from scoring import PredictionResult, predict_frame, two_proportion_z
-from training import train
+from scoring import PredictionResult, load_deployed, predict_frame, two_proportion_z
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +82,7 @@ def model_predictions(settings: Settings, dataset: pd.DataFrame | Path) -> Predi
         frame = validate_frame(dataset, schema, source="the dataset", require_target=False)
     else:
         frame = read_dataset(Path(dataset), schema, require_target=False)
-    model, release = load_deployed_model(settings)
+    model, release = load_deployed(settings)
     return predict_frame(model, release.version, frame, schema)
 
 
@@ -165,6 +161,10 @@ def stage_timings(settings: Settings) -> dict[str, float]:
     data, models, production files or records, and their log lines are held back so that nobody
     reads "trained model ..." as a real training.
     """
+    # Imported here: the API and the report import this module and never re-run a stage.
+    from ingestion import ingest, list_source_files
+    from training import train
+
     sources = list_source_files(settings)
     with tempfile.TemporaryDirectory(prefix="risk-timing-") as folder, _quiet_stages():
         scratch = Path(folder)
@@ -485,11 +485,15 @@ def _feature_drift(
 
 
 def _ks_test(ref: np.ndarray, cur: np.ndarray, options: DiagnosticsSettings) -> Verdict:
+    from scipy import stats  # scipy.stats takes 0.4 s to import; only a drift check needs it
+
     outcome = stats.ks_2samp(ref, cur)
     return _p_value_verdict("Kolmogorov-Smirnov", outcome.statistic, outcome.pvalue, options)
 
 
 def _wasserstein(ref: np.ndarray, cur: np.ndarray, options: DiagnosticsSettings) -> Verdict:
+    from scipy import stats
+
     scale = np.std(ref) or np.std(np.concatenate([ref, cur]))
     distance = stats.wasserstein_distance(ref, cur) / scale if scale else 0.0
     return _distance_verdict("Wasserstein distance (normed)", distance, options)
@@ -505,6 +509,8 @@ def _category_counts(reference: pd.Series, current: pd.Series) -> np.ndarray:
 
 
 def _chi_squared(reference: pd.Series, current: pd.Series, options: DiagnosticsSettings) -> Verdict:
+    from scipy import stats
+
     outcome = stats.chi2_contingency(_category_counts(reference, current), correction=False)
     return _p_value_verdict("chi-squared", outcome.statistic, outcome.pvalue, options)
 
@@ -520,6 +526,8 @@ def _z_test(reference: pd.Series, current: pd.Series, options: DiagnosticsSettin
 def _jensen_shannon(
     reference: pd.Series, current: pd.Series, options: DiagnosticsSettings
 ) -> Verdict:
+    from scipy.spatial.distance import jensenshannon
+
     counts = _category_counts(reference, current)
     distance = float(jensenshannon(counts[0] / counts[0].sum(), counts[1] / counts[1].sum()))
     return _distance_verdict("Jensen-Shannon distance", distance, options)

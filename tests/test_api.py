@@ -703,3 +703,29 @@ def test_gunicorn_serves_every_endpoint_and_a_new_release_without_restart(
         for _ in range(6)
     }
     assert versions == {second}
+
+
+def test_the_api_serves_the_release_without_unpickling_it(make_client, deployed, monkeypatch):
+    import scoring
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the API unpickled a model")
+
+    monkeypatch.setattr(scoring.pickle, "loads", refuse)
+    client = make_client(deployed)
+
+    response = client.post("/prediction", json={"filepath": TEST_FILE})
+
+    assert response.status_code == 200
+    assert len(response.json["probabilities"]) == TEST_ROWS
+
+
+def test_a_release_without_model_json_is_refused_not_unpickled(make_client, deployed):
+    from conftest import as_older_release
+
+    as_older_release(deployed)
+
+    response = make_client(deployed).post("/prediction", json={"filepath": TEST_FILE})
+
+    assert response.status_code == 503
+    assert "model.json" in error_of(response) and "train and deploy again" in error_of(response)
