@@ -28,16 +28,23 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
-from sklearn.base import ClassifierMixin
-from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_curve
+from matplotlib.ticker import MaxNLocator
 
 import atomicio
 import records
-from deployment import Release, list_releases, load_deployed_model, read_manifest
+from deployment import Release, list_releases, read_manifest
 from diagnostics import latest_diagnostics, run_diagnostics, section_texts
 from errors import InsufficientDataError, run_cli
 from dataset import read_master
-from scoring import Evaluation, client_ids, evaluate, predict_frame, read_test_data
+from scoring import (
+    Evaluation,
+    ServedModel,
+    client_ids,
+    evaluate,
+    load_deployed,
+    predict_frame,
+    read_test_data,
+)
 from settings import Settings, add_config_argument, load_settings
 
 log = logging.getLogger(__name__)
@@ -59,11 +66,11 @@ CLASS_LABELS = ("stayed (0)", "left (1)")
 
 def risk_scores(settings: Settings) -> pd.DataFrame:
     """Every client of the newest data, highest attrition risk first, with rank and probability."""
-    model, release = load_deployed_model(settings)
+    model, release = load_deployed(settings)
     return _rank_clients(settings, model, release.version)
 
 
-def _rank_clients(settings: Settings, model: ClassifierMixin, version: str) -> pd.DataFrame:
+def _rank_clients(settings: Settings, model: ServedModel, version: str) -> pd.DataFrame:
     schema = settings.schema
     ids = list(schema.id_columns)
     master = read_master(settings)
@@ -199,7 +206,7 @@ class _TestResults:
 def build_report(settings: Settings) -> ReportResult:
     """Write riskscores.csv, confusionmatrix.png and report.pdf for the deployed release."""
     started = time.perf_counter()
-    model, release = load_deployed_model(settings)
+    model, release = load_deployed(settings)
     metadata = release.metadata()
     test = _score_test_data(settings, model, release, metadata)
 
@@ -243,7 +250,7 @@ def build_report(settings: Settings) -> ReportResult:
 
 
 def _score_test_data(
-    settings: Settings, model: ClassifierMixin, release: Release, metadata: dict[str, Any]
+    settings: Settings, model: ServedModel, release: Release, metadata: dict[str, Any]
 ) -> _TestResults:
     """The deployed model on the test data, without recording a score (the report only reads)."""
     return _TestResults(
@@ -442,54 +449,90 @@ def _wrapped(label: str, names: list[str], width: int = 96) -> list[str]:
 # --- Figures -----------------------------------------------------------------------------------
 
 
+def _confusion_matrix(test: _TestResults) -> np.ndarray:
+    """Counts of [actual][predicted], class 0 (stayed) first."""
+    cells = np.bincount(2 * test.truth.astype(int) + test.predictions.astype(int), minlength=4)
+    return cells.reshape(2, 2)
+
+
+def _confusion_matrix_title(test: _TestResults, version: str) -> str:
+    threshold = "" if test.threshold is None else f", threshold {test.threshold:.3f}"
+    return (
+        f"Confusion matrix on the test data ({len(test.truth):,} rows{threshold})\n"
+        f"model {version}"
+    )
+
+
 def _confusion_matrix_figure(test: _TestResults, version: str) -> Figure:
-    figure = Figure(figsize=(5.5, 4.8), layout="constrained")
-    _draw_confusion_matrix(figure.add_subplot(), test, version)
-    return figure
-
-
-def _draw_confusion_matrix(ax: Axes, test: _TestResults, version: str) -> None:
-    matrix = confusion_matrix(test.truth, test.predictions, labels=[0, 1])
+    # Fixed positions rather than a layout engine: constrained layout doubles the drawing time.
+    figure = Figure(figsize=(5.5, 4.8))
+    ax = figure.add_axes((0.27, 0.13, 0.66, 0.72))
+    matrix = _confusion_matrix(test)
     ax.imshow(matrix, cmap="Blues", vmin=0)
     for (actual, predicted), count in np.ndenumerate(matrix):
-        row_total = matrix[actual].sum()
-        share = f"{count / row_total:.0%} of actual" if row_total else ""
         ax.text(
-            predicted, actual, f"{count:,}\n{share}", ha="center", va="center", fontsize=11,
+            predicted, actual, f"{count:,}\n{_share_of_actual(matrix, actual, predicted)}",
+            ha="center", va="center", fontsize=11,
             color="white" if count > matrix.max() / 2 else "black",
         )
     ax.set_xticks([0, 1], labels=CLASS_LABELS)
     ax.set_yticks([0, 1], labels=CLASS_LABELS)
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")
-    threshold = "" if test.threshold is None else f", threshold {test.threshold:.3f}"
-    ax.set_title(
-        f"Confusion matrix on the test data ({len(test.truth):,} rows{threshold})\n"
-        f"model {version}",
-        fontsize=9,
-    )
+    ax.set_title(_confusion_matrix_title(test, version), fontsize=9)
+    return figure
+
+
+def _share_of_actual(matrix: np.ndarray, actual: int, predicted: int) -> str:
+    row_total = matrix[actual].sum()
+    return f"{matrix[actual, predicted] / row_total:.0%} of actual" if row_total else ""
+
+
+def _confusion_matrix_lines(test: _TestResults) -> list[str]:
+    """The confusion matrix as a table of text (the PNG beside the report draws it)."""
+    matrix = _confusion_matrix(test)
+    width = max(len(label) for label in CLASS_LABELS) + 2
+    lines = [f"{'actual / predicted':<20}" + "".join(f"{c:>{width + 16}}" for c in CLASS_LABELS)]
+    for actual, label in enumerate(CLASS_LABELS):
+        cells = "".join(
+            f"{f'{matrix[actual, p]:,} ({_share_of_actual(matrix, actual, p)})':>{width + 16}}"
+            for p in (0, 1)
+        )
+        lines.append(f"{label:<20}{cells}")
+    return lines
 
 
 def _curves_figure(test: _TestResults, version: str) -> Figure:
-    # Fixed positions rather than a layout engine: the report is drawn every cycle, and
-    # constrained layout would double the time it takes.
+    """The confusion matrix as a table, and the ROC and precision-recall curves.
+
+    The matrix is printed, not drawn: confusionmatrix.png draws it, and every axes drawn costs the
+    report about a tenth of a second. Fixed positions rather than a layout engine, which would
+    double the drawing time.
+    """
     figure = Figure(figsize=A4_PORTRAIT)
     figure.suptitle("Confusion matrix, ROC and precision-recall curves", fontsize=15,
                     weight="bold", y=0.975)
-    _draw_confusion_matrix(figure.add_axes((0.22, 0.53, 0.6, 0.36)), test, version)
-    roc_ax = figure.add_axes((0.09, 0.08, 0.37, 0.33))
-    pr_ax = figure.add_axes((0.59, 0.08, 0.37, 0.33))
+    y = 0.92
+    for number, line in enumerate(
+        [*_confusion_matrix_title(test, version).splitlines(), "", *_confusion_matrix_lines(test)]
+    ):
+        figure.text(0.09, y, line, fontsize=9 if number < 2 else TEXT_SIZE + 1.5,
+                    family="sans-serif" if number < 2 else "monospace", va="top")
+        y -= 0.018
+    roc_ax = figure.add_axes((0.09, 0.36, 0.37, 0.33))
+    pr_ax = figure.add_axes((0.59, 0.36, 0.37, 0.33))
     if test.metrics.roc_auc is None:
         for ax in (roc_ax, pr_ax):
             ax.text(0.5, 0.5, "the test data holds one class only", ha="center", va="center")
             ax.set_axis_off()
         return figure
-    false_positive_rate, true_positive_rate, _ = roc_curve(test.truth, test.probabilities)
+    false_positive_rate, true_positive_rate, precision, recall = _curve_points(
+        test.truth, test.probabilities
+    )
     roc_ax.plot(false_positive_rate, true_positive_rate, label=f"AUC {test.metrics.roc_auc:.3f}")
     roc_ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")
     roc_ax.set(title="ROC curve", xlabel="false positive rate", ylabel="true positive rate")
     roc_ax.legend(loc="lower right", fontsize=8)
-    precision, recall, _ = precision_recall_curve(test.truth, test.probabilities)
     pr_ax.plot(recall, precision, label="model")
     pr_ax.axhline(test.metrics.leaver_share, linestyle="--", color="grey", label="chance")
     pr_ax.plot(
@@ -501,18 +544,55 @@ def _curves_figure(test: _TestResults, version: str) -> Figure:
     return figure
 
 
+# A curve drawn at more points than this looks the same on a page and takes longer to draw.
+CURVE_POINTS = 1000
+
+
+def _curve_points(
+    truth: np.ndarray, probabilities: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """False and true positive rates, precision and recall, with each distinct probability taken
+    as the threshold (highest first), as scikit-learn's roc_curve and precision_recall_curve
+    give them; at most CURVE_POINTS of them, evenly spread."""
+    order = np.argsort(-np.asarray(probabilities, dtype="float64"), kind="stable")
+    ranked_truth = np.asarray(truth, dtype=int)[order]
+    ranked = np.asarray(probabilities, dtype="float64")[order]
+    # The last row of each run of equal probabilities: one threshold per distinct value.
+    ends = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]
+    if len(ends) > CURVE_POINTS:
+        ends = ends[np.unique(np.linspace(0, len(ends) - 1, CURVE_POINTS).round().astype(int))]
+    true_positives = np.cumsum(ranked_truth)[ends]
+    false_positives = ends + 1 - true_positives
+    positives, negatives = ranked_truth.sum(), len(ranked_truth) - ranked_truth.sum()
+    false_positive_rate = np.r_[0.0, false_positives / negatives]
+    true_positive_rate = np.r_[0.0, true_positives / positives]
+    precision = np.r_[1.0, true_positives / (true_positives + false_positives)]
+    recall = np.r_[0.0, true_positives / positives]
+    return false_positive_rate, true_positive_rate, precision, recall
+
+
 def _trends_figure(settings: Settings) -> Figure:
+    """Three panels: how well, what the data looks like, how long; each over earlier runs.
+
+    Related trends share a panel (F1 with ROC AUC, leavers with missing cells): each panel drawn
+    costs the report about a tenth of a second.
+    """
     trends = _trend_series(settings)
     figure = Figure(figsize=A4_PORTRAIT)
     figure.suptitle("Trends over earlier runs", fontsize=15, weight="bold", y=0.975)
-    axes = figure.subplots(5, 1, gridspec_kw={
-        "left": 0.1, "right": 0.96, "top": 0.92, "bottom": 0.05, "hspace": 0.55,
+    axes = figure.subplots(3, 1, gridspec_kw={
+        "left": 0.1, "right": 0.96, "top": 0.92, "bottom": 0.05, "hspace": 0.3,
     })
     plots = [
-        ("F1 of recorded scores, by purpose", "F1", trends["f1"]),
-        ("ROC AUC of recorded scores, by purpose", "ROC AUC", trends["roc_auc"]),
-        ("Share of leavers", "share", trends["leavers"]),
-        ("Missing data (mean over columns)", "% of cells", trends["missing"]),
+        ("F1 and ROC AUC of recorded scores, by purpose", "F1, ROC AUC", {
+            **{f"F1 {purpose}": points for purpose, points in trends["f1"].items()},
+            **{f"ROC AUC {purpose}": points for purpose, points in trends["roc_auc"].items()},
+        }),
+        ("Share of leavers, and of missing data (mean over columns)", "share", {
+            **{f"leavers, {label}": points for label, points in trends["leavers"].items()},
+            **{label: [(time, percent / 100) for time, percent in points]
+               for label, points in trends["missing"].items()},
+        }),
         ("Stage timings", "seconds", trends["timings"]),
     ]
     for ax, (title, unit, series) in zip(axes, plots, strict=True):
@@ -576,12 +656,15 @@ def _draw_trend(ax: Axes, title: str, unit: str, series: Series) -> None:
         # A single run (or a burst of them) would otherwise sit in years of empty axis.
         middle = min(times) + (max(times) - min(times)) / 2
         ax.set_xlim(middle - timedelta(hours=1), middle + timedelta(hours=1))
-    locator = mdates.AutoDateLocator()
+    # A few ticks and a fixed legend: each tick is drawn as several objects, and loc="best" tries
+    # every position against every point.
+    locator = mdates.AutoDateLocator(minticks=3, maxticks=7)
     ax.xaxis.set_major_locator(locator)
     ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+    ax.yaxis.set_major_locator(MaxNLocator(5))
     ax.set_ylabel(unit, fontsize=8)
     ax.tick_params(labelsize=7)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", ncols=2, framealpha=0.7)
     ax.grid(alpha=0.3)
 
 

@@ -119,10 +119,10 @@ REPORT_SECTIONS = [
     "Top of the risk list",
     "since the previous release",
     "Trends over earlier runs",
-    "F1 of recorded scores",
+    "F1 and ROC AUC of recorded scores",
     "ROC AUC of recorded scores",
     "Share of leavers",
-    "Missing data (mean over columns)",
+    "missing data (mean over columns)",
 ]
 
 
