@@ -59,6 +59,22 @@ A4_PORTRAIT = (8.27, 11.69)  # inches
 TEXT_SIZE = 7.5
 LINE_HEIGHT = 0.0125  # of the page height, for TEXT_SIZE monospace lines
 CLASS_LABELS = ("stayed (0)", "left (1)")
+HEADING_SIZE = 11
+TITLE_SIZE = 15
+# The PDF's 14 standard fonts need no glyphs embedded: text pages render several times faster and
+# every PDF reader has them. Few sizes: matplotlib looks a font up anew (a few hundredths of a
+# second) for every combination of family, weight and size it meets.
+PDF_STYLE = {
+    "pdf.use14corefonts": True,
+    "font.size": TEXT_SIZE,
+    "axes.titlesize": 10,
+    "axes.labelsize": TEXT_SIZE,
+    "xtick.labelsize": TEXT_SIZE,
+    "ytick.labelsize": TEXT_SIZE,
+    "legend.fontsize": TEXT_SIZE,
+    "figure.titlesize": TITLE_SIZE,
+    "figure.titleweight": "bold",
+}
 
 
 # --- The risk list -----------------------------------------------------------------------------
@@ -275,11 +291,10 @@ def _write_pdf(
         # Dated by the release, not by the clock, so that an unchanged report has unchanged bytes.
         "CreationDate": datetime.fromisoformat(release.created_at),
     }
-    # The PDF's 14 standard fonts need no glyphs embedded: text pages render several times faster
-    # and every PDF reader has them. Their metrics name the regular weight "medium", which makes
-    # matplotlib's font lookup warn on every line; the fallback it takes is the right font.
+    # The standard fonts' metrics name the regular weight "medium", which makes matplotlib's font
+    # lookup warn on every line; the fallback it takes is the right font.
     logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
-    with matplotlib.rc_context({"pdf.use14corefonts": True}), PdfPages(
+    with matplotlib.rc_context(PDF_STYLE), PdfPages(
         path, metadata=pdf_metadata
     ) as pdf:
         _TextPages(pdf, "Attrition risk report").write(
@@ -313,7 +328,7 @@ class _TextPages:
         for heading, lines in sections:
             # A heading never ends a page alone.
             self._make_room(3 * LINE_HEIGHT)
-            self._put(heading, size=11, weight="bold", family="sans-serif", height=2 * LINE_HEIGHT)
+            self._put(heading, size=HEADING_SIZE, weight="bold", family="sans-serif", height=2 * LINE_HEIGHT)
             for line in lines:
                 self._make_room(LINE_HEIGHT)
                 self._put(line, size=TEXT_SIZE, weight="normal", family="monospace",
@@ -327,7 +342,7 @@ class _TextPages:
             self.figure = Figure(figsize=A4_PORTRAIT)
             self.pages += 1
             title = self.title if self.pages == 1 else f"{self.title} (continued)"
-            self.figure.text(self.LEFT, 0.965, title, fontsize=15, weight="bold", va="top")
+            self.figure.text(self.LEFT, 0.965, title, fontsize=TITLE_SIZE, weight="bold", va="top")
             self.y = self.TOP
 
     def _put(self, text: str, *, size: float, weight: str, family: str, height: float) -> None:
@@ -510,17 +525,19 @@ def _curves_figure(test: _TestResults, version: str) -> Figure:
     double the drawing time.
     """
     figure = Figure(figsize=A4_PORTRAIT)
-    figure.suptitle("Confusion matrix, ROC and precision-recall curves", fontsize=15,
-                    weight="bold", y=0.975)
+    figure.suptitle("Confusion matrix, ROC and precision-recall curves", y=0.975)
     y = 0.92
-    for number, line in enumerate(
-        [*_confusion_matrix_title(test, version).splitlines(), "", *_confusion_matrix_lines(test)]
-    ):
-        figure.text(0.09, y, line, fontsize=9 if number < 2 else TEXT_SIZE + 1.5,
-                    family="sans-serif" if number < 2 else "monospace", va="top")
-        y -= 0.018
-    roc_ax = figure.add_axes((0.09, 0.36, 0.37, 0.33))
-    pr_ax = figure.add_axes((0.59, 0.36, 0.37, 0.33))
+    for line in _confusion_matrix_title(test, version).splitlines():
+        figure.text(0.09, y, line, fontsize=10, va="top")
+        y -= 2 * LINE_HEIGHT
+    for line in _confusion_matrix_lines(test):
+        y -= LINE_HEIGHT
+        figure.text(0.09, y, line, family="monospace", va="top")
+    roc_ax = figure.add_axes((0.09, 0.4, 0.37, 0.3))
+    pr_ax = figure.add_axes((0.59, 0.4, 0.37, 0.3))
+    for ax in (roc_ax, pr_ax):  # few ticks: each is several objects to lay out and draw
+        ax.set_xticks([0, 0.25, 0.5, 0.75, 1])
+        ax.set_yticks([0, 0.25, 0.5, 0.75, 1])
     if test.metrics.roc_auc is None:
         for ax in (roc_ax, pr_ax):
             ax.text(0.5, 0.5, "the test data holds one class only", ha="center", va="center")
@@ -532,7 +549,7 @@ def _curves_figure(test: _TestResults, version: str) -> Figure:
     roc_ax.plot(false_positive_rate, true_positive_rate, label=f"AUC {test.metrics.roc_auc:.3f}")
     roc_ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")
     roc_ax.set(title="ROC curve", xlabel="false positive rate", ylabel="true positive rate")
-    roc_ax.legend(loc="lower right", fontsize=8)
+    roc_ax.legend(loc="lower right")
     pr_ax.plot(recall, precision, label="model")
     pr_ax.axhline(test.metrics.leaver_share, linestyle="--", color="grey", label="chance")
     pr_ax.plot(
@@ -540,7 +557,7 @@ def _curves_figure(test: _TestResults, version: str) -> Figure:
         label=f"threshold (F1 {test.metrics.f1:.3f})",
     )
     pr_ax.set(title="Precision-recall curve", xlabel="recall", ylabel="precision", ylim=(0, 1.02))
-    pr_ax.legend(loc="upper right", fontsize=8)
+    pr_ax.legend(loc="upper right")
     return figure
 
 
@@ -572,25 +589,23 @@ def _curve_points(
 
 
 def _trends_figure(settings: Settings) -> Figure:
-    """Three panels: how well, what the data looks like, how long; each over earlier runs.
+    """Two panels over earlier runs: measures and shares (all between 0 and 1), and stage timings.
 
-    Related trends share a panel (F1 with ROC AUC, leavers with missing cells): each panel drawn
-    costs the report about a tenth of a second.
+    The trends share panels because each panel drawn costs the report about a tenth of a second.
     """
     trends = _trend_series(settings)
     figure = Figure(figsize=A4_PORTRAIT)
-    figure.suptitle("Trends over earlier runs", fontsize=15, weight="bold", y=0.975)
-    axes = figure.subplots(3, 1, gridspec_kw={
-        "left": 0.1, "right": 0.96, "top": 0.92, "bottom": 0.05, "hspace": 0.3,
+    figure.suptitle("Trends over earlier runs", y=0.975)
+    axes = figure.subplots(2, 1, gridspec_kw={
+        "left": 0.1, "right": 0.96, "top": 0.92, "bottom": 0.05, "hspace": 0.2,
     })
     plots = [
-        ("F1 and ROC AUC of recorded scores, by purpose", "F1, ROC AUC", {
+        ("F1 and ROC AUC of recorded scores, by purpose; share of leavers and of missing data "
+         "(mean over columns)", "F1, ROC AUC, share", {
             **{f"F1 {purpose}": points for purpose, points in trends["f1"].items()},
             **{f"ROC AUC {purpose}": points for purpose, points in trends["roc_auc"].items()},
-        }),
-        ("Share of leavers, and of missing data (mean over columns)", "share", {
-            **{f"leavers, {label}": points for label, points in trends["leavers"].items()},
-            **{label: [(time, percent / 100) for time, percent in points]
+            **{f"share of leavers, {label}": points for label, points in trends["leavers"].items()},
+            **{f"share of {label}": [(time, percent / 100) for time, percent in points]
                for label, points in trends["missing"].items()},
         }),
         ("Stage timings", "seconds", trends["timings"]),
@@ -641,7 +656,7 @@ def _trend_series(settings: Settings) -> dict[str, Series]:
 
 
 def _draw_trend(ax: Axes, title: str, unit: str, series: Series) -> None:
-    ax.set_title(title, fontsize=10, loc="left")
+    ax.set_title(title, loc="left")
     if not series:
         ax.text(0.5, 0.5, "no runs recorded yet", ha="center", va="center", transform=ax.transAxes)
         ax.set_xticks([])
@@ -658,13 +673,12 @@ def _draw_trend(ax: Axes, title: str, unit: str, series: Series) -> None:
         ax.set_xlim(middle - timedelta(hours=1), middle + timedelta(hours=1))
     # A few ticks and a fixed legend: each tick is drawn as several objects, and loc="best" tries
     # every position against every point.
-    locator = mdates.AutoDateLocator(minticks=3, maxticks=7)
+    locator = mdates.AutoDateLocator(minticks=3, maxticks=6)
     ax.xaxis.set_major_locator(locator)
     ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
     ax.yaxis.set_major_locator(MaxNLocator(5))
-    ax.set_ylabel(unit, fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.legend(fontsize=7, loc="upper left", ncols=2, framealpha=0.7)
+    ax.set_ylabel(unit)
+    ax.legend(loc="upper left", ncols=3, framealpha=0.7)
     ax.grid(alpha=0.3)
 
 

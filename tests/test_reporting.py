@@ -120,8 +120,8 @@ REPORT_SECTIONS = [
     "since the previous release",
     "Trends over earlier runs",
     "F1 and ROC AUC of recorded scores",
+    "share of leavers",
     "ROC AUC of recorded scores",
-    "Share of leavers",
     "missing data (mean over columns)",
 ]
 
