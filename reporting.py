@@ -12,6 +12,7 @@ new gives identical files.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import sys
@@ -102,14 +103,47 @@ def _rank_clients(settings: Settings, model: ServedModel, version: str) -> pd.Da
         probability=prediction.probabilities,
         **{f"predicted_{schema.target}": prediction.predictions},
     )
-    # Ties go by client id, so the order never depends on the order rows happened to arrive in.
-    table = table.sort_values(
-        ["probability", *ids], ascending=[False] + [True] * len(ids), kind="stable",
-        ignore_index=True,
-    )
+    table = table.take(_risk_order(table, ids)).reset_index(drop=True)
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     table["model_version"] = version
     return table
+
+
+def _risk_order(table: pd.DataFrame, ids: list[str]) -> np.ndarray:
+    """Row order by probability, highest first; equal probabilities by client id.
+
+    Ties go by client id, so the order never depends on the order rows happened to arrive in.
+    Sorting a million rows by probability and id together takes seconds (the ids are text);
+    sorting by probability alone, then only the tied rows by id, gives the same order.
+    """
+    probabilities = table["probability"].to_numpy(dtype="float64")
+    order = np.argsort(-probabilities, kind="stable")
+    ranked = probabilities[order]
+    same = ranked[1:] == ranked[:-1]
+    tied = np.flatnonzero(np.r_[same, False] | np.r_[False, same])
+    if tied.size:
+        rows = table.iloc[order[tied]][ids].assign(_probability=ranked[tied], _row=order[tied])
+        rows = rows.sort_values(["_probability", *ids], ascending=[False] + [True] * len(ids),
+                                kind="stable")
+        order[tied] = rows["_row"].to_numpy()
+    return order
+
+
+def write_risk_list(path: Path, risk: pd.DataFrame) -> None:
+    """Write the risk list as CSV, probabilities to six decimals.
+
+    The same bytes as risk.to_csv(path, index=False, float_format="%.6f"), in half the time:
+    pandas formats each float through Python anyway.
+    """
+    columns = [
+        [f"{value:.6f}" for value in risk[name].tolist()] if risk[name].dtype.kind == "f"
+        else risk[name].tolist()
+        for name in risk.columns
+    ]
+    with open(path, "w", newline="", encoding="utf-8") as csv_file:
+        writer = csv.writer(csv_file, lineterminator="\n")
+        writer.writerow(risk.columns)
+        writer.writerows(zip(*columns, strict=True))
 
 
 @dataclass(frozen=True)
@@ -232,10 +266,7 @@ def build_report(settings: Settings) -> ReportResult:
         diagnostics = run_diagnostics(settings)
 
     risk = _rank_clients(settings, model, release.version)
-    atomicio.write_with(
-        settings.risk_scores_path,
-        lambda path: risk.to_csv(path, index=False, float_format="%.6f"),
-    )
+    atomicio.write_with(settings.risk_scores_path, lambda path: write_risk_list(path, risk))
     top_ids = client_ids(risk.head(settings.diagnostics.risk_top_n), settings.schema)
     top_group = _update_top_groups(settings, release.version, top_ids)
 

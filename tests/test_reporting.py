@@ -216,3 +216,11 @@ def test_report_names_clients_who_entered_or_left_the_top_group(deployed):
 def test_report_without_a_deployed_model_says_so(workspace):
     with pytest.raises(ModelNotDeployedError):
         reporting.build_report(workspace)
+
+
+def test_risk_list_file_holds_what_pandas_would_write(deployed, tmp_path):
+    risk = reporting.risk_scores(deployed)
+
+    reporting.write_risk_list(tmp_path / "riskscores.csv", risk)
+
+    assert (tmp_path / "riskscores.csv").read_text() == risk.to_csv(index=False, float_format="%.6f")
