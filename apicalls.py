@@ -1,9 +1,10 @@
 """API calls: call every endpoint of the running API and save what came back in apireturns.txt.
 
 The API's address comes from --url, else $RISK_API_URL, else api.base_url in config.json (default
-http://127.0.0.1:8000). When the token variable (api.token_env_var, default $RISK_API_TOKEN) is set,
-it is sent as a bearer token. Every answer is saved, failures included; the exit code is 2 when an
-endpoint failed or the API could not be reached, and the message names the endpoint.
+http://127.0.0.1:8000). The API token, from the token variable (api.token_env_var, default
+$RISK_API_TOKEN) or else api.token_file, is sent as a bearer token. Every answer is saved,
+failures included; the exit code is 2 when an endpoint failed or the API could not be reached, and
+the message names the endpoint.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import requests
 import atomicio
 import records
 from errors import ConfigError, PipelineError, run_cli
-from settings import Settings, add_config_argument, load_settings
+from settings import Settings, add_config_argument, api_token, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +168,8 @@ def resolve_base_url(settings: Settings, url: str | None) -> str:
 
 
 def token_from_environment(settings: Settings) -> str | None:
-    """The API token, when the environment sets one."""
-    return os.environ.get(settings.api.token_env_var) or None
+    """The API token the server uses: its variable, else api.token_file; None for neither."""
+    return api_token(settings)
 
 
 def endpoint_calls(settings: Settings) -> list[Call]:
@@ -182,6 +183,9 @@ def endpoint_calls(settings: Settings) -> list[Call]:
         Call("GET", "/diagnostics"),
         Call("GET", "/risk"),
         Call("GET", "/report"),
+        Call("GET", "/ping"),
+        invocations_call(settings),
+        Call("GET", "/metrics"),
     ]
 
 
@@ -195,6 +199,12 @@ def prediction_call(settings: Settings) -> Call:
         return Call("POST", "/prediction", data=test_file.read_bytes(),
                     headers={"Content-Type": "text/csv"})
     return Call("POST", "/prediction", json_body={"filepath": relative})
+
+
+def invocations_call(settings: Settings) -> Call:
+    """POST /invocations, MLflow's scoring protocol, with the test data as CSV."""
+    return Call("POST", "/invocations", data=settings.test_data_files()[0].read_bytes(),
+                headers={"Content-Type": "text/csv"})
 
 
 def call_endpoints(

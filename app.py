@@ -10,8 +10,10 @@ Shaped like Flask's tutorial app. Where things are:
   our errors; werkzeug's own (unknown route, wrong method, body over the limit, no token) answer
   JSON too.
 - Below the routes: the error handlers and the token check; prediction input (`prediction_frame`
-  and its helpers); per-app state (`ApiState`: `DeployedModel`, the `KeyedCache`s and what they
-  compute); query arguments.
+  and its helpers, the file names course clients send, MLflow's scoring input); per-app state
+  (`ApiState`: `DeployedModel`, the `KeyedCache`s and what they compute); metrics (Prometheus,
+  counted across gunicorn's worker processes); query arguments; serving (`python app.py` starts
+  gunicorn, never a debug server).
 
 Each process keeps the deployed model in memory and checks production's manifest (one stat) on every
 request that needs it, so a new release is served on the next request without a restart. A GET never
@@ -21,24 +23,35 @@ reads stage timings from the records and never re-runs a stage in a web worker.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import errno
+import fcntl
 import hmac
 import io
 import json
 import logging
 import os
+import re
+import stat
+import sys
 import threading
-from collections.abc import Callable, Hashable
+import time
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, NamedTuple
 
 import pandas as pd
-from flask import Blueprint, Flask, Response, current_app, jsonify, request, send_file
-from werkzeug.datastructures import WWWAuthenticate
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, send_file
+from gunicorn.app.base import BaseApplication
+from werkzeug.datastructures import MultiDict, WWWAuthenticate
 from werkzeug.exceptions import HTTPException, Unauthorized
 
 import deployment
 import diagnostics
+import records
 from dataset import read_csv, validate_frame
 from errors import (
     ConfigError,
@@ -51,9 +64,18 @@ from errors import (
     ModelNotFoundError,
     PipelineError,
     UnsupportedInput,
+    run_cli,
 )
-from scoring import ServedModel, evaluate, load_deployed, predict_frame, read_test_data
-from settings import Schema, Settings, load_settings
+from scoring import (
+    LinearScorer,
+    ServedModel,
+    evaluate,
+    linear_scorer,
+    load_deployed,
+    predict_frame,
+    read_test_data,
+)
+from settings import ApiSettings, Schema, Settings, add_config_argument, api_token, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +92,26 @@ ERROR_STATUS: dict[type[PipelineError], int] = {
     DeploymentError: 503,
 }
 EXTENSION = "risk"  # the app.extensions key of an app's ApiState
-OPEN_ENDPOINTS = {"api.health"}  # answered without the token
+OPEN_ENDPOINTS = {"api.health", "api.ping"}  # answered without the token
 CSV_TYPES = ("text/csv", "application/csv")
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+# The names course clients give the data file, as a JSON key, form field or query parameter.
+FILE_KEYS = ("filepath", "data_file", "filename", "file", "data_loc", "path")
 ACCEPTED_INPUT = (
     'send {"filepath": "testdata/testdata.csv"} or {"records": [{...}, ...]} as JSON, '
-    "a CSV body with Content-Type text/csv, or a filepath form field or query parameter"
+    "a CSV body with Content-Type text/csv, or a filepath form field or query parameter "
+    f"(or {', '.join(FILE_KEYS[1:])} in place of filepath)"
 )
+# No file name of ours is this long; a longer one would only reach the OS to fail there.
+MAX_FILE_NAME_CHARS = 1024
+# MLflow's scoring server takes exactly one of these JSON keys (POST /invocations).
+MLFLOW_INPUT_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
+MLFLOW_ACCEPTED_INPUT = (
+    f"send JSON with exactly one of {', '.join(MLFLOW_INPUT_KEYS)}, or a CSV body with "
+    "Content-Type text/csv, as MLflow's scoring server takes"
+)
+# What MLflow's clients read in an error answer besides our "error": its error_code names.
+MLFLOW_ERROR_CODES = {503: "TEMPORARILY_UNAVAILABLE", 500: "INTERNAL_ERROR"}
 DEFAULT_RISK_TOP = 10
 # An error message quotes what it found (a header, a value); a junk request must not echo megabytes.
 MAX_ERROR_CHARS = 2000
@@ -85,19 +120,25 @@ bp = Blueprint("api", __name__)
 
 
 def create_app(settings: Settings | None = None) -> Flask:
-    """Build the API for a workspace (default: config.json, or the one $RISK_CONFIG names)."""
+    """Build the API for a workspace (default: config.json, or the one $RISK_CONFIG names).
+
+    Raises ConfigError for a token that is set but empty or a token file others can read, so a
+    server never starts open by mistake.
+    """
     settings = settings or load_settings()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.api.max_request_bytes
     app.json.sort_keys = False  # metrics read best in the order they are computed
     app.extensions[EXTENSION] = ApiState(
         settings=settings,
-        token=os.environ.get(settings.api.token_env_var) or None,
+        token=api_token(settings),
         models=DeployedModel(settings),
     )
     app.register_error_handler(PipelineError, pipeline_error)
     app.register_error_handler(HTTPException, http_error)
+    app.before_request(start_request_timer)
     app.before_request(require_token)
+    app.after_request(count_request)
     app.register_blueprint(bp)
     return app
 
@@ -124,13 +165,18 @@ def ready() -> Response:
     )
 
 
-@bp.post("/prediction")
+@bp.route("/prediction", methods=["GET", "POST"])
 def prediction() -> Response:
+    """Predictions for the rows sent or named; GET takes a file name (it reads, never writes)."""
     api = state()
     loaded = api.models.get()
     frame = prediction_frame(api.settings)
     result = predict_frame(loaded.model, loaded.release.version, frame, api.settings.schema)
-    return jsonify(result.as_dict())
+    answer = result.as_dict()
+    answer["unseen_categories"] = unseen_categories(loaded.model, frame, api.settings.schema)
+    if "resolved_path" in g:
+        answer["resolved_path"] = g.resolved_path
+    return jsonify(answer)
 
 
 @bp.get("/scoring")
@@ -199,6 +245,34 @@ def report() -> Response:
         raise DataNotReady("no report yet: run reporting.py (or fullprocess.py)") from None
 
 
+@bp.post("/invocations")
+def invocations() -> Response:
+    """MLflow's scoring protocol, so clients written for an MLflow-served model call ours unchanged.
+
+    The answer is {"predictions": [...]}, the class of each row (1 = leaves), which is what MLflow
+    serves for a scikit-learn classifier logged with its default pyfunc_predict_fn="predict".
+    """
+    api = state()
+    loaded = api.models.get()
+    frame = invocation_frame(api.settings.schema)
+    result = predict_frame(loaded.model, loaded.release.version, frame, api.settings.schema)
+    return jsonify(predictions=result.predictions)
+
+
+@bp.get("/ping")
+def ping() -> Response:
+    """MLflow's health check: 200 and a newline, as its scoring server answers."""
+    return Response("\n", mimetype="application/json")
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    """Prometheus' text format: requests of every worker, the served release, the last cycle."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    return Response(generate_latest(scrape_registry(state())), content_type=CONTENT_TYPE_LATEST)
+
+
 # --- Errors and the token ----------------------------------------------------------------------
 
 
@@ -213,15 +287,16 @@ def status_for(error: PipelineError) -> int:
 def pipeline_error(error: PipelineError) -> tuple[Response, int]:
     status = status_for(error)
     message = str(error)
+    log.log(logging.INFO if status < 500 else logging.ERROR, "%s: %s", request.path, message)
+    message = public_message(message, state().settings)
     if len(message) > MAX_ERROR_CHARS:
         message = message[:MAX_ERROR_CHARS] + " [...]"
-    log.log(logging.INFO if status < 500 else logging.ERROR, "%s: %s", request.path, message)
-    return jsonify(error=message), status
+    return jsonify(error_body(message, status)), status
 
 
 def http_error(error: HTTPException) -> Response:
     """Werkzeug's own errors (unknown route, wrong method, body over the limit) as JSON too."""
-    response = jsonify(error=error.description or error.name)
+    response = jsonify(error_body(error.description or error.name, error.code or 500))
     response.status_code = error.code or 500
     for name, value in error.get_headers():
         if name.lower() != "content-type":
@@ -229,13 +304,42 @@ def http_error(error: HTTPException) -> Response:
     return response
 
 
+def error_body(message: str, status: int) -> dict[str, str]:
+    """{"error": message}; for POST /invocations also MLflow's error_code and message."""
+    body = {"error": message}
+    if request.endpoint == "api.invocations":
+        code = MLFLOW_ERROR_CODES.get(status, "BAD_REQUEST" if status < 500 else "INTERNAL_ERROR")
+        body.update(error_code=code, message=message)
+    return body
+
+
+# An absolute path of two or more parts, not part of a URL or of a relative name.
+ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])/(?:[^\s'\"/,;()]+/)+[^\s'\",;()]*")
+
+
+def public_message(message: str, settings: Settings) -> str:
+    """A message without the server's absolute paths: project paths relative, others by name.
+
+    Messages from the pipeline's modules name files as a person at the server wants them; a
+    client learns nothing from the server's folders and should not be told them.
+    """
+    def shorter(match: re.Match) -> str:
+        text = match.group(0)
+        trailing = text[len(text.rstrip(".:")):]
+        return relative_name(Path(text.rstrip(".:")), settings) + trailing
+
+    return ABSOLUTE_PATH.sub(shorter, message)
+
+
 def require_token() -> None:
-    """When the server started with a token, every request but /health must bring it."""
+    """When the server started with a token, every request but /health and /ping must bring it."""
     api = state()
     if api.token and request.endpoint not in OPEN_ENDPOINTS and not bearer_token_matches(api.token):
+        source = f"${api.settings.api.token_env_var}"
+        if api.settings.api.token_file:
+            source += " or api.token_file"
         raise Unauthorized(
-            f"send the API token from ${api.settings.api.token_env_var} as "
-            "'Authorization: Bearer TOKEN'",
+            f"send the API token (from {source}) as 'Authorization: Bearer TOKEN'",
             www_authenticate=WWWAuthenticate("bearer"),
         )
 
@@ -252,11 +356,15 @@ def bearer_token_matches(token: str) -> bool:
 
 
 def prediction_frame(settings: Settings) -> pd.DataFrame:
-    """The rows to predict, validated, from whichever accepted form the request uses."""
-    query_path = request.args.get("filepath")
+    """The rows to predict, validated, from whichever accepted form the request uses.
+
+    A data file named by a query parameter, a JSON key or a form field (any one of FILE_KEYS);
+    JSON records; or a CSV body. The relative name of a named file is kept in g.resolved_path.
+    """
+    query_path = file_argument(request.args, "query parameters")
     body = request_body()
     if query_path is not None and body.strip():
-        raise DataError("send the input in the body or as ?filepath=, not both")
+        raise DataError("send the input in the body or as a query parameter, not both")
     if query_path is not None:
         return frame_from_file(query_path, settings)
     if not body.strip():
@@ -266,15 +374,31 @@ def prediction_frame(settings: Settings) -> pd.DataFrame:
     if request.mimetype in CSV_TYPES:
         return frame_from_csv(io.BytesIO(body), settings.schema, source="request body")
     if request.mimetype in FORM_TYPES:
-        if "filepath" not in request.form:
+        form_path = file_argument(request.form, "form fields")
+        if form_path is None:
             raise DataError(
-                "the form has no filepath field (sending JSON? add the header "
-                "'Content-Type: application/json')"
+                f"the form has no filepath field (or {', '.join(FILE_KEYS[1:])}; sending JSON? "
+                "add the header 'Content-Type: application/json')"
             )
-        return frame_from_file(request.form["filepath"], settings)
+        return frame_from_file(form_path, settings)
     raise UnsupportedInput(
         f"cannot read a body of type {request.mimetype or 'unknown'}: {ACCEPTED_INPUT}"
     )
+
+
+def file_argument(values: MultiDict, where: str) -> str | None:
+    """The one file name among query parameters or form fields; None if none names a file."""
+    present = [key for key in FILE_KEYS if key in values]
+    if not present:
+        return None
+    if len(present) > 1:
+        raise DataError(
+            f"the {where} name a file twice ({', '.join(present)}): send one of them"
+        )
+    names = values.getlist(present[0])
+    if len(names) > 1:
+        raise DataError(f"{present[0]} is given {len(names)} times in the {where}: send it once")
+    return names[0]
 
 
 def request_body() -> bytes:
@@ -291,88 +415,174 @@ def request_body() -> bytes:
     return body
 
 
-def frame_from_json(body: bytes, settings: Settings) -> pd.DataFrame:
+def parse_json(body: bytes) -> Any:
     try:
-        payload = json.loads(body)
+        return json.loads(body)
+    except RecursionError:
+        # The standard parser recurses once per level; thousands of '[' exhaust the stack.
+        raise DataError("the JSON body is nested too deeply to be rows of data") from None
     except ValueError as error:
         raise DataError(f"the request body is not valid JSON: {error}") from None
-    if not isinstance(payload, dict) or len({"filepath", "records"} & set(payload)) != 1:
-        raise DataError(f"unexpected JSON body: {ACCEPTED_INPUT}")
-    if "records" in payload:
+
+
+def frame_from_json(body: bytes, settings: Settings) -> pd.DataFrame:
+    payload = parse_json(body)
+    keys = ("records", *FILE_KEYS)
+    inputs = [key for key in keys if isinstance(payload, dict) and key in payload]
+    if len(inputs) != 1:
+        found = f" (it has {', '.join(inputs)}; send one)" if inputs else ""
+        raise DataError(f"unexpected JSON body{found}: {ACCEPTED_INPUT}")
+    if inputs[0] == "records":
         return frame_from_records(payload["records"], settings.schema)
-    return frame_from_file(payload["filepath"], settings)
+    return frame_from_file(payload[inputs[0]], settings)
 
 
-def frame_from_records(records: Any, schema: Schema) -> pd.DataFrame:
-    """Validate JSON records; a key left out or a true/false value is an error, never a guess."""
+def frame_from_records(records: Any, schema: Schema, *, number_rows: bool = False) -> pd.DataFrame:
+    """Validate JSON records; a key left out or a true/false value is an error, never a guess.
+
+    A blank or whitespace-only text is a missing cell, as an empty field is in a CSV file. With
+    `number_rows` (MLflow's input, which has no client ids), a record without an id is numbered.
+    """
     if not isinstance(records, list) or not records:
         raise DataError('"records" must be a non-empty list of objects, one per client')
     needed = list(schema.id_columns + schema.features)
     needed_set = set(needed)
+    numeric = set(schema.numeric_features)
+    rows = []
     for number, record in enumerate(records, start=1):
         if not isinstance(record, dict):
             raise DataError(f"record {number} is not an object of column: value")
+        if number_rows and not set(schema.id_columns).issubset(record):
+            record = {**{column: str(number) for column in schema.id_columns}, **record}
         if not needed_set.issubset(record):
             absent = [column for column in needed if column not in record]
             raise DataError(
                 f"record {number} lacks {', '.join(absent)} (send null for an unknown value)"
             )
+        row = record
         for column in needed:
             value = record[column]
-            # bool is an int to Python (and to pandas), so true would silently count as 1.
-            if value is not None and type(value) not in (str, int, float):
-                raise DataError(
-                    f"record {number}: {column} is {json.dumps(value)}, not a number or text"
-                )
-    frame = pd.DataFrame.from_records(records, columns=needed)
+            cell = record_cell(value, column in numeric, number, column)
+            if cell is not value:
+                row = dict(record) if row is record else row
+                row[column] = cell
+        rows.append(row)
+    frame = pd.DataFrame.from_records(rows, columns=needed)
     return validate_frame(frame, schema, source="request body", require_target=False)
 
 
-def frame_from_csv(csv: io.BytesIO | Path, schema: Schema, *, source: str) -> pd.DataFrame:
+def record_cell(value: Any, numeric: bool, number: int, column: str) -> Any:
+    """One JSON value as a cell: blank text is missing; a whole number must fit in a float."""
+    # bool is an int to Python (and to pandas), so true would silently count as 1.
+    if value is not None and type(value) not in (str, int, float):
+        raise DataError(f"record {number}: {column} is {shown_json(value)}, not a number or text")
+    if type(value) is str and not value.strip():
+        return None
+    if numeric and type(value) is int:
+        try:
+            float(value)  # kept as it is, so that messages quote it as the client wrote it
+        except OverflowError:
+            raise DataError(
+                f"record {number}: {column} is a whole number too large for any count"
+            ) from None
+    return value
+
+
+def shown_json(value: Any) -> str:
+    """A JSON value as a message quotes it: short, and never failing on deep nesting."""
+    try:
+        text = json.dumps(value)
+    except (RecursionError, ValueError):
+        return "a nested value"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def frame_from_csv(
+    csv: IO[bytes] | Path, schema: Schema, *, source: str, number_rows: bool = False
+) -> pd.DataFrame:
     """Read and validate CSV; `source` names it in messages as the client knows it."""
     frame = read_csv(csv, schema, name=source)
+    if not isinstance(frame.index, pd.RangeIndex):
+        # Lines with one field more than the header (a comma at the end of each line) would make
+        # pandas take the first column as the index, and every value would shift one column.
+        raise DataError(
+            f"{source} has more fields in its rows than in its header (a comma at the end of "
+            "each line?): remove the extra field"
+        )
+    if number_rows:
+        for column in schema.id_columns:
+            if column not in frame.columns:
+                frame[column] = [str(n) for n in range(1, len(frame) + 1)]
     return validate_frame(frame, schema, source=source, require_target=False)
 
 
 def frame_from_file(filepath: Any, settings: Settings) -> pd.DataFrame:
     path = data_file(filepath, settings)
-    return frame_from_csv(path, settings.schema, source=relative_name(path, settings))
+    name = relative_name(path, settings)
+    with open_data_file(path, name) as stream:
+        frame = frame_from_csv(stream, settings.schema, source=name)
+    g.resolved_path = name
+    return frame
 
 
 def data_folders(settings: Settings) -> list[Path]:
-    """The folders a filepath may name a file in: source data, test data, ingested data."""
+    """The folders a file name may point into, in the order a bare name is looked up: test data,
+    source data, ingested data."""
     test_folder = settings.test_data_path
     if test_folder.suffix.lower() == ".csv" or test_folder.is_file():
         test_folder = test_folder.parent
-    return [settings.input_folder, test_folder, settings.output_folder]
+    return [test_folder, settings.input_folder, settings.output_folder]
 
 
 def data_file(filepath: Any, settings: Settings) -> Path:
-    """The data file a client names, relative to the project folder, inside a data folder.
+    """The data file a client names, inside a data folder.
 
-    Refuses absolute paths, '..', and symbolic links anywhere below the data folder, so a request
-    can never read a file outside the data folders, whatever links or names it tries.
+    A name with a folder is relative to the project folder (testdata/testdata.csv), or absolute
+    and inside a data folder; a bare file name (testdata.csv) is looked up in the test data folder,
+    then the source and ingested data folders. Refuses '..', symbolic links anywhere below the
+    data folder, and anything but a regular file (a FIFO, a device), so a request can never read
+    a file outside the data folders, whatever links or names it tries.
     """
-    folders = ", ".join(relative_name(f, settings) for f in data_folders(settings))
+    folders = data_folders(settings)
+    listed = ", ".join(relative_name(f, settings) for f in folders)
     if not isinstance(filepath, str) or not filepath.strip() or "\x00" in filepath:
         raise DataError(
             f"filepath must be a file name relative to the project folder, "
-            f"e.g. testdata/testdata.csv (data folders: {folders})"
+            f"e.g. testdata/testdata.csv (data folders: {listed})"
         )
-    relative = Path(filepath.strip())
-    if relative.is_absolute():
+    if len(filepath) > MAX_FILE_NAME_CHARS:
         raise DataError(
-            f"filepath {filepath!r} must be relative to the project folder, "
-            f"e.g. testdata/testdata.csv (data folders: {folders})"
+            f"the file name is {len(filepath)} characters long; data files have names of at most "
+            f"{MAX_FILE_NAME_CHARS} (data folders: {listed})"
         )
-    if ".." in relative.parts:
-        raise DataError(f"filepath {filepath!r} must not contain '..' (data folders: {folders})")
-    if relative.suffix.lower() != ".csv":
+    named = Path(filepath.strip())
+    if ".." in named.parts:
+        raise DataError(f"filepath {filepath!r} must not contain '..' (data folders: {listed})")
+    if named.suffix.lower() != ".csv":
         raise DataError(f"filepath {filepath!r} is not a .csv file")
-    path = settings.base_dir / relative
-    folder = next((f for f in data_folders(settings) if path.is_relative_to(f)), None)
+    try:
+        return checked_data_file(named, filepath, folders, settings)
+    except OSError as error:
+        reason = "its name is too long" if error.errno == errno.ENAMETOOLONG else error.strerror
+        raise DataError(f"filepath {filepath!r} cannot be read: {reason}") from None
+    except ValueError:  # a name the file system cannot encode (a lone surrogate from JSON)
+        raise DataError(f"filepath {filepath!r} is not a file name this server can use") from None
+
+
+def checked_data_file(
+    named: Path, filepath: str, folders: list[Path], settings: Settings
+) -> Path:
+    listed = ", ".join(relative_name(f, settings) for f in folders)
+    if len(named.parts) == 1:
+        found = [f / named for f in folders if os.path.lexists(f / named)]
+        if not found:
+            raise DataFileNotFound(f"no file {filepath!r} in the data folders ({listed})")
+        path = found[0]
+    else:
+        path = named if named.is_absolute() else settings.base_dir / named
+    folder = next((f for f in folders if path.is_relative_to(f)), None)
     if folder is None or path == folder:
-        raise DataError(f"filepath {filepath!r} is outside the data folders ({folders})")
+        raise DataError(f"filepath {filepath!r} is outside the data folders ({listed})")
     step = folder
     for part in path.relative_to(folder).parts:
         step = step / part
@@ -382,18 +592,163 @@ def data_file(filepath: Any, settings: Settings) -> Path:
                 f"({relative_name(step, settings)}); name the file itself"
             )
         if not step.exists():
-            raise DataFileNotFound(f"no file {filepath!r} in the data folders ({folders})")
-    if not path.is_file():
-        raise DataError(f"filepath {filepath!r} is not a file")
+            raise DataFileNotFound(f"no file {filepath!r} in the data folders ({listed})")
+    if not stat.S_ISREG(path.lstat().st_mode):
+        raise DataError(f"filepath {filepath!r} is not a regular file")
     return path
 
 
+@contextlib.contextmanager
+def open_data_file(path: Path, name: str) -> Iterator[IO[bytes]]:
+    """Open a checked data file for reading, refusing it if it became a link or a FIFO since.
+
+    O_NOFOLLOW refuses a link put in the file's place; O_NONBLOCK keeps a FIFO from blocking the
+    worker; fstat checks what was opened, not what the name pointed to a moment before.
+    """
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:
+        raise DataError(f"{name} cannot be read: {error.strerror}") from None
+    with os.fdopen(descriptor, "rb") as stream:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise DataError(f"{name} is not a regular file")
+        yield stream
+
+
 def relative_name(path: Path, settings: Settings) -> str:
-    """A path as a client names it: relative to the project folder where it can be."""
+    """A path as a client names it: relative to the project folder, or to a data folder's name.
+
+    Never the server's absolute path: a client has no business knowing the server's folders.
+    """
     try:
         return path.relative_to(settings.base_dir).as_posix()
     except ValueError:
-        return str(path)
+        pass
+    folders = [
+        *data_folders(settings), settings.model_folder, settings.deployment_folder,
+        settings.log_path.parent,
+    ]
+    for folder in folders:
+        if path.is_relative_to(folder):
+            return (Path(folder.name) / path.relative_to(folder)).as_posix()
+    return path.name
+
+
+# --- MLflow's scoring input (POST /invocations) --------------------------------------------------
+
+
+def invocation_frame(schema: Schema) -> pd.DataFrame:
+    """The rows of an MLflow scoring request, validated as /prediction validates its rows."""
+    body = request_body()
+    charset = request.mimetype_params.get("charset", "utf-8").lower()
+    if charset not in ("utf-8", "utf8"):
+        raise UnsupportedInput(f"the body must be UTF-8, not {charset}")
+    if request.mimetype in CSV_TYPES:
+        if not body.strip():
+            raise DataError(f"the request has no input: {MLFLOW_ACCEPTED_INPUT}")
+        return frame_from_csv(io.BytesIO(body), schema, source="request body", number_rows=True)
+    if request.mimetype != "application/json":
+        raise UnsupportedInput(
+            f"cannot read a body of type {request.mimetype or 'unknown'}: {MLFLOW_ACCEPTED_INPUT}"
+        )
+    if not body.strip():
+        raise DataError(f"the request has no input: {MLFLOW_ACCEPTED_INPUT}")
+    records = mlflow_records(parse_json(body), schema)
+    return frame_from_records(records, schema, number_rows=True)
+
+
+def mlflow_records(payload: Any, schema: Schema) -> Any:
+    """The records an MLflow scoring body holds, in any of its four JSON forms.
+
+    dataframe_split: {"columns": [...], "data": [[...], ...]}; dataframe_records: [{...}, ...];
+    instances and inputs: records, {column: [values]}, or rows of values in the schema's feature
+    order (with the id columns first, or without them). Other keys ("params") are ignored, as
+    MLflow ignores them for a model that takes no parameters.
+    """
+    keys = [key for key in MLFLOW_INPUT_KEYS if isinstance(payload, dict) and key in payload]
+    if len(keys) != 1:
+        found = f"; it has {', '.join(keys)}" if keys else ""
+        raise DataError(f"unexpected JSON body{found}: {MLFLOW_ACCEPTED_INPUT}")
+    data = payload[keys[0]]
+    if keys[0] == "dataframe_split":
+        return split_records(data)
+    if keys[0] == "dataframe_records":
+        return data
+    if isinstance(data, dict):
+        return columnar_records(data)
+    if isinstance(data, list) and data and all(isinstance(row, list) for row in data):
+        return positional_records(data, schema)
+    return data
+
+
+def split_records(split: Any) -> list[dict[str, Any]]:
+    """pandas' split orient ({"columns", "data", optional "index"}) as records."""
+    if not isinstance(split, dict) or not isinstance(split.get("columns"), list) or not (
+        isinstance(split.get("data"), list)
+    ):
+        raise DataError('dataframe_split must be {"columns": [...], "data": [[...], ...]}')
+    columns = split["columns"]
+    if not all(isinstance(column, str) for column in columns):
+        raise DataError("dataframe_split columns must be column names")
+    records = []
+    for number, row in enumerate(split["data"], start=1):
+        if not isinstance(row, list) or len(row) != len(columns):
+            raise DataError(
+                f"dataframe_split row {number} must be a list of {len(columns)} values, one per "
+                "column"
+            )
+        records.append(dict(zip(columns, row, strict=True)))
+    return records
+
+
+def columnar_records(columns: dict[str, Any]) -> list[dict[str, Any]]:
+    """{column: [values]} (or {column: value} for one row) as records."""
+    lists = [isinstance(values, list) for values in columns.values()]
+    if not any(lists):
+        return [columns]
+    lengths = {len(values) for values in columns.values() if isinstance(values, list)}
+    if not all(lists) or len(lengths) != 1:
+        raise DataError("every column of inputs or instances must be a list of the same length")
+    names = list(columns)
+    return [dict(zip(names, values, strict=True)) for values in zip(*columns.values())]
+
+
+def positional_records(rows: list[list[Any]], schema: Schema) -> list[dict[str, Any]]:
+    """Rows of values in the schema's order: the features, or the id columns and the features."""
+    orders = [list(schema.features), list(schema.id_columns + schema.features)]
+    for number, row in enumerate(rows, start=1):
+        if len(row) not in {len(order) for order in orders}:
+            raise DataError(
+                f"row {number} has {len(row)} values; send {len(orders[0])} "
+                f"({', '.join(orders[0])}) or {len(orders[1])} with {', '.join(schema.id_columns)} "
+                "first, or name the columns (dataframe_split)"
+            )
+    return [dict(zip(next(o for o in orders if len(o) == len(row)), row, strict=True))
+            for row in rows]
+
+
+def unseen_categories(model: Any, frame: pd.DataFrame, schema: Schema) -> dict[str, int]:
+    """How many cells of each categorical column hold a category the model never saw in training.
+
+    The model gives such a cell no weight (the one-hot encoder ignores it), so the answer still
+    stands; the count tells a client its data has categories the model cannot judge.
+    """
+    counts = {}
+    for column, categories in known_categories(model).items():
+        if column in schema.categorical_features and column in frame.columns:
+            cells = frame[column]
+            unseen = int((cells.notna() & ~cells.isin(list(categories))).sum())
+            if unseen:
+                counts[column] = unseen
+    return counts
+
+
+def known_categories(model: Any) -> dict[str, set[str]]:
+    """Each categorical column's categories seen in training, from the model's scorer params."""
+    scorer = model if isinstance(model, LinearScorer) else linear_scorer(model)
+    if scorer is None:
+        return {}
+    return {term["column"]: set(term["weights"]) for term in scorer.categorical}
 
 
 # --- Per-app state and cached answers ----------------------------------------------------------
@@ -490,6 +845,7 @@ class ApiState:
     scores: KeyedCache = field(default_factory=KeyedCache)
     statistics: KeyedCache = field(default_factory=KeyedCache)
     risk_lists: KeyedCache = field(default_factory=KeyedCache)
+    requests: RequestMetrics = field(default_factory=lambda: new_request_metrics())
 
 
 def score_deployed(settings: Settings, loaded: LoadedModel, test_files: list[Path]) -> dict:
@@ -528,6 +884,198 @@ def read_risk_list(settings: Settings) -> list[dict[str, Any]]:
     return diagnostics.json_safe(frame.to_dict(orient="records"))
 
 
+# --- Metrics -----------------------------------------------------------------------------------
+# prometheus_client's multiprocess mode: each gunicorn worker writes its counts to its own file in
+# the folder $PROMETHEUS_MULTIPROC_DIR names, and a scrape, whichever worker answers it, adds up
+# every file. The library chooses its mode when it is first imported, so the folder is set before
+# that (use_metrics_folder, from wsgi.py or `python app.py`) and prometheus_client is imported only
+# inside these functions. Without the variable (tests, a single process) each app counts alone.
+
+METRICS_FOLDER_ENV_VAR = "PROMETHEUS_MULTIPROC_DIR"
+# Request latencies in seconds: a one-record prediction takes milliseconds, POST /diagnostics many
+# seconds.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class RequestMetrics(NamedTuple):
+    """The request counter and latency histogram, by route, method and status."""
+
+    count: Any
+    latency: Any
+
+
+def new_request_metrics() -> RequestMetrics:
+    from prometheus_client import Counter, Histogram
+
+    labels = ("endpoint", "method", "status")
+    return RequestMetrics(
+        # registry=None: an app's metrics are its own; /metrics gathers them (scrape_registry).
+        Counter("risk_api_requests", "Requests answered, by route, method and status", labels,
+                registry=None),
+        Histogram("risk_api_request_duration_seconds", "Seconds to answer a request, by route, "
+                  "method and status", labels, registry=None, buckets=LATENCY_BUCKETS),
+    )
+
+
+def metrics_folder(settings: Settings) -> Path:
+    return settings.output_folder / "metrics"
+
+
+def use_metrics_folder(settings: Settings, server_id: str) -> None:
+    """Count in the workspace's metrics folder (ingesteddata/metrics/), emptied once per server.
+
+    Every process of one server calls this with the same `server_id` (gunicorn's master pid), and
+    the first to find another id in the folder empties it: a new server starts its counts at zero,
+    the workers of one server never wipe each other's. A $PROMETHEUS_MULTIPROC_DIR set by the
+    operator is left as it is. Must run before anything imports prometheus_client.
+    """
+    if os.environ.get(METRICS_FOLDER_ENV_VAR):
+        return
+    folder = metrics_folder(settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        marker = folder / ".server"
+        if not marker.exists() or marker.read_text() != server_id:
+            for stale in folder.glob("*.db"):
+                stale.unlink()
+            marker.write_text(server_id)
+    os.environ[METRICS_FOLDER_ENV_VAR] = str(folder)
+
+
+def counting_in_files() -> bool:
+    """Whether prometheus_client runs in multiprocess mode (it chose when first imported)."""
+    from prometheus_client import values
+
+    return bool(getattr(values.ValueClass, "_multiprocess", False))
+
+
+def start_request_timer() -> None:
+    g.request_started = time.perf_counter()
+
+
+def count_request(response: Response) -> Response:
+    """Count every answer, errors included, under its route (not its path: paths are unbounded)."""
+    endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+    labels = (endpoint, request.method, str(response.status_code))
+    metrics = state().requests
+    metrics.count.labels(*labels).inc()
+    started = g.get("request_started")
+    if started is not None:
+        metrics.latency.labels(*labels).observe(time.perf_counter() - started)
+    return response
+
+
+def scrape_registry(api: ApiState) -> Any:
+    """What one scrape shows: every worker's request counts and what the records say."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    if counting_in_files():
+        MultiProcessCollector(registry)
+    else:
+        registry.register(api.requests.count)
+        registry.register(api.requests.latency)
+    registry.register(RecordsCollector(api.settings))
+    return registry
+
+
+class RecordsCollector:
+    """Read at each scrape: the served release, the last cycle, drift, quarantined rows.
+
+    These live in production's manifest and the records database, which any process may change;
+    reading them when asked gives every worker the same answer.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        def gauge(name: str, documentation: str, value: float | None, **labels: str) -> Any:
+            family = GaugeMetricFamily(name, documentation, labels=list(labels))
+            if value is not None:
+                family.add_metric(list(labels.values()), value)
+            return family
+
+        manifest = self._manifest()
+        if manifest:
+            yield gauge("risk_release_info", "The release served (1), by version", 1,
+                        version=str(manifest.get("current")))
+            yield gauge("risk_release_f1", "F1 of the served release when it was deployed",
+                        manifest.get("f1"))
+            yield gauge("risk_release_deployed_timestamp_seconds",
+                        "When the served release was deployed (Unix time)",
+                        unix_time(manifest.get("deployed_at")))
+        cycle = self._last_cycle()
+        if cycle:
+            yield gauge("risk_last_cycle_timestamp_seconds",
+                        "When the last pipeline cycle finished (Unix time)",
+                        unix_time(cycle["finished"] or cycle["started"]))
+            yield gauge("risk_last_cycle_duration_seconds", "How long the last cycle took",
+                        cycle["seconds"])
+            yield gauge("risk_last_cycle_success", "1 if the last cycle succeeded, else 0",
+                        1 if cycle["outcome"] == "ok" else 0)
+            yield gauge("risk_last_cycle_info", "The last cycle's outcome and decision (1)", 1,
+                        outcome=str(cycle["outcome"]), decision=str(cycle["decision"] or ""))
+        drifted = self._latest_drift_verdict()
+        if drifted is not None:
+            yield gauge("risk_drift_detected",
+                        "1 if the latest cycle that checked for drift found it, else 0",
+                        1 if drifted else 0)
+        quarantined = CounterMetricFamily(
+            "risk_rows_quarantined", "Rows ingestion set aside in quarantine, all files"
+        )
+        quarantined.add_metric([], self._quarantined_rows())
+        yield quarantined
+
+    def _manifest(self) -> dict[str, Any] | None:
+        try:
+            return deployment.read_manifest(self.settings)
+        except DeploymentError as error:
+            log.warning("metrics: %s", error)
+            return None
+
+    def _last_cycle(self) -> dict[str, Any] | None:
+        rows = records.query(
+            self.settings.records_path,
+            "SELECT started, finished, seconds, outcome, decision FROM cycles "
+            "ORDER BY id DESC LIMIT 1",
+        )
+        return rows[0] if rows else None
+
+    def _latest_drift_verdict(self) -> bool | None:
+        rows = records.query(
+            self.settings.records_path,
+            "SELECT details FROM cycles WHERE details LIKE '%\"drift\"%' "
+            "ORDER BY id DESC LIMIT 20",
+        )
+        for row in rows:
+            drift = json.loads(row["details"] or "{}").get("drift")
+            if isinstance(drift, dict) and "drifted" in drift:
+                return bool(drift["drifted"])
+        return None
+
+    def _quarantined_rows(self) -> int:
+        rows = records.query(
+            self.settings.records_path,
+            "SELECT COALESCE(SUM(quarantined), 0) AS rows FROM ingestions",
+        )
+        return int(rows[0]["rows"]) if rows else 0
+
+
+def unix_time(timestamp: str | None) -> float | None:
+    """An ISO-8601 time as seconds since 1970, as Prometheus keeps times; None if absent."""
+    if not timestamp:
+        return None
+    try:
+        return datetime.fromisoformat(timestamp).timestamp()
+    except ValueError:
+        return None
+
+
 # --- Query arguments ---------------------------------------------------------------------------
 
 
@@ -548,3 +1096,82 @@ def positive_int_argument(name: str, default: int) -> int:
     if not (text.isascii() and text.isdigit()) or int(text) < 1:
         raise DataError(f"{name} must be a whole number of at least 1, not {value!r}")
     return int(text)
+
+
+# --- Serving -----------------------------------------------------------------------------------
+
+
+class ApiServer(BaseApplication):
+    """gunicorn started from Python: `python app.py` serves as `gunicorn wsgi:app` does.
+
+    The options come from config.json's api section and the command line. The master empties the
+    metrics folder before it forks the workers, which inherit the folder's variable; a worker that
+    ends has its live gauges removed (mark_process_dead), as prometheus_client asks of gunicorn.
+    """
+
+    def __init__(self, settings: Settings, api: ApiSettings) -> None:
+        self.settings = settings
+        self.api = api
+        super().__init__()
+
+    def load_config(self) -> None:
+        options = {
+            "bind": f"{self.api.host}:{self.api.port}",
+            "workers": self.api.workers,
+            "timeout": max(1, round(self.api.worker_timeout_seconds)),
+            "child_exit": worker_exited,
+            "when_ready": lambda server: print_listening(self.api),
+        }
+        for name, value in options.items():
+            self.cfg.set(name, value)
+
+    def load(self) -> Flask:
+        return create_app(self.settings)
+
+
+def worker_exited(server: Any, worker: Any) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def print_listening(api: ApiSettings) -> None:
+    host = f"[{api.host}]" if ":" in api.host else api.host
+    print(
+        f"Serving the API on http://{host}:{api.port} with {api.workers} worker(s). "
+        f"Stop it with Ctrl+C, or: kill -TERM {os.getpid()}",
+        flush=True,
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Serve the API with gunicorn (production server; there is no debug server)."
+    )
+    add_config_argument(parser)
+    parser.add_argument("--host", help="interface to listen on (default: api.host, 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to listen on (default: api.port, 8000)")
+    parser.add_argument(
+        "--workers", type=int, help="worker processes (default: api.workers, 2)"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = load_settings(args.config)
+    api = settings.api._replace(**{
+        name: value for name, value in
+        (("host", args.host), ("port", args.port), ("workers", args.workers))
+        if value is not None
+    })
+    if not 1 <= api.port <= 65535 or api.workers < 1:
+        raise ConfigError("--port must be between 1 and 65535 and --workers at least 1")
+    api_token(settings)  # a bad token stops the server here, with one line, not in every worker
+    use_metrics_folder(settings, server_id=str(os.getpid()))
+    ApiServer(settings, api).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

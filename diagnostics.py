@@ -776,6 +776,15 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def _fmt_value(value: Any) -> str:
+    """A value of the data (min, median, max) with the data's own digits: 18.25, not 18."""
+    if value is None:
+        return "-"
+    if isinstance(value, float) and value.is_integer():
+        return f"{value:,.0f}"
+    return f"{round(value, 6):,}" if isinstance(value, float) else str(value)
+
+
 def _master_lines(overview: dict[str, Any]) -> list[str]:
     share = overview["leaver_share"]
     return [
@@ -791,8 +800,9 @@ def _statistics_lines(statistics: dict[str, dict[str, Any]]) -> list[str]:
     ]
     for column, s in statistics.items():
         lines.append(
-            f"  {column:<22}{_fmt(s['mean']):>12}{_fmt(s['median']):>12}{_fmt(s['std']):>12}"
-            f"{_fmt(s['min'], 0):>10}{_fmt(s['max'], 0):>12}{s['count']:>8}"
+            f"  {column:<22}{_fmt(s['mean']):>12}{_fmt_value(s['median']):>12}"
+            f"{_fmt(s['std']):>12}{_fmt_value(s['min']):>10}{_fmt_value(s['max']):>12}"
+            f"{s['count']:>8}"
         )
     return lines
 

@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import math
 import os
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import atomicio
 import deployment
 import ingestion
 import records
@@ -37,6 +34,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from sklearn.base import ClassifierMixin
 
+    from alerts import Alert
     from deployment import Release
     from ingestion import IngestReport
     from scoring import ModelComparison
@@ -79,30 +77,49 @@ class CycleOutcome(NamedTuple):
     release: str | None = None
     details: dict[str, Any] | None = None
     steps: tuple[str, ...] = ()
+    # What went wrong without failing the cycle (an API serving another release, say).
+    warnings: tuple[str, ...] = ()
+    alerts: tuple[Alert, ...] = ()
+
+    @property
+    def status(self) -> str:
+        return "ok, with warnings" if self.warnings else "ok"
 
     def summary(self) -> str:
-        lines = [f"{self.decision}: {self.message}"]
+        warned = f" ({len(self.warnings)} warning(s))" if self.warnings else ""
+        lines = [f"{self.decision}: {self.message}{warned}"]
         lines += [f"  - {step}" for step in self.steps]
+        lines += [f"  ! {warning}" for warning in self.warnings]
         return "\n".join(lines)
 
 
 class Journal:
     """The steps a cycle took and the numbers behind its decisions, in the order they happened."""
 
-    __slots__ = ("new_files", "steps", "details")
+    __slots__ = ("new_files", "steps", "details", "warnings", "alerts")
 
     def __init__(self, new_files: list[str]) -> None:
         self.new_files = new_files
         self.steps: list[str] = []
         self.details: dict[str, Any] = {}
+        self.warnings: list[str] = []
+        self.alerts: list[Alert] = []
 
     def add(self, step: str, **details: Any) -> None:
         self.steps.append(step)
         self.details.update(details)
 
+    def warn(self, warning: str) -> None:
+        self.warnings.append(warning)
+        log.warning("%s", warning)
+
+    def alert(self, *alerts: Alert) -> None:
+        self.alerts.extend(alerts)
+
     def outcome(self, decision: str, message: str, release: str | None = None) -> CycleOutcome:
         return CycleOutcome(
-            decision, message, self.new_files, release, dict(self.details), tuple(self.steps)
+            decision, message, self.new_files, release, dict(self.details), tuple(self.steps),
+            tuple(self.warnings), tuple(self.alerts),
         )
 
 
@@ -169,7 +186,7 @@ def drift_decision(
         return DriftDecision(True, "; ".join(check["text"] for check in fallen), numbers)
     return DriftDecision(
         False,
-        f"F1 {new_f1:.3f} on new data vs deployed {deployed_f1:.3f} (drop "
+        f"F1 {new_f1:.3f} on the new batch vs {deployed_f1:.3f} at release (drop "
         f"{checks[0]['drop']:.3f} within allowed {checks[0]['allowed_drop']:.3f})",
         numbers,
     )
@@ -194,8 +211,8 @@ def _measure_check(measure: Measure, rule: DriftSettings, z: float) -> dict[str,
     check["allowed_drop"] = allowed
     check["fell"] = drop > allowed
     check["text"] = (
-        f"{measure.name} fell from {measure.deployed:.3f} to {measure.new:.3f} "
-        f"(drop {drop:.3f} > allowed {allowed:.3f})"
+        f"{measure.name} fell from {measure.deployed:.3f} to {measure.new:.3f} on the new batch "
+        f"(drop {drop:.3f} > allowed {allowed:.3f}; the first is the release's own figure)"
     )
     return check
 
@@ -299,11 +316,13 @@ def choose_plan(scores: list[PlanScore], f1_tie: float, auc_tie: float) -> PlanS
 
 def run_cycle(settings: Settings, *, force: bool = False) -> CycleOutcome:
     """One cycle: new data? drift? deploy? Each question is answered by a function below."""
+
     new_files = [source.path.name for source in ingestion.find_new_files(settings)]
     if not deployment.is_deployed(settings):
         return first_deployment(settings, new_files)
     if not new_files and not force:
         return CycleOutcome("nothing-new", "no new data files", new_files)
+    import alerts  # past the no-op return, which nearly every cycle takes: it imports nothing more
 
     journal = Journal(new_files)
     report = ingest_new_files(settings, journal) if new_files else None
@@ -314,6 +333,12 @@ def run_cycle(settings: Settings, *, force: bool = False) -> CycleOutcome:
         journal.add(f"drift check: {drift.reason}", drift=drift._asdict())
         if not drift.drifted and not force:
             return journal.outcome("no-drift", drift.reason)
+        if drift.drifted:
+            journal.alert(alerts.drift_found(
+                deployment.current_release(settings).version, new_files,
+                drift.numbers["deployed_f1"], drift.numbers["new_f1"],
+                drift.numbers["allowed_drop"], action="retraining",
+            ))
 
     deployed_model, served = deployment.load_deployed_model(settings)
     held_out = split_new_rows(settings)[1] if report is not None and report.accepted_rows else None
@@ -324,6 +349,10 @@ def run_cycle(settings: Settings, *, force: bool = False) -> CycleOutcome:
         journal.add(describe_plans(scores, best), candidates=[s.as_dict() for s in scores],
                     chosen=best.name)
         if best.plan is None and not force:
+            journal.alert(alerts.retrain_refused(
+                served.version, max(s.f1 for s in scores[1:]) if len(scores) > 1 else scores[0].f1,
+                scores[0].f1, "the held-out new rows", candidate="every training plan",
+            ))
             return journal.outcome("drift-kept-deployed", journal.steps[-1], served.version)
         plan = best.plan
     candidate = retrain(settings, held_out, plan)
@@ -334,28 +363,36 @@ def run_cycle(settings: Settings, *, force: bool = False) -> CycleOutcome:
     )
     journal.add(decision.reason, deploy=decision._asdict())
     if not decision.deploy:
+        journal.alert(alerts.retrain_refused(
+            served.version, decision.numbers["candidate_f1"], decision.numbers["deployed_f1"],
+            candidate.judged_on, candidate=candidate.training.version,
+        ))
         return journal.outcome("drift-kept-deployed", decision.reason, served.version)
 
     release = release_candidate(settings, candidate)
     journal.add(f"deployed release {release.version}")
-    for step in after_deployment(settings):
-        journal.add(step)
+    journal.alert(alerts.release_deployed(release.version, served.version, release.f1,
+                                          decision.reason))
+    decided = "forced-redeploy" if force else "drift-redeployed"
+    check_after_deployment(settings, release.version, journal, decided)
     return journal.outcome(
-        "forced-redeploy" if force else "drift-redeployed",
+        decided,
         f"deployed release {release.version} (was {served.version})", release.version,
     )
 
 
 def first_deployment(settings: Settings, new_files: list[str]) -> CycleOutcome:
     """Nothing deployed yet: ingest, train, score and deploy the first release."""
+    import alerts
+
     journal = Journal(new_files)
     ingest_new_files(settings, journal)
     candidate = retrain(settings, None, None)
     journal.add(candidate.describe())
     release = deployment.deploy(settings)
     journal.add(f"deployed release {release.version}")
-    for step in after_deployment(settings):
-        journal.add(step)
+    journal.alert(alerts.release_deployed(release.version, None, release.f1))
+    check_after_deployment(settings, release.version, journal, "first-deployment")
     return journal.outcome(
         "first-deployment",
         f"deployed the first release {release.version} (F1 {candidate.test_f1:.3f})",
@@ -365,6 +402,8 @@ def first_deployment(settings: Settings, new_files: list[str]) -> CycleOutcome:
 
 def ingest_new_files(settings: Settings, journal: Journal) -> IngestReport:
     """Ingest the new files and note what became of each."""
+    import alerts
+
     report = ingestion.ingest(settings)
     rejected = f", rejected {len(report.rejected)}" if report.rejected else ""
     journal.add(
@@ -372,6 +411,7 @@ def ingest_new_files(settings: Settings, journal: Journal) -> IngestReport:
         f"(master dataset {report.total_rows} rows)",
         ingestion=[f.as_dict() for f in report.files], ingestion_run=report.run_id,
     )
+    journal.alert(*alerts.quarantine_alerts(settings, report.files))
     return report
 
 
@@ -527,6 +567,8 @@ def batches_since_change(settings: Settings, run_id: str) -> list[str]:
     Walking back through the cycles, every cycle that found drift but kept the deployed model saw
     a batch of the changed business too; the first cycle that found no drift, or deployed, ends it.
     """
+    import json
+
     batches = [run_id]
     cycles = records.query(
         settings.records_path, "SELECT decision, details FROM cycles ORDER BY id DESC LIMIT 200"
@@ -609,24 +651,81 @@ def release_candidate(settings: Settings, candidate: Candidate) -> Release:
     return deployment.deploy(settings)
 
 
-def after_deployment(settings: Settings) -> list[str]:
-    """Diagnose, report, and refresh the API's saved answers (if the API is up); say what was done."""
-    import apicalls
+def check_after_deployment(
+    settings: Settings, release: str, journal: Journal, decision: str
+) -> None:
+    """Diagnose and report the new release, then check that the API serves it."""
+    import alerts
+
+    import json
+
+    # The report opens with this cycle's decision, which is recorded only when the cycle ends.
+    deciding_cycle = {"started": records.utc_now(), "decision": decision,
+                      "details": json.dumps(journal.details, default=str)}
+    for step in after_deployment(settings, deciding_cycle):
+        journal.add(step)
+    api = check_api(settings, release)
+    journal.add(api.step)
+    if api.warning is not None:
+        journal.warn(api.warning)
+        journal.alert(alerts.api_check_failed(api.base_url, api.warning, api.failing))
+
+
+def after_deployment(settings: Settings, deciding_cycle: dict[str, Any]) -> list[str]:
+    """Diagnose and report the new release; say what was done."""
     import diagnostics
     import reporting
 
     steps = []
     diagnostics.run_diagnostics(settings)
     steps.append("recorded diagnostics")
-    report = reporting.build_report(settings)
+    report = reporting.build_report(settings, deciding_cycle=deciding_cycle)
     steps.append(f"wrote the report and risk list ({report.report_path.name})")
+    return steps
+
+
+class ApiCheck(NamedTuple):
+    """What the API of this workspace answered after a deployment."""
+
+    base_url: str
+    step: str
+    warning: str | None = None  # None: all is well, or no API runs (running one is optional)
+    failing: tuple[str, ...] = ()
+
+
+def check_api(settings: Settings, release: str) -> ApiCheck:
+    """Does the API of this workspace serve `release` and answer every endpoint?
+
+    The answers are saved in apireturns.txt. A problem here never fails the cycle: the release is
+    deployed either way, and the cycle ends "ok, with warnings".
+    """
+    import apicalls
+
     base_url = apicalls.resolve_base_url(settings, None)
     try:
-        apicalls.call_endpoints(settings, base_url, token=apicalls.token_from_environment(settings))
-        steps.append(f"called the API at {base_url}; answers in {settings.api_returns_path}")
+        answers = apicalls.call_endpoints(
+            settings, base_url, token=apicalls.token_from_environment(settings)
+        )
     except apicalls.ApiUnreachable as error:
-        steps.append(f"API not called: {error}")
-    return steps
+        return ApiCheck(base_url, f"API not called: {error}")
+    except PipelineError as error:  # e.g. a token file that others can read
+        return ApiCheck(base_url, "API not checked", f"the API check could not start: {error}")
+    step = f"called the API at {base_url}; answers in {settings.api_returns_path}"
+    if answers.failures:
+        reasons = "; ".join(
+            f"{answer.call.name} answered {answer.status}: {answer.error_message}"
+            for answer in answers.failures
+        )
+        return ApiCheck(base_url, step, f"the API at {base_url} failed: {reasons}",
+                        tuple(answer.call.name for answer in answers.failures))
+    ready = next((a.body for a in answers.returns if a.call.path == "/ready"), None)
+    served = ready.get("model_version") if isinstance(ready, dict) else None
+    if served != release:
+        return ApiCheck(base_url, step, (
+            f"the server at {base_url} serves release {served}, not {release}: restart it or "
+            "check api.base_url"
+        ), ("GET /ready",))
+    return ApiCheck(base_url, f"{step}; it serves release {release}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -720,7 +819,8 @@ def record_cycle(
             "seconds": round(seconds, 3),
             "new_files": outcome.new_files if outcome else None,
             "decision": outcome.decision if outcome else None,
-            "details": {**(outcome.details or {}), "steps": list(outcome.steps)}
+            "details": {**(outcome.details or {}), "steps": list(outcome.steps),
+                        "warnings": list(outcome.warnings)}
             if outcome else {},
             "release": outcome.release if outcome else None,
             "outcome": status,
@@ -739,32 +839,44 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--force", action="store_true", help="retrain and redeploy whether or not there is drift"
     )
+    parser.add_argument(
+        "--quiet", action="store_true",
+        help="print nothing on success (for cron); warnings and errors still go to stderr",
+    )
     return parser
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace | SimpleNamespace:
-    """The options; cron's own `--config PATH` is read as argparse would, without argparse.
+    """The options; cron's own `--config PATH [--quiet]` is read as argparse would, without it.
 
     Importing argparse and building the parser (which loads gettext, locale and shutil) costs more
     than all of a no-op cycle's own work. Any other command line goes to argparse.
     """
     arguments = sys.argv[1:] if argv is None else argv
-    if len(arguments) == 2 and arguments[0] == "--config" and not arguments[1].startswith("-"):
-        return SimpleNamespace(config=arguments[1], dry_run=False, force=False)
+    quiet = arguments[2:] == ["--quiet"]
+    if (len(arguments) == 2 or quiet) and arguments[0] == "--config" and not arguments[
+        1
+    ].startswith("-"):
+        return SimpleNamespace(config=arguments[1], dry_run=False, force=False, quiet=quiet)
     return argument_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.quiet:
+        # Cron mails or appends whatever a job prints: on success, print nothing at all. The
+        # cycle's own log (log_path, rotated) has every line; warnings and errors still show.
+        for handler in logging.getLogger().handlers:
+            handler.setLevel(logging.WARNING)
     settings = load_settings(args.config)
     if args.dry_run:
         print(describe_plan(settings, args.force))
         return 0
     with cycle_log(settings):
-        return run_locked_cycle(settings, force=args.force)
+        return run_locked_cycle(settings, force=args.force, quiet=args.quiet)
 
 
-def run_locked_cycle(settings: Settings, force: bool) -> int:
+def run_locked_cycle(settings: Settings, force: bool, quiet: bool = False) -> int:
     """Run one cycle under the lock and record it, whatever happens."""
     started, started_at = time.monotonic(), records.utc_now()
     try:
@@ -776,13 +888,25 @@ def run_locked_cycle(settings: Settings, force: bool) -> int:
                 message = str(error) if isinstance(error, PipelineError) else repr(error)
                 record_cycle(settings, started, started_at, outcome, "failed", message)
                 log.error("cycle failed; the previous deployment keeps serving: %s", message)
+                if not isinstance(error, KeyboardInterrupt):
+                    import alerts
+
+                    alerts.notify(settings, [alerts.cycle_failed(error)])
                 raise
-            record_cycle(settings, started, started_at, outcome, "ok", outcome.message)
+            record_cycle(settings, started, started_at, outcome, outcome.status, outcome.message)
+            if outcome.alerts:
+                import alerts
+
+                alerts.notify(settings, list(outcome.alerts))
     except CycleBusyError as busy:
-        print(f"skipped: {busy}")
+        if not quiet:
+            print(f"skipped: {busy}")
         log.info("skipped: %s", busy)
         return 0
-    print(outcome.summary())
+    if not quiet:
+        print(outcome.summary())
+    elif outcome.warnings:
+        print(outcome.summary(), file=sys.stderr)
     return 0
 
 

@@ -75,6 +75,8 @@ PDF_STYLE = {
     "legend.fontsize": TEXT_SIZE,
     "figure.titlesize": TITLE_SIZE,
     "figure.titleweight": "bold",
+    # The core fonts have no Unicode minus sign: axis labels use the ASCII hyphen-minus instead.
+    "axes.unicode_minus": False,
 }
 
 
@@ -253,8 +255,14 @@ class _TestResults:
         return self.evaluation.predictions
 
 
-def build_report(settings: Settings) -> ReportResult:
-    """Write riskscores.csv, confusionmatrix.png and report.pdf for the deployed release."""
+def build_report(
+    settings: Settings, deciding_cycle: dict[str, Any] | None = None
+) -> ReportResult:
+    """Write riskscores.csv, confusionmatrix.png and report.pdf for the deployed release.
+
+    `deciding_cycle` is the cycle that is deploying the release right now (its record is written
+    when it ends); otherwise the records say why the release is served.
+    """
     started = time.perf_counter()
     model, release = load_deployed(settings)
     metadata = release.metadata()
@@ -279,7 +287,7 @@ def build_report(settings: Settings) -> ReportResult:
     atomicio.write_with(
         settings.report_path,
         lambda path: _write_pdf(
-            path, settings, release, metadata, test, diagnostics, risk, top_group
+            path, settings, release, metadata, test, diagnostics, risk, top_group, deciding_cycle
         ),
     )
     records.add_stage_run(settings.records_path, "reporting", time.perf_counter() - started, len(risk))
@@ -316,6 +324,7 @@ def _write_pdf(
     diagnostics: dict[str, Any],
     risk: pd.DataFrame,
     top_group: TopGroupChange,
+    deciding_cycle: dict[str, Any] | None = None,
 ) -> None:
     pdf_metadata = {
         "Title": f"Attrition risk report, release {release.version}",
@@ -329,15 +338,22 @@ def _write_pdf(
         path, metadata=pdf_metadata
     ) as pdf:
         _TextPages(pdf, "Attrition risk report").write(
-            _overview_sections(settings, release, metadata, test, diagnostics)
+            [("Why this release is served", decision_lines(settings, release, deciding_cycle)),
+             *_overview_sections(settings, release, metadata, test, diagnostics)]
         )
         pdf.savefig(_curves_figure(test, release.version))
+        engineer_only = {"Dependencies"}
         diagnostic_sections = [
             (title, lines) for title, lines in section_texts(diagnostics).items()
+            if title not in engineer_only
         ]
         _TextPages(pdf, f"Diagnostics of {diagnostics['time']}").write(diagnostic_sections)
         _TextPages(pdf, "Highest-risk clients").write(_risk_sections(settings, risk, top_group))
         pdf.savefig(_trends_figure(settings))
+        _TextPages(pdf, "For the engineer").write(
+            [(title, lines) for title, lines in section_texts(diagnostics).items()
+             if title in engineer_only]
+        )
 
 
 # --- Text pages --------------------------------------------------------------------------------
@@ -411,7 +427,7 @@ def _overview_sections(
         f"  data file        {training.get('path', '-')}",
         f"  data sha256      {training.get('sha256', '-')}",
         f"  threshold        {threshold_text}",
-        f"  F1 at release    {'-' if release.f1 is None else f'{release.f1:.4f}'}",
+        f"  F1 at release    {release_score_text(settings, release)}",
         f"  libraries        {libraries or '-'}",
         f"  diagnostics of   {diagnostics['time']}",
     ]
@@ -421,8 +437,8 @@ def _overview_sections(
     metric_lines = [
         *(f"  test data        {name}" for name in test.files),
         f"  rows             {m.rows:,}",
-        f"  F1               {m.f1:.4f}   ({confidence} bootstrap interval {m.f1_low:.4f} "
-        f"to {m.f1_high:.4f})",
+        f"  F1               {m.f1:.3f} on the test data ({confidence} bootstrap interval "
+        f"{m.f1_low:.3f} to {m.f1_high:.3f})",
         f"  precision        {m.precision:.4f}",
         f"  recall           {m.recall:.4f}",
         f"  ROC AUC          {auc}",
@@ -434,6 +450,102 @@ def _overview_sections(
         ("Model metrics on the test data", metric_lines),
         ("Files ingested", _ingested_lines(settings, release)),
     ]
+
+
+# What each recorded score purpose was measured on, in the words the report uses.
+MEASURED_ON = {
+    "test": "the test data",
+    "drift-holdout": "held-out new rows",
+    "drift-check": "the new batch",
+    "candidate": "the test data",
+}
+DEPLOYING_DECISIONS = ("first-deployment", "drift-redeployed", "forced-redeploy")
+
+
+def release_score_text(settings: Settings, release: Release) -> str:
+    """The release's own F1 with what it was measured on and its interval."""
+    score = release_score(settings, release.version)
+    if score is None:
+        return "-" if release.f1 is None else f"{release.f1:.3f}"
+    return (
+        f"{score['f1']:.3f} on {MEASURED_ON.get(score['purpose'], score['purpose'])} "
+        f"({score['rows']:,} rows; interval {score['f1_low']:.3f} to {score['f1_high']:.3f})"
+    )
+
+
+def release_score(settings: Settings, version: str) -> dict[str, Any] | None:
+    """The score a release was deployed with: its held-out figure, or else its test data one."""
+    rows = records.query(
+        settings.records_path,
+        "SELECT * FROM scores WHERE model_version = ? AND purpose IN ('test', 'drift-holdout') "
+        "ORDER BY purpose = 'drift-holdout' DESC, id DESC LIMIT 1",
+        (version,),
+    )
+    return rows[0] if rows else None
+
+
+def decision_lines(
+    settings: Settings, release: Release, deciding_cycle: dict[str, Any] | None = None
+) -> list[str]:
+    """Why `release` is served, in words and numbers: the cycle that deployed it, or a rollback."""
+    if deciding_cycle is not None:
+        return _cycle_decision_lines(settings, release, deciding_cycle)
+    deployments = records.query(
+        settings.records_path,
+        "SELECT time, action FROM deployments WHERE version = ? ORDER BY id DESC LIMIT 1",
+        (release.version,),
+    )
+    if deployments and deployments[0]["action"] == "rollback":
+        return [f"  rolled back to this release at {deployments[0]['time']} "
+                "(deployment.py --rollback)"]
+    cycles = records.query(
+        settings.records_path,
+        "SELECT started, decision, message, details FROM cycles WHERE release = ? AND decision IN "
+        f"({', '.join('?' * len(DEPLOYING_DECISIONS))}) ORDER BY id DESC LIMIT 1",
+        (release.version, *DEPLOYING_DECISIONS),
+    )
+    if not cycles:
+        return [f"  deployed by hand (deployment.py) at {release.created_at}; "
+                f"F1 {release_score_text(settings, release)}"]
+    return _cycle_decision_lines(settings, release, cycles[0])
+
+
+def _cycle_decision_lines(
+    settings: Settings, release: Release, cycle: dict[str, Any]
+) -> list[str]:
+    details = json.loads(cycle["details"] or "{}")
+    lines = [f"  the cycle of {cycle['started']} decided: {cycle['decision']}"]
+    drift = (details.get("drift") or {}).get("numbers")
+    if drift:
+        lines.append(
+            f"  drift: deployed F1 {drift['deployed_f1']:.3f} (its release figure), new F1 "
+            f"{drift['new_f1']:.3f} on the new batch ({drift.get('new_rows', '?')} rows), "
+            f"allowed drop {drift['allowed_drop']:.3f}"
+        )
+        for check in drift.get("measures", [])[1:]:
+            if "drop" in check:
+                lines.append(
+                    f"         {check['measure']}: {check['deployed']:.3f} -> {check['new']:.3f} "
+                    f"(allowed drop {check['allowed_drop']:.3f})"
+                )
+        if (details.get("drift") or {}).get("reason"):
+            lines.append(f"         {details['drift']['reason']}")
+    for candidate in details.get("candidates", []):
+        auc = "-" if candidate["roc_auc"] is None else f"{candidate['roc_auc']:.3f}"
+        chosen = "  <- chosen" if candidate["candidate"] == details.get("chosen") else ""
+        lines.append(
+            f"  candidate {candidate['candidate']:<24} F1 {candidate['f1']:.3f}  ROC AUC {auc} "
+            f"on held-out new rows{chosen}"
+        )
+    deploy = (details.get("deploy") or {}).get("numbers")
+    if deploy:
+        lines.append(
+            f"  deploy: F1 {deploy['candidate_f1']:.3f} vs deployed {deploy['deployed_f1']:.3f} "
+            f"on {deploy['evaluated_on']} ({deploy['rows']} rows; difference interval "
+            f"{deploy['difference_low']:+.3f} to {deploy['difference_high']:+.3f})"
+        )
+    lines.append(f"  release F1 {release_score_text(settings, release)}")
+    return lines
 
 
 def _count(value: Any) -> str:
@@ -671,6 +783,15 @@ def _trend_series(settings: Settings) -> dict[str, Series]:
     for score in scores:
         add("f1", score["purpose"], score["time"], score["f1"])
         add("roc_auc", score["purpose"], score["time"], score["roc_auc"])
+    # Stage timings are those the stages recorded when they really ran (cycle or by hand), never a
+    # diagnostics run's own re-timing. Reporting's own time is left out, so that reporting again
+    # with nothing new writes the same report.
+    for stage_run in records.query(
+        database, "SELECT time, stage, seconds FROM stage_runs WHERE stage != 'reporting' "
+        "ORDER BY id DESC LIMIT ?",
+        (TREND_RUNS,),
+    )[::-1]:
+        add("timings", stage_run["stage"], stage_run["time"], stage_run["seconds"])
     for run in runs:
         payload = json.loads(run["payload"])
         time = run["time"]
@@ -681,8 +802,6 @@ def _trend_series(settings: Settings) -> dict[str, Series]:
         missing = payload.get("missing_data") or {}
         add("missing", "missing cells", time,
             sum(missing.values()) / len(missing) if missing else None)
-        for stage, seconds in (payload.get("stage_timings") or {}).items():
-            add("timings", stage, time, seconds)
     return trends
 
 
@@ -698,13 +817,12 @@ def _draw_trend(ax: Axes, title: str, unit: str, series: Series) -> None:
         runs = f"{len(points)} run" + ("" if len(points) == 1 else "s")
         ax.plot(times, values, marker="o", markersize=3, label=f"{label} ({runs})")
     times = [time for points in series.values() for time, _ in points]
-    if max(times) - min(times) < timedelta(hours=1):
-        # A single run (or a burst of them) would otherwise sit in years of empty axis.
-        middle = min(times) + (max(times) - min(times)) / 2
-        ax.set_xlim(middle - timedelta(hours=1), middle + timedelta(hours=1))
-    # A few ticks and a fixed legend: each tick is drawn as several objects, and loc="best" tries
-    # every position against every point.
-    locator = mdates.AutoDateLocator(minticks=3, maxticks=6)
+    # The axis spans the data, with a margin; a single run gets a minute either side.
+    margin = max((max(times) - min(times)) * 0.05, timedelta(minutes=1))
+    ax.set_xlim(min(times) - margin, max(times) + margin)
+    # A fixed legend: loc="best" tries every position against every point. (Fewer date ticks than
+    # AutoDateLocator's own choice leave some spans of time without an interval to tick them by.)
+    locator = mdates.AutoDateLocator()
     ax.xaxis.set_major_locator(locator)
     ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
     ax.yaxis.set_major_locator(MaxNLocator(5))

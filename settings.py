@@ -148,14 +148,25 @@ class ApiSettings(NamedTuple):
     max_request_bytes: larger request bodies are refused with 413 (16 MiB holds about 150,000
     JSON records).
     token_env_var: the environment variable holding the API token; when it is set, every endpoint
-    but /health requires it as a bearer token, and apicalls.py sends it.
+    but /health and /ping requires it as a bearer token, and apicalls.py sends it.
     timeout_seconds: how long apicalls.py waits for each answer before it gives up.
+    token_file: a file holding the API token (relative to config.json's folder), readable by its
+    owner only; used when the environment variable is not set. "" names none.
+    host, port, workers: where `python app.py` serves the API and with how many processes
+    (--host, --port and --workers take precedence).
+    worker_timeout_seconds: how long one request may take before gunicorn restarts its worker;
+    POST /diagnostics needs the most.
     """
 
     base_url: str = "http://127.0.0.1:8000"
     max_request_bytes: int = 16 * 1024 * 1024
     token_env_var: str = "RISK_API_TOKEN"
     timeout_seconds: float = 60.0
+    token_file: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 2
+    worker_timeout_seconds: float = 120.0
 
 
 class AlertSettings(NamedTuple):
@@ -347,9 +358,7 @@ def settings_from_mapping(raw: Any, config_path: Path) -> Settings:
     missing = [key for key in REQUIRED_PATH_KEYS if key not in raw]
     if missing:
         raise ConfigError(f"missing key {', '.join(repr(k) for k in missing)} {where}")
-    known = set(REQUIRED_PATH_KEYS) | set(SECTIONS) | {"schema", "log_path"}
-    for key in sorted(set(raw) - known):
-        log.warning("ignoring unknown config key %r %s", key, where)
+    _check_top_level_keys(raw, where)
 
     paths = {key: _resolve_path(raw[key], key, config_path) for key in REQUIRED_PATH_KEYS}
     for key in ("input_folder_path", "test_data_path"):
@@ -360,6 +369,7 @@ def settings_from_mapping(raw: Any, config_path: Path) -> Settings:
     sections = {name: _section(raw.get(name, {}), cls, name, where) for name, cls in SECTIONS.items()}
     _check_drift(sections["drift"], where)
     _check_alerts(sections["alerts"], where)
+    _check_api(sections["api"], where)
     return Settings(
         config_path=config_path,
         input_folder=paths["input_folder_path"],
@@ -371,6 +381,35 @@ def settings_from_mapping(raw: Any, config_path: Path) -> Settings:
         schema=_schema(raw.get("schema", {}), where),
         **sections,
     )
+
+
+def _check_top_level_keys(raw: dict, where: str) -> None:
+    """A misspelt section or key is an error naming the nearest valid one; other extras are logged.
+
+    An unknown key holding a JSON object is a section the user meant to configure ("modle"), and
+    silently ignoring it would run with defaults the user thinks are changed.
+    """
+    known = set(REQUIRED_PATH_KEYS) | set(SECTIONS) | {"schema", "log_path"}
+    for key in sorted(set(raw) - known):
+        hint = _did_you_mean([key], known)
+        if hint or isinstance(raw[key], dict):
+            what = "section" if isinstance(raw[key], dict) else "key"
+            sections = ", ".join(sorted(set(SECTIONS) | {"schema"}))
+            raise ConfigError(
+                f"unknown config {what} {key!r}{hint or f' (sections: {sections})'} {where}"
+            )
+        log.warning("ignoring unknown config key %r %s", key, where)
+
+
+def _did_you_mean(unknown: list[str], valid: Any) -> str:
+    """'; did you mean X?' for the first unknown name with a close valid one, else ''."""
+    import difflib  # here, not at the top: only a config with a mistake pays for it
+
+    for name in unknown:
+        close = difflib.get_close_matches(name, sorted(valid), n=1)
+        if close:
+            return f" (did you mean {close[0]!r}?)"
+    return ""
 
 
 def _resolve_path(value: Any, key: str, config_path: Path) -> Path:
@@ -386,7 +425,10 @@ def _section(raw: Any, cls: type, name: str, where: str) -> Any:
     defaults = cls._field_defaults
     unknown = sorted(set(raw) - set(defaults))
     if unknown:
-        raise ConfigError(f"unknown key {', '.join(unknown)} in {name!r} {where}")
+        raise ConfigError(
+            f"unknown key {', '.join(unknown)} in {name!r}{_did_you_mean(unknown, defaults)} "
+            f"{where}"
+        )
     values = {}
     for key, value in raw.items():
         expected = type(defaults[key])
@@ -443,6 +485,58 @@ def _check_alerts(alerts: AlertSettings, where: str) -> None:
             )
 
 
+def _check_api(api: ApiSettings, where: str) -> None:
+    if not api.host.strip():
+        raise ConfigError(f"api.host must name an interface, e.g. 127.0.0.1 {where}")
+    if not 1 <= api.port <= 65535:
+        raise ConfigError(f"api.port must be between 1 and 65535, got {api.port} {where}")
+    for name in ("workers", "max_request_bytes", "worker_timeout_seconds", "timeout_seconds"):
+        if not getattr(api, name) > 0:
+            raise ConfigError(f"api.{name} must be positive, got {getattr(api, name)} {where}")
+
+
+def api_token(settings: "Settings") -> str | None:
+    """The API token: $RISK_API_TOKEN (api.token_env_var), else api.token_file; None for neither.
+
+    A token that is set but empty is an error, not "no token": an empty variable or file is a
+    mistake (a secret not filled in), and serving without a token would open the API.
+    """
+    variable = settings.api.token_env_var
+    if variable in os.environ:
+        token = os.environ[variable].strip()
+        if not token:
+            raise ConfigError(
+                f"${variable} is set but empty: put the API token in it, or unset it to serve "
+                "without a token"
+            )
+        return token
+    if not settings.api.token_file:
+        return None
+    return _read_token_file(settings.base_dir / Path(settings.api.token_file).expanduser(),
+                            settings.config_path)
+
+
+def _read_token_file(path: Path, config_path: Path) -> str:
+    import stat  # here, not at the top: only a config with a token file pays for it
+
+    where = f"(api.token_file in config {config_path})"
+    try:
+        mode = path.stat().st_mode
+        if not stat.S_ISREG(mode):
+            raise ConfigError(f"the token file {path} is not a regular file {where}")
+        if mode & 0o077:
+            raise ConfigError(
+                f"the token file {path} can be read or changed by other users "
+                f"(mode {stat.S_IMODE(mode):o}): run 'chmod 600 {path}' {where}"
+            )
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"the token file {path} cannot be read: {error} {where}") from None
+    if not token:
+        raise ConfigError(f"the token file {path} is empty: put the API token in it {where}")
+    return token
+
+
 def is_http_url(text: str) -> bool:
     """Whether `text` is an http:// or https:// address with a host."""
     try:
@@ -460,7 +554,9 @@ def _schema(raw: Any, where: str) -> Schema:
     allowed = set(Schema._fields)
     unknown = sorted(set(raw) - allowed)
     if unknown:
-        raise ConfigError(f"unknown key {', '.join(unknown)} in 'schema' {where}")
+        raise ConfigError(
+            f"unknown key {', '.join(unknown)} in 'schema'{_did_you_mean(unknown, allowed)} {where}"
+        )
     target = raw.get("target", default.target)
     if not isinstance(target, str) or not target:
         raise ConfigError(f"schema.target must be a column name {where}")

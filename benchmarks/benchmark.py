@@ -58,10 +58,11 @@ STAGE_IMPORTS = {stage: stage for stage in STAGES} | {
     "ingestion": "ingestion, pandas",
     "scoring": "pandas, numpy",
     "deployment": "deployment, scoring",  # scoring reads latestscore.txt
-    "diagnostics": "diagnostics, scipy.stats",
+    "diagnostics": "diagnostics",  # scipy only for samples of at most 1,000 rows
     "reporting": f"reporting, matplotlib.backends.backend_agg, {PNG_AND_CSV}",
 }
-API_WORKER_IMPORTS = "flask, pandas, numpy"
+# A worker runs inside gunicorn, and the app counts requests with prometheus_client.
+API_WORKER_IMPORTS = "flask, pandas, numpy, gunicorn.app.base, prometheus_client"
 TARGETS = {
     "noop_cycle_ratio": 5.0,
     "drift_cycle_ratio": 1.3,

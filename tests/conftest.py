@@ -6,9 +6,14 @@ deployed workspace is built per session and each test gets its own copy of it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -79,6 +84,23 @@ def as_older_release(settings: Settings) -> None:
     atomicio.write_json(release.folder / RELEASE_MANIFEST_NAME, manifest)
 
 
+@pytest.fixture(autouse=True)
+def package_index_not_asked(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+    """Diagnostics never start pip processes in tests: each costs a second of CPU, and tests must
+    not reach a package index. Tests of the dependency check install their own answers; a test
+    marked `runs_pip` runs the real thing (against an index nobody listens on)."""
+    import diagnostics
+
+    if request.node.get_closest_marker("runs_pip"):
+        return
+
+    def not_asked(name: str, timeout: float) -> dict:
+        return {"latest": None, "error": "the package index is not asked in tests",
+                "checked_at": "2026-01-01T00:00:00+00:00"}
+
+    monkeypatch.setattr(diagnostics, "ask_index", not_asked)
+
+
 @pytest.fixture
 def workspace(tmp_path: Path) -> Settings:
     """A fresh workspace with source and test data, nothing ingested yet."""
@@ -98,3 +120,58 @@ def deployed(_deployed_template: Path, tmp_path: Path) -> Settings:
     root = tmp_path / "workspace"
     shutil.copytree(_deployed_template, root)
     return load_settings(root / "config.json")
+
+
+class Receiver:
+    """A webhook on 127.0.0.1: keeps what it is sent, answers with `status`, or stalls if `slow`."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.status = 200
+        self.answer = b"ok"
+        self.slow = False
+        self.received: list[dict] = []
+        self.content_types: list[str] = []
+        self.released = threading.Event()
+
+
+@pytest.fixture
+def receiver():
+    """A webhook receiver on 127.0.0.1, stopped at the end of the test."""
+    state = Receiver()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            state.received.append(json.loads(body))
+            state.content_types.append(self.headers["Content-Type"])
+            if state.slow:
+                state.released.wait(10)  # until teardown; the sender has given up long before
+                return
+            self.send_response(state.status)
+            self.send_header("Content-Length", str(len(state.answer)))
+            self.end_headers()
+            self.wfile.write(state.answer)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    try:
+        with serving(ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as url:
+            state.url = f"{url}/hooks/risk"
+            yield state
+    finally:
+        state.released.set()
+
+
+@contextlib.contextmanager
+def serving(server: Any) -> Iterator[str]:
+    """Run an HTTP server bound to 127.0.0.1 in a thread; give its base URL; stop it after."""
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join()
+        server.server_close()

@@ -25,7 +25,7 @@ CHANGED_ROWS = 3000
 @pytest.fixture
 def cycle_settings(deployed, monkeypatch):
     """A deployed workspace whose cycles skip the report and the API call (not under test here)."""
-    monkeypatch.setattr(fullprocess, "after_deployment", lambda settings: [])
+    monkeypatch.setattr(fullprocess, "after_deployment", lambda settings, cycle: [])
     config = json.loads(deployed.config_path.read_text())
     write_config(deployed.base_dir, **{**config, "api": {"base_url": "http://127.0.0.1:9"}})
     return load_settings(deployed.config_path)

@@ -9,9 +9,7 @@ import shlex
 import socket
 import sqlite3
 import sys
-import threading
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from conftest import write_config
@@ -25,52 +23,6 @@ from settings import AlertSettings, load_settings
 # Small limits keep the suite fast; the behaviour is the same at the defaults.
 FAST = {"timeout_seconds": 0.2, "attempts": 3, "backoff_seconds": 0.01, "budget_seconds": 10.0}
 NOON = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
-
-
-class Receiver:
-    """A webhook on 127.0.0.1: keeps what it is sent, answers with `status`, or stalls if `slow`."""
-
-    def __init__(self) -> None:
-        self.url = ""
-        self.status = 200
-        self.answer = b"ok"
-        self.slow = False
-        self.received: list[dict] = []
-        self.content_types: list[str] = []
-        self.released = threading.Event()
-
-
-@pytest.fixture
-def receiver():
-    state = Receiver()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            state.received.append(json.loads(body))
-            state.content_types.append(self.headers["Content-Type"])
-            if state.slow:
-                state.released.wait(10)  # until teardown; the sender has given up long before
-                return
-            self.send_response(state.status)
-            self.send_header("Content-Length", str(len(state.answer)))
-            self.end_headers()
-            self.wfile.write(state.answer)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    state.url = f"http://127.0.0.1:{server.server_port}/hooks/risk"
-    try:
-        yield state
-    finally:
-        state.released.set()
-        server.shutdown()
-        thread.join()
-        server.server_close()
 
 
 @pytest.fixture(autouse=True)

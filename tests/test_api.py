@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -184,8 +186,11 @@ def test_prediction_of_a_csv_body_matches_the_same_file_by_name(predict, deploye
     body = (deployed.base_dir / TEST_FILE).read_bytes()
 
     from_body = predict(data=body, content_type="text/csv")
+    from_file = predict(json={"filepath": TEST_FILE})
 
-    assert from_body == predict(json={"filepath": TEST_FILE})
+    assert from_file.pop("resolved_path") == TEST_FILE
+    assert "resolved_path" not in from_body
+    assert from_body == from_file
 
 
 def test_prediction_treats_null_as_a_missing_value_imputed_with_the_training_median(
@@ -244,7 +249,7 @@ CSV_HEADER = "corporation,lastmonth_activity,lastyear_activity,number_of_employe
         ({"data": CSV_HEADER + "abc,3,x40,5\n", "content_type": "text/csv"},
          400, "lastyear_activity 'x40' is not a number"),
         ({"data": "abc,3,40,5", "content_type": "text/plain"}, 415, "cannot read a body of type"),
-        ({"data": {"file": TEST_FILE}}, 400, "the form has no filepath field"),
+        ({"data": {"csv": TEST_FILE}}, 400, "the form has no filepath field"),
         ({"json": {"filepath": TEST_FILE}, "query_string": {"filepath": TEST_FILE}},
          400, "not both"),
     ],
@@ -271,19 +276,20 @@ def test_prediction_rejects_bad_input_naming_the_problem(client, request_args, s
         ("testdata/../testdata/testdata.csv", 400, "must not contain '..'"),
         ("models/trainingsample.csv", 400, "outside the data folders"),
         ("production_deployment/riskscores.csv", 400, "outside the data folders"),
-        ("config.csv", 400, "outside the data folders"),
+        ("config.csv", 404, "no file 'config.csv' in the data folders"),
         ("config.json", 400, "not a .csv file"),
         ("ingesteddata/ingestedfiles.txt", 400, "not a .csv file"),
         ("", 400, "must be a file name"),
         (42, 400, "must be a file name"),
-        ("{workspace}/" + TEST_FILE, 400, "must be relative"),
+        ("{workspace}/config.json.csv", 400, "outside the data folders"),
+        ("/etc/passwd.csv", 400, "outside the data folders"),
         ("testdata/absent.csv", 404, "no file 'testdata/absent.csv'"),
         ("sourcedata/nofolder/absent.csv", 404, "no file 'sourcedata/nofolder/absent.csv'"),
     ],
     ids=[
         "parent-first", "parent-within", "model-folder", "deployment-folder", "project-folder",
-        "not-csv", "not-csv-in-data-folder", "empty", "not-text", "absolute-to-a-data-file",
-        "absent-file", "absent-folder",
+        "not-csv", "not-csv-in-data-folder", "empty", "not-text",
+        "absolute-in-the-project-folder", "absolute-elsewhere", "absent-file", "absent-folder",
     ],
 )
 def test_prediction_refuses_a_filepath_outside_the_data_folders_or_absent(
@@ -540,7 +546,7 @@ def test_report_of_a_deployed_workspace_before_reporting_is_503_naming_reporting
 
 @pytest.mark.parametrize(
     ("method", "path", "status"),
-    [("get", "/nothing-here", 404), ("get", "/prediction", 405), ("post", "/scoring", 405)],
+    [("get", "/nothing-here", 404), ("delete", "/prediction", 405), ("post", "/scoring", 405)],
 )
 def test_unknown_path_or_method_answers_json(client, method, path, status):
     response = getattr(client, method)(path)
@@ -595,9 +601,9 @@ def test_each_pipeline_error_has_its_status(error, status):
 
 
 ENDPOINTS = [
-    ("get", "/ready"), ("post", "/prediction"), ("get", "/scoring"), ("get", "/summarystats"),
-    ("get", "/diagnostics"), ("post", "/diagnostics"), ("get", "/risk"), ("get", "/report"),
-    ("get", "/nothing-here"),
+    ("get", "/ready"), ("post", "/prediction"), ("get", "/prediction"), ("get", "/scoring"),
+    ("get", "/summarystats"), ("get", "/diagnostics"), ("post", "/diagnostics"), ("get", "/risk"),
+    ("get", "/report"), ("post", "/invocations"), ("get", "/metrics"), ("get", "/nothing-here"),
 ]
 
 
@@ -623,8 +629,26 @@ def test_right_token_is_accepted(token_client):
     assert response.status_code == 200
 
 
-def test_health_needs_no_token(token_client):
-    assert token_client.get("/health").status_code == 200
+@pytest.mark.parametrize("path", ["/health", "/ping"])
+def test_health_checks_need_no_token(token_client, path):
+    assert token_client.get(path).status_code == 200
+
+
+def test_empty_token_is_an_error_at_start_up_not_an_open_api(deployed, monkeypatch):
+    monkeypatch.setenv("RISK_API_TOKEN", "")
+
+    with pytest.raises(ConfigError, match="set but empty"):
+        create_app(deployed)
+
+
+def test_token_from_a_token_file_is_required(make_client, deployed):
+    token_file = deployed.base_dir / "api-token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    client = make_client(deployed._replace(api=deployed.api._replace(token_file="api-token")))
+
+    assert client.get("/ready").status_code == 401
+    assert client.get("/ready", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
 
 
 # --- Under gunicorn ----------------------------------------------------------------------------
@@ -652,16 +676,17 @@ def wait_until_healthy(base_url: str, server: subprocess.Popen, log_path: Path) 
     pytest.fail(f"gunicorn did not answer /health:\n{log_path.read_text()}")
 
 
-@pytest.fixture
-def gunicorn_url(deployed, tmp_path):
+@contextlib.contextmanager
+def running_gunicorn(settings, log_path: Path, workers: int = 2) -> Iterator[str]:
+    """`gunicorn wsgi:app` for a workspace on a free 127.0.0.1 port; its base URL; stopped after."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RISK_API_TOKEN"}
-    env["RISK_CONFIG"] = str(deployed.config_path)
-    log_path = tmp_path / "gunicorn.log"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RISK_API_TOKEN", "PROMETHEUS_MULTIPROC_DIR")}
+    env["RISK_CONFIG"] = str(settings.config_path)
     with open(log_path, "wb") as log_file:
         server = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "2",
-             "wsgi:app"],
+            [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers",
+             str(workers), "wsgi:app"],
             cwd=PROJECT_DIR, env=env, stdout=log_file, stderr=subprocess.STDOUT,
         )
     base_url = f"http://127.0.0.1:{port}"
@@ -675,6 +700,12 @@ def gunicorn_url(deployed, tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+@pytest.fixture
+def gunicorn_url(deployed, tmp_path):
+    with running_gunicorn(deployed, tmp_path / "gunicorn.log") as base_url:
+        yield base_url
 
 
 def test_gunicorn_serves_every_endpoint_and_a_new_release_without_restart(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -16,7 +15,7 @@ import atomicio
 import diagnostics
 from app import create_app
 from apicalls import ApiCallFailed, ApiUnreachable, main, resolve_base_url
-from conftest import TEST_ROWS
+from conftest import TEST_ROWS, serving
 from errors import ConfigError, run_cli
 
 TOKEN = "test-token-81d0"
@@ -43,15 +42,8 @@ def reported(deployed):
 @contextlib.contextmanager
 def serve(settings) -> Iterator[str]:
     """Serve the app on a free 127.0.0.1 port in a thread, giving its base URL; stop it after."""
-    server = make_server("127.0.0.1", 0, create_app(settings), threaded=True)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        thread.join()
-        server.server_close()
+    with serving(make_server("127.0.0.1", 0, create_app(settings), threaded=True)) as url:
+        yield url
 
 
 @pytest.fixture
@@ -125,6 +117,20 @@ def test_token_from_the_environment_is_sent(reported, monkeypatch):
     monkeypatch.setenv("RISK_API_TOKEN", TOKEN)
     with serve(reported) as url:
         assert run(reported, url) == 0
+
+
+def test_token_from_the_token_file_is_sent(reported):
+    (reported.base_dir / "api-token").write_text(TOKEN)
+    (reported.base_dir / "api-token").chmod(0o600)
+    settings = reported._replace(api=reported.api._replace(token_file="api-token"))
+
+    with serve(settings) as url:
+        answers = apicalls.call_endpoints(
+            settings, url, token=apicalls.token_from_environment(settings)
+        )
+
+    assert [answer.call.name for answer in answers.failures] == []
+    assert len(answers.returns) == len(apicalls.endpoint_calls(settings))
 
 
 def test_missing_token_fails_on_each_protected_endpoint(reported, monkeypatch):

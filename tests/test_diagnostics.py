@@ -198,6 +198,7 @@ def _requirements(tmp_path: Path, text: str) -> Path:
     return path
 
 
+@pytest.mark.runs_pip
 def test_dependency_check_offline_answers_unknown_with_the_reason(deployed, tmp_path, monkeypatch):
     # pip reads these before its config files: an index nobody listens on, and nothing else.
     monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)

@@ -152,7 +152,7 @@ def test_retrained_model_that_is_worse_is_not_deployed(cycle_settings, monkeypat
 
 
 def test_drift_retrain_holds_out_new_rows_and_scores_the_release_on_them(cycle_settings, monkeypatch):
-    monkeypatch.setattr(fullprocess, "after_deployment", lambda settings: [])
+    monkeypatch.setattr(fullprocess, "after_deployment", lambda settings, cycle: [])
     add_batch(cycle_settings, "drifted.csv",
               generate_data.make_clients(2000, seed=28, drifted=True, id_offset=550_000))
 
@@ -174,7 +174,7 @@ def test_drift_retrain_holds_out_new_rows_and_scores_the_release_on_them(cycle_s
 
 
 def test_next_batch_from_the_changed_process_is_not_drift_again(cycle_settings, monkeypatch):
-    monkeypatch.setattr(fullprocess, "after_deployment", lambda settings: [])
+    monkeypatch.setattr(fullprocess, "after_deployment", lambda settings, cycle: [])
     add_batch(cycle_settings, "drifted1.csv",
               generate_data.make_clients(2000, seed=29, drifted=True, id_offset=560_000))
     run(cycle_settings)
@@ -316,9 +316,62 @@ def test_cycle_log_rotates_when_it_grows_too_large(cycle_settings):
 @pytest.mark.parametrize(
     "argv",
     [["--config", "cfg.json"], ["--config=cfg.json"], ["--config", "cfg.json", "--dry-run"],
-     ["--force", "--config", "cfg.json"], ["--conf", "cfg.json"], []],
+     ["--force", "--config", "cfg.json"], ["--conf", "cfg.json"], [],
+     ["--config", "cfg.json", "--quiet"], ["--quiet", "--config", "cfg.json"]],
 )
 def test_command_line_is_read_as_argparse_reads_it(argv):
     expected = fullprocess.argument_parser().parse_args(argv)
 
     assert vars(fullprocess.parse_args(argv)) == vars(expected)
+
+
+def test_quiet_cycle_prints_nothing_on_success(cycle_settings, capsys):
+    assert run(cycle_settings, "--quiet") == 0
+
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "cycle ok" in cycle_settings.log_path.read_text()
+
+
+CRONTAB_STUB = """#!/bin/sh
+# A stand-in for crontab(1): -l prints the table, - replaces it with standard input.
+table="$CRONTAB_FILE"
+case "$1" in
+  -l) [ -f "$table" ] || { echo "no crontab for $USER" >&2; exit 1; }; cat "$table" ;;
+  -) new=$(cat); printf '%s\\n' "$new" > "$table" ;;  # read it all first, as crontab does
+  *) echo "unexpected crontab arguments: $*" >&2; exit 2 ;;
+esac
+"""
+
+
+def test_crontab_one_liner_installed_twice_leaves_one_job_and_keeps_the_others(tmp_path):
+    import os
+    import re
+    import shutil
+    import subprocess
+
+    from conftest import PROJECT_DIR
+
+    readme = (PROJECT_DIR / "README.md").read_text()
+    one_liner = re.search(r"```sh\n(\(crontab -l[^\n]*)\n```", readme).group(1)
+    bin_folder = tmp_path / "bin"
+    bin_folder.mkdir()
+    (bin_folder / "crontab").write_text(CRONTAB_STUB)
+    (bin_folder / "crontab").chmod(0o755)
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(PROJECT_DIR / "cronjob.txt", project / "cronjob.txt")
+    table = tmp_path / "crontab.txt"
+    table.write_text("0 3 * * * /usr/bin/backup --nightly\n")
+    environment = {**os.environ, "PATH": f"{bin_folder}:{os.environ['PATH']}",
+                   "CRONTAB_FILE": str(table)}
+
+    for _ in range(2):
+        subprocess.run(["bash", "-c", one_liner], cwd=project, env=environment, check=True)
+
+    lines = table.read_text().splitlines()
+    assert lines[0] == "0 3 * * * /usr/bin/backup --nightly"
+    jobs = [line for line in lines if "fullprocess" in line]
+    assert len(jobs) == 1
+    assert f"cd {project} && " in jobs[0] and "--quiet" in jobs[0]
+    assert "@PROJECT@" not in table.read_text()

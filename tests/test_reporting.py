@@ -224,3 +224,32 @@ def test_risk_list_file_holds_what_pandas_would_write(deployed, tmp_path):
     reporting.write_risk_list(tmp_path / "riskscores.csv", risk)
 
     assert (tmp_path / "riskscores.csv").read_text() == risk.to_csv(index=False, float_format="%.6f")
+
+
+def test_report_opens_with_the_decision_and_says_what_each_f1_was_measured_on(deployed, monkeypatch):
+    import json
+
+    import fullprocess
+    from conftest import write_config
+
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    config = json.loads(deployed.config_path.read_text())
+    write_config(deployed.base_dir, **{**config, "api": {"base_url": "http://127.0.0.1:9"}})
+    generate_data.write_csv(
+        generate_data.make_clients(2000, seed=91, relation=generate_data.OUTGROWN,
+                                   id_offset=910_000),
+        deployed.input_folder / "changed.csv",
+    )
+    assert fullprocess.main(["--config", str(deployed.config_path)]) == 0
+
+    pages = [page.extract_text() for page in pypdf.PdfReader(deployed.report_path).pages]
+
+    first = pages[0]
+    assert first.index("Why this release is served") < first.index("Deployed release")
+    assert "decided: drift-redeployed" in first
+    assert "on the new batch" in first and "allowed drop" in first
+    assert "F1 at release" in first and "on held-out new rows (600 rows" in first
+    assert "on the test data (95% bootstrap interval" in first
+    assert "candidate since the change" in first
+    assert "Dependencies" in pages[-1] and "Dependencies" not in " ".join(pages[:-1])
+    assert "\u2212" not in "".join(pages)  # no Unicode minus, which the core fonts lack

@@ -9,7 +9,7 @@ import pytest
 
 import ingestion
 from errors import ConfigError
-from settings import load_settings
+from settings import api_token, load_settings
 from conftest import build_workspace, write_config
 
 
@@ -65,13 +65,29 @@ def _broken_configs(root: Path) -> dict[str, tuple[str, str]]:
         "negative drift tolerance": (
             json.dumps({**good, "drift": {"tolerance": -0.1}}), "drift.tolerance"
         ),
+        "misspelt section": (
+            json.dumps({**good, "modle": {"C": 0.5}}), "unknown config section 'modle' .*'model'"
+        ),
+        "misspelt key in a section": (
+            json.dumps({**good, "scoring": {"bootstrap_sample": 3}}),
+            "did you mean 'bootstrap_samples'",
+        ),
+        "misspelt path key": (
+            json.dumps({**good, "log_pth": "x.log"}), "unknown config key 'log_pth'.*'log_path'"
+        ),
+        "unknown section": (
+            json.dumps({**good, "monitoring": {}}), "unknown config section 'monitoring' .*api"
+        ),
+        "port out of range": (json.dumps({**good, "api": {"port": 70000}}), "api.port"),
     }
 
 
 @pytest.mark.parametrize(
     "case",
     ["malformed json", "missing key", "missing input folder", "wrong type",
-     "unknown section key", "id used as feature", "not an object", "negative drift tolerance"],
+     "unknown section key", "id used as feature", "not an object", "negative drift tolerance",
+     "misspelt section", "misspelt key in a section", "misspelt path key", "unknown section",
+     "port out of range"],
 )
 def test_bad_config_is_one_clear_line_and_exit_code_2(tmp_path, capsys, case):
     build_workspace(tmp_path)
@@ -97,3 +113,67 @@ def test_missing_config_file_names_the_path(tmp_path, capsys):
 
     assert exit_code == 2
     assert "absent.json" in capsys.readouterr().err
+
+
+def test_unknown_top_level_key_unlike_any_section_is_ignored(tmp_path, caplog):
+    build_workspace(tmp_path)
+
+    settings = load_settings(write_config(tmp_path, comment="made by hand"))
+
+    assert settings.model.C == 1.0
+    assert "ignoring unknown config key 'comment'" in caplog.text
+
+
+# --- The API token ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def token_settings(tmp_path, monkeypatch):
+    """Settings whose api.token_file is secret.txt beside config.json; no token variable set."""
+    monkeypatch.delenv("RISK_API_TOKEN", raising=False)
+    build_workspace(tmp_path)
+    return load_settings(write_config(tmp_path, api={"token_file": "secret.txt"}))
+
+
+def write_token(settings, text: str, mode: int) -> None:
+    path = settings.base_dir / "secret.txt"
+    path.write_text(text)
+    path.chmod(mode)
+
+
+def test_token_comes_from_a_file_only_its_owner_can_read(token_settings):
+    write_token(token_settings, "s3cret-token\n", 0o600)
+
+    assert api_token(token_settings) == "s3cret-token"
+
+
+def test_token_variable_takes_precedence_over_the_token_file(token_settings, monkeypatch):
+    write_token(token_settings, "from-the-file", 0o600)
+    monkeypatch.setenv("RISK_API_TOKEN", "from-the-variable")
+
+    assert api_token(token_settings) == "from-the-variable"
+
+
+@pytest.mark.parametrize(
+    ("text", "mode", "message"),
+    [
+        ("s3cret", 0o640, "can be read or changed by other users .*chmod 600"),
+        ("s3cret", 0o604, "can be read or changed by other users"),
+        ("  \n", 0o600, "is empty"),
+        (None, None, "cannot be read"),
+    ],
+    ids=["group-readable", "world-readable", "empty", "absent"],
+)
+def test_bad_token_file_is_a_config_error(token_settings, text, mode, message):
+    if text is not None:
+        write_token(token_settings, text, mode)
+
+    with pytest.raises(ConfigError, match=message):
+        api_token(token_settings)
+
+
+def test_empty_token_variable_is_a_config_error_not_no_token(token_settings, monkeypatch):
+    monkeypatch.setenv("RISK_API_TOKEN", "")
+
+    with pytest.raises(ConfigError, match="RISK_API_TOKEN is set but empty"):
+        api_token(token_settings)
