@@ -800,8 +800,9 @@ class DeployedModel:
 
     The model is the release's model.json, plain data that numpy scores: a worker never unpickles
     a file (a pickle runs code when loaded) nor imports scikit-learn. A release without one is
-    refused (503) like a broken one. Deployment writes a release folder completely before it renames the manifest over the old
-    one, so a changed manifest always names a whole release; loading checks every file's checksum.
+    refused (503) like a broken one. Deployment writes a release folder completely before it
+    renames the manifest over the old one, so a changed manifest always names a whole release;
+    loading checks every file's checksum.
     A release that fails that check is refused (503) until the manifest changes again (redeploy or
     roll back): the previous model is not served in its place, as clients would take it for the
     current one.

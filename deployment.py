@@ -32,7 +32,8 @@ MANIFEST_NAME = "manifest.json"
 RELEASE_MANIFEST_NAME = "release.json"
 RELEASES_FOLDER = "releases"
 MODEL_FILE = "trainedmodel.pkl"
-MODEL_JSON_FILE = "model.json"  # the same model as plain data; absent for a model that is not linear
+# The same model as plain data; absent for a model that is not linear.
+MODEL_JSON_FILE = "model.json"
 METADATA_FILE = "trainedmodel.json"
 SCORE_FILE = "latestscore.txt"
 INGESTED_FILE = "ingestedfiles.txt"

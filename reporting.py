@@ -375,7 +375,8 @@ class _TextPages:
         for heading, lines in sections:
             # A heading never ends a page alone.
             self._make_room(3 * LINE_HEIGHT)
-            self._put(heading, size=HEADING_SIZE, weight="bold", family="sans-serif", height=2 * LINE_HEIGHT)
+            self._put(heading, size=HEADING_SIZE, weight="bold", family="sans-serif",
+                      height=2 * LINE_HEIGHT)
             for line in lines:
                 self._make_room(LINE_HEIGHT)
                 self._put(line, size=TEXT_SIZE, weight="normal", family="monospace",

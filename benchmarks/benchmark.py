@@ -46,10 +46,10 @@ PNG_AND_CSV = (
 # What a drift cycle uses: our modules, scikit-learn (retraining; narwhals is how it reads a
 # pandas frame), scipy.stats (the drift tests) and matplotlib's PDF and PNG back ends.
 CYCLE_IMPORTS = (
-    "fullprocess, ingestion, training, scoring, deployment, diagnostics, reporting, apicalls, alerts, "
-    "scipy.stats, scipy.spatial.distance, statistics, narwhals._pandas_like.dataframe, "
-    "narwhals._pandas_like.namespace, narwhals._interchange.dataframe, narwhals.stable.v2._namespace, "
-    "matplotlib.backends.backend_pdf, "
+    "fullprocess, ingestion, training, scoring, deployment, diagnostics, reporting, apicalls, "
+    "alerts, scipy.stats, scipy.spatial.distance, statistics, narwhals._pandas_like.dataframe, "
+    "narwhals._pandas_like.namespace, narwhals._interchange.dataframe, "
+    "narwhals.stable.v2._namespace, matplotlib.backends.backend_pdf, "
     f"matplotlib.backends.backend_agg, {PNG_AND_CSV}"
 )
 # Each stage's floor: a process importing what the stage uses, its own module and the libraries
@@ -82,7 +82,7 @@ TARGETS = {
 
 @dataclass
 class Measurement:
-    """Wall seconds of each run and of its floor run beside it; the largest peak memory of any run."""
+    """Wall seconds of each run and of the floor run after it; the largest peak memory of any."""
 
     label: str
     seconds: list[float] = field(default_factory=list)
@@ -441,8 +441,8 @@ def print_table(results: dict) -> None:
         print("\nAPI (gunicorn, 2 workers, 127.0.0.1; each request followed by GET /health):")
         for name, figures in results["api"].items():
             if name == "worker_ready":
-                print(f"  {'worker ready':<18} {figures['median']:.3f} s = {_ratio(figures)}; floor "
-                      f"{figures['floor_seconds']:.3f} s: {figures['floor']}")
+                print(f"  {'worker ready':<18} {figures['median']:.3f} s = {_ratio(figures)}; "
+                      f"floor {figures['floor_seconds']:.3f} s: {figures['floor']}")
             elif "p50_ms" in figures:
                 print(f"  {name:<18} p50 {figures['p50_ms']:8.2f} ms   p95 {figures['p95_ms']:8.2f} ms"
                       f"   ({figures['requests']} requests; /health p50 "

@@ -223,7 +223,8 @@ def test_risk_list_file_holds_what_pandas_would_write(deployed, tmp_path):
 
     reporting.write_risk_list(tmp_path / "riskscores.csv", risk)
 
-    assert (tmp_path / "riskscores.csv").read_text() == risk.to_csv(index=False, float_format="%.6f")
+    expected = risk.to_csv(index=False, float_format="%.6f")
+    assert (tmp_path / "riskscores.csv").read_text() == expected
 
 
 def test_report_opens_with_the_decision_and_says_what_each_f1_was_measured_on(deployed, monkeypatch):
