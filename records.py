@@ -1,8 +1,8 @@
 """The records database: what every stage did and measured, in one SQLite file beside the outputs.
 
-Each stage adds rows (an ingestion per file, a training, a score, a deployment, a diagnostics run, a
-pipeline cycle, an alert delivered or not) so that the report can draw trends and a person can see
-what happened with `sqlite3`.
+Each stage adds rows (an ingestion per file, a roster snapshot, a training, a score, a deployment, a
+diagnostics run, a pipeline cycle, an alert delivered or not, a risk list and its track record) so
+that the report can draw trends and a person can see what happened with `sqlite3`.
 Times are UTC ISO-8601 strings; structured details are stored as JSON text.
 """
 
@@ -16,8 +16,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from errors import StorageError
+
 # Stored in the database's user_version once its tables exist; raise it when SCHEMA gains a table.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 SCHEMA = {
     "ingestions": """
@@ -36,6 +38,21 @@ SCHEMA = {
             quarantined INTEGER NOT NULL DEFAULT 0,
             missing_cells INTEGER NOT NULL DEFAULT 0,
             reason TEXT
+        )""",
+    "rosters": """
+        CREATE TABLE IF NOT EXISTS rosters (
+            id INTEGER PRIMARY KEY,
+            run_id TEXT NOT NULL,
+            time TEXT NOT NULL,
+            file TEXT NOT NULL,
+            checksum TEXT NOT NULL,
+            snapshot INTEGER NOT NULL,        -- its number in the snapshot column of rosters.csv
+            master_position INTEGER NOT NULL, -- master rows known when it arrived: those are older
+            rows_read INTEGER NOT NULL,
+            clients INTEGER NOT NULL,         -- current clients it lists (one row each)
+            duplicate_ids INTEGER NOT NULL,   -- rows left out because a later row had the same id
+            new_clients INTEGER NOT NULL,     -- ids in no earlier labeled row or roster
+            quarantined INTEGER NOT NULL
         )""",
     "trainings": """
         CREATE TABLE IF NOT EXISTS trainings (
@@ -104,6 +121,40 @@ SCHEMA = {
             outcome TEXT NOT NULL,
             message TEXT
         )""",
+    "call_lists": """
+        CREATE TABLE IF NOT EXISTS call_lists (
+            id INTEGER PRIMARY KEY,
+            time TEXT NOT NULL,
+            model_version TEXT NOT NULL,      -- the release that ranked it
+            roster TEXT,                      -- the newest roster snapshot it ranks (file), if any
+            master_rows INTEGER NOT NULL,     -- the data it was made from: rows of finaldata.csv
+            roster_rows INTEGER NOT NULL,     -- ... and of rosters.csv
+            ranked INTEGER NOT NULL,          -- current clients ranked
+            from_rosters INTEGER NOT NULL,    -- ... whose newest row is a roster snapshot
+            left_not_ranked INTEGER NOT NULL, -- clients whose newest row says they left
+            top_n INTEGER NOT NULL,
+            top_clients TEXT NOT NULL,        -- JSON list of the top group, highest risk first
+            data_stamp TEXT NOT NULL,         -- release and data sizes: is the list current?
+            file_stamp TEXT                   -- riskscores.csv as written (size, mtime)
+        )""",
+    "call_list_results": """
+        CREATE TABLE IF NOT EXISTS call_list_results (
+            id INTEGER PRIMARY KEY,
+            time TEXT NOT NULL,
+            list_id INTEGER NOT NULL,         -- call_lists.id
+            outcomes_through INTEGER NOT NULL, -- master rows read for outcomes
+            top_known INTEGER NOT NULL,       -- clients of the top group whose outcome arrived
+            top_left INTEGER NOT NULL,        -- ... of whom left
+            ranked_known INTEGER NOT NULL,    -- ranked clients whose outcome arrived
+            ranked_left INTEGER NOT NULL,
+            precision REAL,                   -- top_left / top_known
+            precision_low REAL,
+            precision_high REAL,
+            leaver_share REAL,                -- ranked_left / ranked_known
+            lift REAL,                        -- precision / leaver_share
+            lift_low REAL,
+            lift_high REAL
+        )""",
     "alerts": """
         CREATE TABLE IF NOT EXISTS alerts (
             id INTEGER PRIMARY KEY,
@@ -141,21 +192,48 @@ def utc_now() -> str:
 
 @contextlib.contextmanager
 def connect(database: Path) -> Iterator[sqlite3.Connection]:
-    """Open the records database, creating its tables; commit on success, roll back on error."""
+    """Open the records database, creating its tables; commit on success, roll back on error.
+
+    A full disk or a database another process keeps locked is a StorageError naming what to free.
+    """
     database = Path(database)
     database.parent.mkdir(parents=True, exist_ok=True)
-    connection = sqlite3.connect(database, timeout=30)
-    connection.row_factory = sqlite3.Row
     try:
-        # WAL lets the API read while a cycle writes; in WAL mode NORMAL sync cannot corrupt the
-        # database and spares an fsync per record, which the 10-minute no-op cycle would pay.
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA synchronous=NORMAL")
-        _create_tables(connection)
-        with connection:
-            yield connection
-    finally:
-        connection.close()
+        connection = sqlite3.connect(database, timeout=30)
+        connection.row_factory = sqlite3.Row
+        try:
+            # WAL lets the API read while a cycle writes; in WAL mode NORMAL sync cannot corrupt the
+            # database and spares an fsync per record, which the 10-minute no-op cycle would pay.
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=NORMAL")
+            _create_tables(connection)
+            with connection:
+                yield connection
+        finally:
+            connection.close()
+    except sqlite3.OperationalError as error:
+        storage_error = _storage_error(database, error)
+        if storage_error is None:
+            raise
+        raise storage_error from error
+
+
+def _storage_error(database: Path, error: sqlite3.OperationalError) -> StorageError | None:
+    """The actionable form of a full disk or a held lock; None for any other database error."""
+    text = str(error).lower()
+    if "disk is full" in text:  # SQLITE_FULL: "database or disk is full"
+        return StorageError(
+            f"the records database {database} cannot grow: the disk holding {database.parent} is "
+            "full; free space there (old logs, source files already ingested, releases beyond "
+            "deployment.keep_releases) and run again"
+        )
+    if "database is locked" in text:
+        return StorageError(
+            f"the records database {database} stayed locked for 30 s: another process holds a "
+            "write transaction open (an `sqlite3` shell with an unfinished transaction?); end it "
+            "and run again"
+        )
+    return None
 
 
 def _create_tables(connection: sqlite3.Connection) -> None:
@@ -187,6 +265,23 @@ def add(database: Path, table: str, values: Mapping[str, Any]) -> int:
     )
     with connect(database) as connection:
         return int(connection.execute(sql, row).lastrowid)
+
+
+def add_all(database: Path, rows_by_table: Mapping[str, list[Mapping[str, Any]]]) -> None:
+    """Insert records into several tables in one transaction: all of them are stored, or none."""
+    unknown = sorted(set(rows_by_table) - set(SCHEMA))
+    if unknown:
+        raise ValueError(f"no table {', '.join(unknown)} in the records database")
+    with connect(database) as connection:
+        for table, rows in rows_by_table.items():
+            if not rows:
+                continue
+            columns = list(rows[0])
+            sql = (
+                f"INSERT INTO {table} ({', '.join(columns)}) "
+                f"VALUES ({', '.join('?' for _ in columns)})"
+            )
+            connection.executemany(sql, [[_to_column(row[c]) for c in columns] for row in rows])
 
 
 def update(database: Path, table: str, record_id: int, values: Mapping[str, Any]) -> None:

@@ -101,6 +101,26 @@ class DeploymentSettings(NamedTuple):
     keep_releases: int = 10
 
 
+class IngestionSettings(NamedTuple):
+    """How ingestion reads source files (ingestion.py, README).
+
+    chunk_rows: a file is read, checked and written this many rows at a time, so that a file of any
+    size is ingested in bounded memory.
+    settle_seconds: a file modified less than this long ago may still be being written (an upload,
+    a copy); it is left for the next run. A file that changes while it is read is left too.
+    """
+
+    chunk_rows: int = 200_000
+    settle_seconds: float = 5.0
+
+
+class LockSettings(NamedTuple):
+    """The pipeline lock (locks.py): how long a stage run by hand waits for a running cycle or stage
+    before it gives up with exit code 75. A cron cycle never waits: it exits and runs next time."""
+
+    wait_seconds: float = 10.0
+
+
 class DriftSettings(NamedTuple):
     """When a fall of F1 on newly arrived data counts as model drift (fullprocess.py, README).
 
@@ -139,6 +159,9 @@ class DiagnosticsSettings(NamedTuple):
     drift_share: float = 0.5
     # Size of the top group of the risk list: shown in the report, and followed across releases.
     risk_top_n: int = 100
+    # How many of the newest risk lists have their track record brought up to date when outcomes
+    # arrive (calllist.py); older lists keep the track record they had.
+    risk_tracked_lists: int = 20
 
 
 class ApiSettings(NamedTuple):
@@ -214,6 +237,8 @@ class RetrainSettings(NamedTuple):
 
 
 SECTIONS: dict[str, type] = {
+    "ingestion": IngestionSettings,
+    "lock": LockSettings,
     "model": ModelSettings,
     "scoring": ScoringSettings,
     "deployment": DeploymentSettings,
@@ -236,6 +261,8 @@ class Settings(NamedTuple):
     deployment_folder: Path
     log_path: Path
     schema: Schema = Schema()
+    ingestion: IngestionSettings = IngestionSettings()
+    lock: LockSettings = LockSettings()
     model: ModelSettings = ModelSettings()
     scoring: ScoringSettings = ScoringSettings()
     deployment: DeploymentSettings = DeploymentSettings()
@@ -265,6 +292,14 @@ class Settings(NamedTuple):
     def latest_batch_path(self) -> Path:
         """The rows the most recent ingestion added, for drift checks against the deployed model."""
         return self.output_folder / "latestbatch.csv"
+
+    @property
+    def rosters_path(self) -> Path:
+        """The roster snapshots: current clients as each roster listed them, outcome unknown.
+
+        Beside the master dataset and never part of it: rows without a target are not training data.
+        """
+        return self.output_folder / "rosters.csv"
 
     @property
     def records_path(self) -> Path:
@@ -368,6 +403,7 @@ def settings_from_mapping(raw: Any, config_path: Path) -> Settings:
 
     sections = {name: _section(raw.get(name, {}), cls, name, where) for name, cls in SECTIONS.items()}
     _check_drift(sections["drift"], where)
+    _check_ingestion(sections["ingestion"], sections["lock"], where)
     _check_alerts(sections["alerts"], where)
     _check_api(sections["api"], where)
     return Settings(
@@ -447,6 +483,22 @@ def _check_drift(drift: DriftSettings, where: str) -> None:
         raise ConfigError(f"drift.rule must be 'interval' or 'raw', not {drift.rule!r} {where}")
     if drift.tolerance < 0:
         raise ConfigError(f"drift.tolerance must not be negative, got {drift.tolerance} {where}")
+
+
+def _check_ingestion(ingestion: IngestionSettings, lock: LockSettings, where: str) -> None:
+    if ingestion.chunk_rows < 1:
+        raise ConfigError(
+            f"ingestion.chunk_rows must be at least 1, got {ingestion.chunk_rows} {where}"
+        )
+    # Written as `not (...)` so that NaN, which JSON allows, fails the checks.
+    if not ingestion.settle_seconds >= 0:
+        raise ConfigError(
+            f"ingestion.settle_seconds must not be negative, got {ingestion.settle_seconds} {where}"
+        )
+    if not lock.wait_seconds >= 0:
+        raise ConfigError(
+            f"lock.wait_seconds must not be negative, got {lock.wait_seconds} {where}"
+        )
 
 
 def _check_alerts(alerts: AlertSettings, where: str) -> None:
