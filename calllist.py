@@ -462,8 +462,9 @@ def rebuild_call_list(settings: Settings) -> CallList:
         return _call_list(settings, latest, rebuilt=False)
 
     from dataset import read_master
+    from scoring import load_deployed
 
-    model, release = deployment.load_deployed_model(settings)
+    model, release = load_deployed(settings)
     schema = settings.schema
     history = client_history(read_master(settings), read_snapshots(settings), schema)
     current = current_clients(history, schema)

@@ -3,9 +3,14 @@
 Everything that turns a fitted model and rows into answers lives here, so the API, the report, the
 cycle and this command agree by construction:
 
+- `load_deployed` and `load_served_model` give the deployed release's model as a `ServedModel`:
+  its model.json (the fitted arithmetic as plain data, written by training) scored by
+  `LinearScorer` in numpy, so that nothing here imports scikit-learn or unpickles a file; only a
+  release without model.json (trained before it existed, or not linear) falls back to the pickle,
+  and the API never does;
 - `load_model` unpickles a model this project saved, after checking its checksum;
-- `predict_frame` gives each row's class and probability of leaving, through `LinearScorer` (the
-  model's arithmetic in numpy, from `training.linear_model_params`) when the model is ours;
+- `predict_frame` gives each row's class and probability of leaving, for a ServedModel or a
+  scikit-learn model (through its LinearScorer when the model is ours);
 - `explain` gives the reasons of each row's risk: every feature's exact term of the log-odds
   against the typical client, and the three that raise it most, in words;
 - `evaluate` measures a model on a labelled frame (F1 with a bootstrap interval, precision, recall,
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import math
 import pickle
@@ -35,6 +41,7 @@ import pandas as pd
 import atomicio
 import records
 from dataset import read_dataset
+from deployment import MODEL_FILE, MODEL_JSON_FILE, Release, current_release, verify_release
 from errors import DataError, DeploymentError, ModelNotFoundError, run_cli
 from locks import pipeline_lock
 from settings import Schema, ScoringSettings, Settings, add_config_argument, load_settings
@@ -47,20 +54,106 @@ log = logging.getLogger(__name__)
 
 def load_model(model_path: Path, expected_sha256: str | None = None) -> Any:
     """Unpickle a model this project saved; with a checksum, refuse a file that differs from it."""
-    model_path = Path(model_path)
-    if not model_path.is_file():
-        raise ModelNotFoundError(f"no model at {model_path}: run training.py first")
-    data = model_path.read_bytes()
+    data = _checked_bytes(Path(model_path), expected_sha256)
+    # Only ever our own, checksummed files reach this point: a pickle runs code when loaded.
+    return pickle.loads(data)  # noqa: S301
+
+
+def read_plain_model(path: Path, expected_sha256: str | None = None) -> LinearScorer:
+    """The LinearScorer of a model.json training wrote; with a checksum, only of that very file."""
+    params = json.loads(_checked_bytes(Path(path), expected_sha256))
+    if not isinstance(params, dict) or params.get("format") != 1:
+        raise DeploymentError(
+            f"{path} is not a model.json this version reads (format {params.get('format')!r}): "
+            "train and deploy again"
+        )
+    try:
+        return LinearScorer(params)
+    except (KeyError, TypeError, ValueError) as error:
+        raise DeploymentError(f"{path} does not describe a model: {error!r}") from None
+
+
+def _checked_bytes(path: Path, expected_sha256: str | None) -> bytes:
+    if not path.is_file():
+        raise ModelNotFoundError(f"no model at {path}: run training.py first")
+    data = path.read_bytes()
     if expected_sha256 is not None:
         actual = hashlib.sha256(data).hexdigest()
         if actual != expected_sha256:
             raise DeploymentError(
-                f"model {model_path} does not match its recorded checksum "
+                f"model {path} does not match its recorded checksum "
                 f"(expected {expected_sha256[:12]}…, found {actual[:12]}…): refusing to load it; "
                 "redeploy or roll back"
             )
-    # Only ever our own, checksummed files reach this point: a pickle runs code when loaded.
-    return pickle.loads(data)  # noqa: S301
+    return data
+
+
+@dataclass(frozen=True, eq=False)
+class ServedModel:
+    """A model as the system uses it: its plain-data arithmetic when it has one, else its pickle.
+
+    `scorer` is set for our linear models (model.json), `model` (the unpickled object) only for a
+    model without one; predict_frame and evaluate take either, as they take a scikit-learn model.
+    """
+
+    version: str | None
+    scorer: LinearScorer | None = None
+    model: Any = None
+
+    @property
+    def threshold(self) -> float | None:
+        """The probability from which a client is predicted to leave."""
+        if self.scorer is not None:
+            return self.scorer.threshold
+        return _decision_threshold(self.model)
+
+
+def load_served_model(release: Release, *, allow_pickle: bool = True) -> ServedModel:
+    """A release's model: its model.json, or (`allow_pickle`, for older releases) its pickle.
+
+    Checksums are those the release recorded; the caller has checked the release as a whole
+    (deployment.verify_release) or trusts its folder.
+    """
+    if MODEL_JSON_FILE in release.files:
+        scorer = read_plain_model(release.folder / MODEL_JSON_FILE, release.files[MODEL_JSON_FILE])
+        if scorer.params.get("model_sha256") != release.files.get(MODEL_FILE):
+            raise DeploymentError(
+                f"the {MODEL_JSON_FILE} of release {release.version} was made from another "
+                f"model than its {MODEL_FILE}: redeploy or roll back"
+            )
+        return ServedModel(release.version, scorer=scorer)
+    if not allow_pickle:
+        raise DeploymentError(
+            f"release {release.version} has no {MODEL_JSON_FILE} (it was trained before models "
+            "were saved as plain data, or its model is not linear) and a pickle is never loaded "
+            "here: train and deploy again (fullprocess.py --force)"
+        )
+    return ServedModel(
+        release.version, model=load_model(release.model_path, release.files[MODEL_FILE])
+    )
+
+
+def load_deployed(settings: Settings, *, allow_pickle: bool = True) -> tuple[ServedModel, Release]:
+    """The current release's model and the release, after checking every file's checksum."""
+    release = current_release(settings)
+    verify_release(release)
+    return load_served_model(release, allow_pickle=allow_pickle), release
+
+
+def load_trained_model(model_path: Path, metadata: dict[str, Any]) -> ServedModel:
+    """The model saved at `model_path` (a model folder's or a release's) with its `metadata`.
+
+    Its model.json when training wrote one beside it and both match the metadata; else the pickle.
+    """
+    model_path = Path(model_path)
+    plain_path = model_path.with_name(MODEL_JSON_FILE)
+    checksum = metadata.get("model_json_sha256")
+    version = metadata.get("version")
+    if checksum and plain_path.is_file():
+        scorer = read_plain_model(plain_path, checksum)
+        if scorer.params.get("model_sha256") == metadata.get("model_sha256"):
+            return ServedModel(version, scorer=scorer)
+    return ServedModel(version, model=load_model(model_path, metadata.get("model_sha256")))
 
 
 # A client manager prepares a call from a few reasons, not from every feature.
@@ -293,6 +386,9 @@ def _json_value(value: Any) -> Any:
 
 def linear_scorer(model: Any) -> LinearScorer | None:
     """The model's LinearScorer, made once per model object; None for a model of another shape."""
+    if isinstance(model, ServedModel):
+        # An older release's pickle, when it is our linear pipeline, still has its arithmetic.
+        return model.scorer if model.model is None else linear_scorer(model.model)
     if model not in _scorers:
         from training import linear_model_params  # the model is a scikit-learn object already
 
@@ -340,7 +436,9 @@ def predict_frame(
             predictions=(probabilities >= scorer.threshold).astype(int).tolist(),
             probabilities=probabilities.tolist(),
         )
-    features = _model_input(frame, schema)
+    if isinstance(model, ServedModel):
+        model = model.model
+    features = model_input(frame, schema)
     probabilities = model.predict_proba(features)[:, 1]
     threshold = _decision_threshold(model)
     if threshold is None:
@@ -355,9 +453,12 @@ def predict_frame(
     )
 
 
-def _model_input(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
-    # Nullable Int64 columns take a slow path through scikit-learn's input checks; plain float64
-    # (missing as NaN) gives the model the same numbers faster.
+def model_input(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
+    """The feature columns as a scikit-learn model takes them fastest: numbers as float64 with NaN.
+
+    Nullable Int64 columns take a slow path through scikit-learn's input checks; plain float64
+    gives the model the same numbers faster.
+    """
     columns = {
         column: (
             frame[column].to_numpy(dtype="float64", na_value=np.nan)
@@ -685,14 +786,14 @@ def score(
     latestscore.txt is written only for the trained model on the test data, so that scoring some
     other model or dataset by hand never changes what deployment will ship. `model` is the object
     saved at `model_path` when the caller already holds it (the cycle's fresh candidate), which
-    spares unpickling it again.
+    spares loading it again; otherwise its model.json is scored, when training wrote one.
     """
     started = time.perf_counter()
     writes_score = model_path is None and data_path is None
     model_path = Path(model_path) if model_path else settings.model_path
     metadata = model_metadata(model_path)
     if model is None:
-        model = load_model(model_path, metadata.get("model_sha256"))
+        model = load_trained_model(model_path, metadata)
     if data_path is None:
         frame = read_test_data(settings)
         data_label = ", ".join(str(p) for p in settings.test_data_files())

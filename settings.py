@@ -314,6 +314,11 @@ class Settings(NamedTuple):
         return self.model_folder / "trainedmodel.json"
 
     @property
+    def model_json_path(self) -> Path:
+        """The trained model as plain data (numpy alone scores it): what serving and scoring use."""
+        return self.model_folder / "model.json"
+
+    @property
     def score_path(self) -> Path:
         return self.model_folder / "latestscore.txt"
 

@@ -4,6 +4,12 @@ The model is a scikit-learn Pipeline (per-type preprocessing in a ColumnTransfor
 regression) wrapped in a FixedThresholdClassifier: the system is judged by F1, so the decision
 threshold is tuned for F1 by cross-validation and travels inside the pickle, where every prediction
 (model.predict) uses it.
+
+Beside the pickle, training writes model.json: the same fitted arithmetic as plain data (medians,
+log and scaling parameters, categories, weights, threshold), checked against predict_proba on the
+training rows. Serving, scoring, the drift check and the risk list use it through numpy alone, so
+they neither import scikit-learn nor unpickle anything; the pickle stays for the course contract
+and for any model that is not linear.
 """
 
 from __future__ import annotations
@@ -30,18 +36,24 @@ from sklearn.metrics import f1_score, precision_recall_curve, roc_auc_score
 from sklearn.model_selection import FixedThresholdClassifier, StratifiedKFold, cross_val_predict
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
+from threadpoolctl import threadpool_limits
 
 import atomicio
 import records
 from errors import InsufficientDataError, run_cli
 from dataset import read_master, row_hashes
 from locks import pipeline_lock
+from scoring import LinearScorer, model_input
 from settings import ModelSettings, Schema, Settings, add_config_argument, load_settings
 
 log = logging.getLogger(__name__)
 
 # Enough rows to test each feature for drift with good power, few enough to keep releases small.
 TRAINING_SAMPLE_ROWS = 5000
+# model.json must give predict_proba's probabilities to within this, or training stops: a larger
+# difference is a bug in the export, and serving it would change every answer.
+PLAIN_MODEL_TOLERANCE = 1e-12
+PLAIN_MODEL_FORMAT = 1
 
 
 @dataclass
@@ -73,7 +85,11 @@ class TrainingResult:
 
 
 def build_pipeline(schema: Schema, options: ModelSettings) -> Pipeline:
-    """Preprocessing by column type, then logistic regression; id columns are never features."""
+    """Preprocessing by column type, then logistic regression; id columns are never features.
+
+    Medians are np.median of each column's present values: strategy="median" computes the same
+    number through numpy's masked arrays, at 0.9 s per fit on 800,000 rows against 0.1 s.
+    """
     counts = [c for c in schema.numeric_features if c in schema.count_columns]
     other_numbers = [c for c in schema.numeric_features if c not in schema.count_columns]
     transformers = []
@@ -81,7 +97,7 @@ def build_pipeline(schema: Schema, options: ModelSettings) -> Pipeline:
         transformers.append((
             "counts",
             make_pipeline(
-                SimpleImputer(strategy="median"),
+                SimpleImputer(strategy=np.median),
                 # Activity and company size span orders of magnitude; log1p makes them usable by
                 # a linear model and keeps zero at zero.
                 FunctionTransformer(np.log1p, feature_names_out="one-to-one"),
@@ -92,7 +108,7 @@ def build_pipeline(schema: Schema, options: ModelSettings) -> Pipeline:
     if other_numbers:
         transformers.append((
             "numbers",
-            make_pipeline(SimpleImputer(strategy="median"), StandardScaler()),
+            make_pipeline(SimpleImputer(strategy=np.median), StandardScaler()),
             other_numbers,
         ))
     if schema.categorical_features:
@@ -163,7 +179,7 @@ def fit_model(
 ) -> tuple[ClassifierMixin, dict[str, Any]]:
     """Fit the model and choose its threshold; return it with how the threshold was chosen."""
     target = frame[schema.target].astype(int).to_numpy()
-    features = frame[list(schema.features)]
+    features = model_input(frame, schema)
     class_counts = np.bincount(target, minlength=2)
     if len(frame) == 0 or class_counts.min() == 0:
         only = "no rows" if len(frame) == 0 else (
@@ -177,7 +193,8 @@ def fit_model(
     pipeline = build_pipeline(schema, options)
     needed = options.cv_folds * options.min_class_rows_per_fold
     if class_counts.min() >= needed:
-        threshold, cv_f1 = tune_threshold(pipeline, features, target, options, sample_weight)
+        with one_blas_thread():
+            threshold, cv_f1 = tune_threshold(pipeline, features, target, options, sample_weight)
         info = {
             "threshold": threshold,
             "threshold_source": f"tuned for F1 by {options.cv_folds}-fold cross-validation",
@@ -194,7 +211,8 @@ def fit_model(
             "cv_f1": None,
         }
     model = FixedThresholdClassifier(pipeline, threshold=threshold, response_method="predict_proba")
-    model.fit(features, target, **_weight_params(sample_weight))
+    with one_blas_thread():
+        model.fit(features, target, **_weight_params(sample_weight))
     return model, info
 
 
@@ -210,15 +228,25 @@ def fit_quickly(
     target = frame[schema.target].astype(int).to_numpy()
     if len(frame) == 0 or np.bincount(target, minlength=2).min() == 0:
         raise InsufficientDataError("a training plan needs clients who left and who stayed")
-    features = frame[list(schema.features)]
+    features = model_input(frame, schema)
     pipeline = build_pipeline(schema, options)
-    pipeline.fit(features, target, **_weight_params(sample_weight))
+    with one_blas_thread():
+        pipeline.fit(features, target, **_weight_params(sample_weight))
     probabilities = pipeline.predict_proba(features)[:, 1]
     precision, recall, thresholds = precision_recall_curve(
         target, probabilities, sample_weight=sample_weight
     )
     f1 = f1_from_precision_recall(precision[:-1], recall[:-1])
     return pipeline, float(thresholds[int(np.argmax(f1))])
+
+
+def one_blas_thread() -> threadpool_limits:
+    """Fit with one BLAS thread: the products of a few feature columns are too small to share out.
+
+    On two cores, OpenBLAS's threads made a logistic regression on 800,000 rows take 2.0-2.4 s
+    instead of 1.1-1.3 s, and on 10,000 rows up to twice as long, whenever the other core was busy.
+    """
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _weight_params(sample_weight: np.ndarray | None) -> dict[str, Any]:
@@ -288,7 +316,7 @@ def train(
     measured = frame.sample(n=min(len(frame), settings.model.max_tuning_rows),
                             random_state=settings.model.random_state)
     measured_target = measured[schema.target].astype(int).to_numpy()
-    probabilities = model.predict_proba(measured[list(schema.features)])[:, 1]
+    probabilities = model.predict_proba(model_input(measured, schema))[:, 1]
     trained_at = datetime.now(UTC)
     # Milliseconds keep versions distinct when the same data is trained twice in a second.
     version = f"{trained_at:%Y%m%dT%H%M%S}.{trained_at.microsecond // 1000:03d}Z-{data_checksum[:8]}"
@@ -325,8 +353,14 @@ def train(
         "training_seconds": round(seconds, 3),
         "library_versions": library_versions(),
     }
+    # Gone before the pickle changes, so that model.json never stands beside another model.
+    settings.model_json_path.unlink(missing_ok=True)
     atomicio.write_bytes(settings.model_path, pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL))
     metadata["model_sha256"] = atomicio.sha256_of(settings.model_path)
+    plain = plain_model(model, metadata, measured, probabilities)
+    if plain is not None:
+        atomicio.write_json(settings.model_json_path, plain)
+        metadata["model_json_sha256"] = atomicio.sha256_of(settings.model_json_path)
     sample = frame.sample(
         n=min(len(frame), TRAINING_SAMPLE_ROWS), random_state=settings.model.random_state
     ).sort_index()
@@ -378,6 +412,42 @@ def library_versions() -> dict[str, str]:
         "scikit-learn": sklearn.__version__,
         "pandas": pd.__version__,
         "numpy": np.__version__,
+    }
+
+
+def plain_model(
+    model: ClassifierMixin, metadata: dict[str, Any], rows: pd.DataFrame, probabilities: np.ndarray
+) -> dict[str, Any] | None:
+    """The fitted model as model.json holds it, checked to give `probabilities` on `rows`.
+
+    None for a model that is not the linear pipeline build_pipeline() makes: its users load the
+    pickle instead. `probabilities` are model.predict_proba's on `rows`, some of the training rows.
+    """
+    try:
+        params = linear_model_params(model)
+    except ValueError as error:
+        log.info("no model.json for model %s (%s): only its pickle can score", metadata["version"],
+                 error)
+        return None
+    difference = float(np.max(
+        np.abs(LinearScorer(params).probabilities(rows) - probabilities), initial=0.0
+    ))
+    if difference > PLAIN_MODEL_TOLERANCE:
+        raise RuntimeError(
+            f"model.json would differ from predict_proba by up to {difference:.3g} on the training "
+            f"rows (allowed {PLAIN_MODEL_TOLERANCE:g}): the export does not match the pipeline"
+        )
+    return {
+        "format": PLAIN_MODEL_FORMAT,
+        "version": metadata["version"],
+        "features": metadata["features"],
+        "numeric_features": metadata["schema"]["numeric_features"],
+        "categorical_features": metadata["schema"]["categorical_features"],
+        **params,
+        "model_sha256": metadata["model_sha256"],
+        "library_versions": metadata["library_versions"],
+        "checked_on_training_rows": len(rows),
+        "largest_difference_from_predict_proba": difference,
     }
 
 
