@@ -94,7 +94,9 @@ ERROR_STATUS: dict[type[PipelineError], int] = {
     DeploymentError: 503,
 }
 EXTENSION = "risk"  # the app.extensions key of an app's ApiState
-OPEN_ENDPOINTS = {"api.health", "api.ping"}  # answered without the token
+# Answered without the token (static: the pages' stylesheet).
+OPEN_ENDPOINTS = {"api.health", "api.ping", "static"}
+PAGES = "pages"  # the pages' blueprint (pages.py) checks its own login session
 CSV_TYPES = ("text/csv", "application/csv")
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 # The names course clients give the data file, as a JSON key, form field or query parameter.
@@ -144,6 +146,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.before_request(require_token)
     app.after_request(count_request)
     app.register_blueprint(bp)
+    import pages  # imported here, as flaskr's factory imports its blueprints: pages imports app
+    app.register_blueprint(pages.bp)
     return app
 
 
@@ -353,9 +357,15 @@ def public_message(message: str, settings: Settings) -> str:
 
 
 def require_token() -> None:
-    """When the server started with a token, every request but /health and /ping must bring it."""
+    """When the server started with a token, every request but /health and /ping must bring it.
+
+    The pages (pages.py) take the token once at their login and check their own session cookie.
+    """
     api = state()
-    if api.token and request.endpoint not in OPEN_ENDPOINTS and not bearer_token_matches(api.token):
+    if (
+        api.token and request.endpoint not in OPEN_ENDPOINTS and request.blueprint != PAGES
+        and not bearer_token_matches(api.token)
+    ):
         source = f"${api.settings.api.token_env_var}"
         if api.settings.api.token_file:
             source += " or api.token_file"
