@@ -192,6 +192,68 @@ def drift_decision(
     )
 
 
+class EarlyWarning(NamedTuple):
+    """Does a roster, whose outcomes nobody knows yet, suggest the model will do worse?"""
+
+    warned: bool
+    reason: str
+    numbers: dict[str, Any]
+
+
+def early_warning(
+    release_score: dict[str, Any],
+    estimate: dict[str, Any],
+    drifted_features: list[str],
+    covariate_drift: bool,
+    rule: DriftSettings,
+    z: float = 1.96,
+) -> EarlyWarning:
+    """Warn when the F1 estimated on a roster fell beyond noise, or its features drifted.
+
+    `release_score` is the release's recorded reference (F1 with its interval), `estimate` the
+    estimated F1 with its interval. The estimate assumes the relation the model learnt still holds;
+    a move of the features alone (a new kind of client) may leave the estimated F1 where it was
+    while the model is extrapolating, so covariate drift warns too. Never a reason to retrain:
+    that needs labels.
+    """
+    release_f1 = release_score.get("f1")
+    numbers: dict[str, Any] = {
+        "release_f1": release_f1,
+        "release_f1_low": release_score.get("f1_low"),
+        "release_f1_high": release_score.get("f1_high"),
+        "estimated_f1": estimate["f1"],
+        "covariate_drift": bool(covariate_drift),
+        "drifted_features": list(drifted_features),
+    }
+    reasons = []
+    if release_f1 is not None:
+        noise = z * math.hypot(
+            standard_error_from_interval(release_score.get("f1_low"), release_score.get("f1_high"),
+                                         z),
+            standard_error_from_interval(estimate["f1_low"], estimate["f1_high"], z),
+        )
+        numbers["allowed_drop"] = noise + rule.tolerance
+        numbers["drop"] = release_f1 - estimate["f1"]
+        numbers["estimated_drop"] = numbers["drop"] > numbers["allowed_drop"]
+        if numbers["estimated_drop"]:
+            reasons.append(
+                f"estimated drop beyond noise: F1 {estimate['f1']:.3f} estimated on the roster vs "
+                f"{release_f1:.3f} at release (allowed drop {numbers['allowed_drop']:.3f})"
+            )
+    if covariate_drift:
+        reasons.append(f"the roster's features drifted ({', '.join(drifted_features)})")
+    numbers["warning"] = bool(reasons)
+    if reasons:
+        return EarlyWarning(True, "; ".join(reasons), numbers)
+    return EarlyWarning(
+        False,
+        f"estimated F1 {estimate['f1']:.3f} on the roster, within noise of the release's "
+        + ("(not recorded)" if release_f1 is None else f"{release_f1:.3f}")
+        + "; no feature drift",
+        numbers,
+    )
+
+
 def _measure_check(measure: Measure, rule: DriftSettings, z: float) -> dict[str, Any]:
     """Did one measure fall by more than sampling noise (rule 'interval') or the tolerance?"""
     if measure.deployed is None or measure.new is None:
