@@ -49,6 +49,7 @@ from gunicorn.app.base import BaseApplication
 from werkzeug.datastructures import MultiDict, WWWAuthenticate
 from werkzeug.exceptions import HTTPException, Unauthorized
 
+import calllist
 import deployment
 import diagnostics
 import records
@@ -66,7 +67,14 @@ from errors import (
     UnsupportedInput,
     run_cli,
 )
-from scoring import LinearScorer, evaluate, linear_scorer, predict_frame, read_test_data
+from scoring import (
+    LinearScorer,
+    evaluate,
+    explain,
+    linear_scorer,
+    predict_frame,
+    read_test_data,
+)
 from settings import ApiSettings, Schema, Settings, add_config_argument, api_token, load_settings
 
 log = logging.getLogger(__name__)
@@ -105,6 +113,8 @@ MLFLOW_ACCEPTED_INPUT = (
 # What MLflow's clients read in an error answer besides our "error": its error_code names.
 MLFLOW_ERROR_CODES = {503: "TEMPORARILY_UNAVAILABLE", 500: "INTERNAL_ERROR"}
 DEFAULT_RISK_TOP = 10
+# Rows of the risk list each worker keeps parsed: a list may hold a million clients.
+CACHED_RISK_ROWS = 1000
 # An error message quotes what it found (a header, a value); a junk request must not echo megabytes.
 MAX_ERROR_CHARS = 2000
 
@@ -159,12 +169,18 @@ def ready() -> Response:
 
 @bp.route("/prediction", methods=["GET", "POST"])
 def prediction() -> Response:
-    """Predictions for the rows sent or named; GET takes a file name (it reads, never writes)."""
+    """Predictions for the rows sent or named; GET takes a file name (it reads, never writes).
+
+    With ?explain=1 or "explain": true, each row's reasons too: the three features that raise its
+    risk most against the typical client, from the served model's own arithmetic.
+    """
     api = state()
     loaded = api.models.get()
     frame = prediction_frame(api.settings)
     result = predict_frame(loaded.model, loaded.release.version, frame, api.settings.schema)
     answer = result.as_dict()
+    if explain_requested():
+        answer["reasons"] = explain(loaded.model, frame).as_records()
     answer["unseen_categories"] = unseen_categories(loaded.model, frame, api.settings.schema)
     if "resolved_path" in g:
         answer["resolved_path"] = g.resolved_path
@@ -216,13 +232,21 @@ def record_diagnostics() -> Response:
 
 @bp.get("/risk")
 def risk() -> Response:
+    """The top of the risk list, each client with its reasons and change, and how lists fared."""
     api = state()
     top = positive_int_argument("top", DEFAULT_RISK_TOP)
     key = file_key(api.settings.risk_scores_path)
     if key is None:
         raise DataNotReady("no risk list yet: run reporting.py (or fullprocess.py)")
-    clients = api.risk_lists.get(key, lambda: read_risk_list(api.settings))
-    return jsonify(ranked_clients=len(clients), top=min(top, len(clients)), clients=clients[:top])
+    listed = api.risk_lists.get(key, lambda: read_risk_list(api.settings, CACHED_RISK_ROWS))
+    if top > CACHED_RISK_ROWS and listed.ranked > CACHED_RISK_ROWS:
+        listed = read_risk_list(api.settings, top)
+    clients = risk_entries(listed.head.head(top), api.settings.schema)
+    return jsonify(
+        ranked_clients=listed.ranked, left_not_ranked=listed.left_not_ranked,
+        top=len(clients), clients=clients,
+        track_record=diagnostics.json_safe(calllist.latest_track_record(api.settings)),
+    )
 
 
 @bp.get("/report")
@@ -419,6 +443,11 @@ def parse_json(body: bytes) -> Any:
 
 def frame_from_json(body: bytes, settings: Settings) -> pd.DataFrame:
     payload = parse_json(body)
+    if isinstance(payload, dict) and "explain" in payload:
+        if not isinstance(payload["explain"], bool):
+            shown = shown_json(payload["explain"])
+            raise DataError(f'"explain" must be true or false, not {shown}')
+        g.explain = payload["explain"]
     keys = ("records", *FILE_KEYS)
     inputs = [key for key in keys if isinstance(payload, dict) and key in payload]
     if len(inputs) != 1:
@@ -861,17 +890,42 @@ def master_statistics(settings: Settings) -> dict:
     return {"dataset": relative_name(settings.finaldata_path, settings), "statistics": statistics}
 
 
-def read_risk_list(settings: Settings) -> list[dict[str, Any]]:
-    """The risk list's rows, highest risk first, as JSON-ready dicts."""
-    text_columns = {c: "str" for c in settings.schema.id_columns}
+class RiskList(NamedTuple):
+    """The first rows of the risk list, and how many clients it ranks and leaves out."""
+
+    head: pd.DataFrame
+    ranked: int
+    left_not_ranked: int | None  # None: the list was not written by calllist.py
+
+
+def read_risk_list(settings: Settings, rows: int) -> RiskList:
+    """The risk list's first `rows` rows, highest risk first, with its counts from the records."""
+    path = settings.risk_scores_path
     try:
-        frame = pd.read_csv(settings.risk_scores_path, dtype=text_columns)
+        head = calllist.read_list(path, settings.schema, rows=rows)
+        recorded = calllist.latest_list(settings)
+        if recorded is not None and recorded["file_stamp"] == calllist.file_stamp(path):
+            return RiskList(head, recorded["ranked"], recorded["left_not_ranked"])
+        with open(path, "rb") as stream:  # a list written otherwise: count its lines
+            lines = sum(block.count(b"\n") for block in iter(lambda: stream.read(1 << 20), b""))
+        return RiskList(head, max(lines - 1, len(head)), None)
     except (OSError, ValueError, pd.errors.ParserError) as error:
         raise DataNotReady(
-            f"the risk list {relative_name(settings.risk_scores_path, settings)} cannot be read "
+            f"the risk list {relative_name(path, settings)} cannot be read "
             f"({error}): run reporting.py again"
         ) from None
-    return diagnostics.json_safe(frame.to_dict(orient="records"))
+
+
+def risk_entries(head: pd.DataFrame, schema: Schema) -> list[dict[str, Any]]:
+    """List rows as JSON: today's fields, then the reasons as a list and the change."""
+    entries = []
+    for row in diagnostics.json_safe(head.to_dict(orient="records")):
+        entry = {key: value for key, value in row.items() if key not in calllist.REASON_COLUMNS}
+        if "reason_1" in row:
+            entry["reasons"] = [row[c] for c in calllist.REASON_COLUMNS if row.get(c)]
+            entry["moved_by"] = entry["moved_by"] or None
+        entries.append(entry)
+    return entries
 
 
 # --- Metrics -----------------------------------------------------------------------------------
@@ -1067,6 +1121,11 @@ def unix_time(timestamp: str | None) -> float | None:
 
 
 # --- Query arguments ---------------------------------------------------------------------------
+
+
+def explain_requested() -> bool:
+    """?explain=1, or "explain": true in a JSON body (which frame_from_json keeps in g)."""
+    return flag_argument("explain") or g.get("explain", False)
 
 
 def flag_argument(name: str) -> bool:

@@ -340,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.rollback is not None:
         release = rollback(settings, args.rollback or None)
         print(f"Rolled back: production now serves release {release.version} (F1 {release.f1})")
+        import reporting  # the risk list and the report follow the release served
+
+        print(reporting.build_report(settings).summary())
     else:
         release = deploy(settings)
         print(

@@ -388,12 +388,18 @@ def run_cycle(settings: Settings, *, force: bool = False) -> CycleOutcome:
 
     journal = Journal(new_files)
     report = ingest_new_files(settings, journal) if new_files else None
+    if report is not None:
+        estimate_new_rosters(settings, report, journal)
+        if report.accepted_rows:
+            record_realised_performance(settings, journal)
     if report is not None and not report.accepted_rows and not force:
-        return journal.outcome("no-usable-rows", "new files added no new rows")
+        refresh_risk_list(settings, journal)
+        return journal.outcome("no-usable-rows", "new files added no labeled rows")
     if report is not None and report.accepted_rows:
         drift = check_drift(settings)
         journal.add(f"drift check: {drift.reason}", drift=drift._asdict())
         if not drift.drifted and not force:
+            refresh_risk_list(settings, journal)
             return journal.outcome("no-drift", drift.reason)
         if drift.drifted:
             journal.alert(alerts.drift_found(
@@ -415,7 +421,9 @@ def run_cycle(settings: Settings, *, force: bool = False) -> CycleOutcome:
                 served.version, max(s.f1 for s in scores[1:]) if len(scores) > 1 else scores[0].f1,
                 scores[0].f1, "the held-out new rows", candidate="every training plan",
             ))
-            return journal.outcome("drift-kept-deployed", journal.steps[-1], served.version)
+            reason = journal.steps[-1]
+            refresh_risk_list(settings, journal)
+            return journal.outcome("drift-kept-deployed", reason, served.version)
         plan = best.plan
     candidate = retrain(settings, held_out, plan)
     journal.add(candidate.describe())
@@ -429,6 +437,7 @@ def run_cycle(settings: Settings, *, force: bool = False) -> CycleOutcome:
             served.version, decision.numbers["candidate_f1"], decision.numbers["deployed_f1"],
             candidate.judged_on, candidate=candidate.training.version,
         ))
+        refresh_risk_list(settings, journal)
         return journal.outcome("drift-kept-deployed", decision.reason, served.version)
 
     release = release_candidate(settings, candidate)
@@ -468,13 +477,79 @@ def ingest_new_files(settings: Settings, journal: Journal) -> IngestReport:
 
     report = ingestion.ingest(settings)
     rejected = f", rejected {len(report.rejected)}" if report.rejected else ""
+    roster = f", a roster of {report.roster_clients} current clients" if any(
+        f.kind == "roster" for f in report.ingested) else ""
     journal.add(
         f"ingested {len(report.ingested)} file(s){rejected}: {report.accepted_rows} new rows "
-        f"(master dataset {report.total_rows} rows)",
+        f"(master dataset {report.total_rows} rows){roster}",
         ingestion=[f.as_dict() for f in report.files], ingestion_run=report.run_id,
     )
     journal.alert(*alerts.quarantine_alerts(settings, report.files))
     return report
+
+
+def estimate_new_rosters(settings: Settings, report: IngestReport, journal: Journal) -> None:
+    """Estimate the served model's performance on each roster just ingested; warn, never retrain."""
+    import alerts
+    import estimation
+    from calllist import read_snapshots
+    from scoring import normal_quantile
+
+    arrived = records.query(
+        settings.records_path,
+        "SELECT file, snapshot, master_position FROM rosters WHERE run_id = ? ORDER BY snapshot",
+        (report.run_id,),
+    )
+    if not arrived:
+        return
+    snapshots = read_snapshots(settings)
+    release = deployment.current_release(settings)
+    reference = _recorded_release_score(settings, release.version)
+    z = normal_quantile(settings.scoring.confidence)
+    for roster in arrived:
+        clients = snapshots.loc[snapshots["snapshot"] == roster["snapshot"]].reset_index(drop=True)
+        estimate = estimation.estimate_roster(
+            settings, clients, roster["file"], master_rows=roster["master_position"]
+        )
+        warning = early_warning(
+            reference, estimate.estimate.as_dict(), estimate.drift["drifted_features"],
+            estimate.drift["dataset_drift"], settings.drift, z,
+        )
+        estimation.record_warning(settings, estimate, warning.numbers)
+        journal.add(estimate.describe(), roster_estimate={
+            "estimate_id": estimate.record_id, **warning.numbers,
+        })
+        if warning.warned:
+            journal.add(f"early warning: {warning.reason}; no retraining until outcomes arrive")
+            journal.alert(alerts.estimated_drop(
+                release.version, roster["file"], warning.numbers.get("release_f1") or 0.0,
+                estimate.estimate.f1, warning.numbers.get("allowed_drop", 0.0),
+                estimate.drift["drifted_features"],
+            ))
+        else:
+            journal.add(f"no early warning: {warning.reason}")
+
+
+def record_realised_performance(settings: Settings, journal: Journal) -> None:
+    """Labeled rows may bring the outcomes of estimated rosters: record the F1 they realised."""
+    import estimation
+
+    for result in estimation.record_realised(settings):
+        journal.add(result.describe())
+
+
+def refresh_risk_list(settings: Settings, journal: Journal) -> None:
+    """New data of any kind can change who is current: bring the served list up to date."""
+    import calllist
+
+    call_list = calllist.rebuild_call_list(settings)
+    journal.add(
+        f"risk list: {call_list.ranked} current clients ranked, {call_list.left_not_ranked} "
+        "already left" + ("" if call_list.rebuilt else " (already up to date)"),
+        risk_list=call_list.list_id,
+    )
+    for result in call_list.results:
+        journal.add(f"track record of {calllist.track_record_text(result)}")
 
 
 def check_drift(settings: Settings) -> DriftDecision:

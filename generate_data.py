@@ -97,7 +97,7 @@ SHIPPED_FILES = (
     ("sourcedata", "dataset4.csv", 5_000, 5, _SHIPPED_ID_BASE + 20_000),
     ("testdata", "testdata.csv", 2_000, 6, _SHIPPED_ID_BASE + 30_000),
 )
-# Where the roster of current clients will ship, once ingestion takes rosters (folder, name).
+# Where the roster of current clients ships (folder, name): the clients the risk list ranks.
 SHIPPED_ROSTER = ("sourcedata", "roster.csv")
 
 
@@ -492,9 +492,10 @@ def write_csv(frame: pd.DataFrame, path: Path) -> None:
 
 
 def write_shipped_data(root: Path) -> dict[Path, int]:
-    """Write the data the project ships under `root`: practice, source and test data.
+    """Write the data the project ships under `root`: practice, source and test data, and a roster.
 
-    Every file has its own seed and id range, so no client appears in two files. Returns the rows
+    Every labeled file has its own seed and id range, so no client appears in two of them; the
+    roster lists the clients of the last source file who stayed, and new ones. Returns the rows
     written to each file.
     """
     written = {}
@@ -502,6 +503,7 @@ def write_shipped_data(root: Path) -> dict[Path, int]:
         path = Path(root) / folder / name
         write_csv(make_clients(n_rows, seed, id_offset=id_offset), path)
         written[path] = n_rows
+    written |= write_shipped_roster(root)
     return written
 
 
@@ -527,8 +529,8 @@ def make_shipped_roster() -> Roster:
 def write_shipped_roster(root: Path) -> dict[Path, int]:
     """Write the shipped roster under `root` (SHIPPED_ROSTER); returns the rows written.
 
-    Not shipped yet, since ingestion cannot take a roster: the line
-    `written |= write_shipped_roster(root)` in write_shipped_data ships it.
+    Without it the run command would rank the clients of labeled files only; with it the risk list
+    ranks the company's current clients, as it does in production.
     """
     frame = make_shipped_roster().frame
     path = Path(root).joinpath(*SHIPPED_ROSTER)

@@ -6,6 +6,10 @@ not. Every input row ends up in exactly one place: the master dataset (finaldata
 duplicates, or the quarantine file with its reason. A file that cannot be used at all is rejected
 whole, with its reason, and the others still go in.
 
+A file with the schema's columns but no target is a roster: the company's current clients at that
+moment, outcome unknown. Its valid rows go to their own dataset (rosters.csv), never into the master
+dataset, since they are not training data; the risk list ranks them.
+
 How a data file is read and validated is the data contract's (dataset.py). This module keeps what is
 ingestion's own: discovering new files, compiling them into the master dataset, the quarantine and
 the records. pandas and the data contract are imported only by the functions that compile, so that
@@ -35,6 +39,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Columns the roster dataset (rosters.csv) keeps after the schema's ids and features: which
+# snapshot a row belongs to (1, 2, ... in the order rosters arrived), and how many master rows were
+# known when it arrived. A master row at a lower position is older than the snapshot, any other
+# row newer.
+SNAPSHOT_COLUMN = "snapshot"
+MASTER_POSITION_COLUMN = "master_position"
+
+
 class SourceFile(NamedTuple):
     """A data file in the input folder, identified by its content."""
 
@@ -53,13 +65,15 @@ class FileOutcome:
 
     __slots__ = (
         "file", "checksum", "status", "rows_read", "accepted", "duplicate", "quarantined",
-        "missing_cells", "reason", "ignored_columns",
+        "missing_cells", "reason", "ignored_columns", "kind", "new_clients",
     )
 
     def __init__(self, file: str, checksum: str, status: str) -> None:
         self.file = file
         self.checksum = checksum
         self.status = status  # ingested | rejected
+        self.kind = "labeled"  # labeled | roster
+        self.new_clients = 0  # a roster's ids that no earlier row or roster had
         self.rows_read = 0
         self.accepted = 0
         self.duplicate = 0
@@ -74,6 +88,12 @@ class FileOutcome:
     def line(self) -> str:
         if self.status == "rejected":
             return f"  {self.file}: REJECTED: {self.reason}"
+        if self.kind == "roster":
+            return (
+                f"  {self.file}: roster of {self.accepted} current clients ({self.new_clients} not "
+                f"seen before): {self.rows_read} rows read, {self.duplicate} duplicate ids (newest "
+                f"row kept), {self.quarantined} quarantined"
+            )
         text = (
             f"  {self.file}: {self.rows_read} rows read, {self.accepted} accepted, "
             f"{self.duplicate} duplicate, {self.quarantined} quarantined"
@@ -105,7 +125,13 @@ class IngestReport(NamedTuple):
 
     @property
     def accepted_rows(self) -> int:
-        return sum(f.accepted for f in self.files)
+        """Labeled rows added to the master dataset."""
+        return sum(f.accepted for f in self.files if f.kind == "labeled")
+
+    @property
+    def roster_clients(self) -> int:
+        """Current clients listed by the rosters this run ingested."""
+        return sum(f.accepted for f in self.files if f.kind == "roster")
 
     def summary(self) -> str:
         if not self.files:
@@ -120,6 +146,11 @@ class IngestReport(NamedTuple):
             f"Added {self.accepted_rows} rows; master dataset now {self.total_rows} rows "
             f"in {self.finaldata_path}"
         )
+        if any(f.kind == "roster" for f in self.ingested):
+            lines.append(
+                f"Roster snapshot(s) of {self.roster_clients} current clients added beside it, "
+                "to be ranked, never trained on"
+            )
         if quarantined:
             lines.append(f"{quarantined} row(s) quarantined with reasons in {self.quarantine_path}")
         return "\n".join(lines)
@@ -184,16 +215,20 @@ def ingest(settings: Settings) -> IngestReport:
     master = read_master(settings)
     outcomes: list[FileOutcome] = []
     batches: list[pd.DataFrame] = []
+    snapshots: dict[int, pd.DataFrame] = {}
     quarantine_batches: list[pd.DataFrame] = []
     for source in new_files:
         outcome, valid, quarantined = _read_source(source, schema)
         outcomes.append(outcome)
-        if valid is not None:
+        if valid is not None and outcome.kind == "roster":
+            snapshots[len(outcomes) - 1] = valid
+        elif valid is not None:
             batches.append(valid.assign(_file=len(outcomes) - 1))
         if quarantined is not None and len(quarantined):
             quarantine_batches.append(quarantined)
 
     added = _append_without_duplicates(master, batches, outcomes, schema)
+    roster_records = _append_snapshots(settings, master, added, snapshots, outcomes)
     total_rows = len(master) + len(added)
     if len(added):
         atomicio.write_with(settings.latest_batch_path, lambda p: added.to_csv(p, index=False))
@@ -204,6 +239,8 @@ def ingest(settings: Settings) -> IngestReport:
         _append_quarantine(settings, quarantine_batches)
 
     _record(settings, run_id, new_files, outcomes)
+    for values in roster_records:
+        records.add(settings.records_path, "rosters", {"run_id": run_id, **values})
     _write_ingested_files_list(settings)
     report = IngestReport(
         run_id=run_id,
@@ -256,10 +293,13 @@ def _read_source(
 
     frame.columns = [str(c).strip() for c in frame.columns]
     missing = [c for c in schema.columns if c not in frame.columns]
-    if missing:
+    # The schema's columns without the target: a roster of current clients, outcome unknown.
+    is_roster = missing == [schema.target]
+    if missing and not is_roster:
         outcome.reason = (
             f"missing required column(s) {', '.join(missing)} "
-            f"(found: {', '.join(frame.columns) or 'none'})"
+            f"(found: {', '.join(frame.columns) or 'none'}): neither a labeled batch "
+            f"({', '.join(schema.columns)}) nor a roster (the same without {schema.target})"
         )
         return outcome, None, None
     if frame.columns.duplicated().any():
@@ -269,6 +309,8 @@ def _read_source(
     if frame.empty:
         outcome.reason = "the file has a header but no data rows"
         return outcome, None, None
+    if is_roster:
+        return _read_roster(source, frame, schema, outcome)
 
     outcome.status = "ingested"
     outcome.rows_read = len(frame)
@@ -282,15 +324,118 @@ def _read_source(
         {c: v[~bad] for c, v in values.items()}, schema.columns, schema, frame.index[~bad]
     )
     outcome.missing_cells = int(valid[list(schema.features)].isna().to_numpy().sum())
+    return outcome, valid, _quarantined_rows(source, frame, bad, reasons)
 
-    quarantined = None
-    if bad.any():
-        quarantined = frame.loc[bad].astype("str").where(frame.loc[bad].notna(), "")
-        quarantined.insert(0, "reason", reasons)
-        # Line numbers as a person sees them in an editor: the header is line 1.
-        quarantined.insert(0, "source_line", frame.index[bad] + 2)
-        quarantined.insert(0, "source_file", source.path.name)
-    return outcome, valid, quarantined
+
+def _quarantined_rows(
+    source: SourceFile, frame: pd.DataFrame, bad: Any, reasons: pd.Series
+) -> pd.DataFrame | None:
+    """The rows of `frame` marked `bad`, as text, with their file, line and reason."""
+    if not bad.any():
+        return None
+    quarantined = frame.loc[bad].astype("str").where(frame.loc[bad].notna(), "")
+    quarantined.insert(0, "reason", reasons)
+    # Line numbers as a person sees them in an editor: the header is line 1.
+    quarantined.insert(0, "source_line", frame.index[bad] + 2)
+    quarantined.insert(0, "source_file", source.path.name)
+    return quarantined
+
+
+# --- Rosters: current clients, outcome unknown ---------------------------------------------------
+
+
+def _read_roster(
+    source: SourceFile, frame: pd.DataFrame, schema: Schema, outcome: FileOutcome
+) -> tuple[FileOutcome, pd.DataFrame, pd.DataFrame | None]:
+    """Validate a roster's rows like any other; a client listed twice keeps its last row."""
+    import numpy as np
+
+    from dataset import frame_of, parse_rows
+
+    columns = schema.id_columns + schema.features
+    outcome.kind = "roster"
+    outcome.status = "ingested"
+    outcome.rows_read = len(frame)
+    outcome.ignored_columns = [c for c in frame.columns if c not in columns]
+    frame = frame[list(columns)]
+    cells = {column: frame[column].to_numpy() for column in columns}
+    cells[schema.target] = np.zeros(len(frame))  # a valid label: a roster has none to check
+    values, reasons = parse_rows(cells, frame.index, schema)
+    bad = frame.index.isin(reasons.index)
+    outcome.quarantined = int(bad.sum())
+    valid = frame_of({c: values[c][~bad] for c in columns}, columns, schema, frame.index[~bad])
+    superseded = valid.duplicated(subset=list(schema.id_columns), keep="last").to_numpy()
+    outcome.duplicate = int(superseded.sum())
+    valid = valid.loc[~superseded]
+    outcome.accepted = len(valid)
+    outcome.missing_cells = int(valid[list(schema.features)].isna().to_numpy().sum())
+    return outcome, valid, _quarantined_rows(source, frame, bad, reasons)
+
+
+def _append_snapshots(
+    settings: Settings,
+    master: pd.DataFrame,
+    added: pd.DataFrame,
+    snapshots: dict[int, pd.DataFrame],
+    outcomes: list[FileOutcome],
+) -> list[dict[str, Any]]:
+    """Append this run's rosters to rosters.csv, each as a numbered snapshot; their records.
+
+    Files are read in name order, so a roster is newer than the master rows before it: the master
+    dataset's rows, plus the rows of the labeled files read before it in this run.
+    """
+    import shutil
+
+    import pandas as pd
+
+    from dataset import read_csv
+
+    if not snapshots:
+        return []
+    schema = settings.schema
+    path = settings.rosters_path
+    earlier = (
+        read_csv(path, schema, name=f"roster dataset {path}")
+        if path.exists() else pd.DataFrame(columns=[*schema.id_columns, SNAPSHOT_COLUMN])
+    )
+    known = set(_client_keys(master, schema)) | set(_client_keys(added, schema))
+    known |= set(_client_keys(earlier, schema))
+    number = int(earlier[SNAPSHOT_COLUMN].max()) if len(earlier) else 0
+    frames, roster_records = [], []
+    for index, rows in snapshots.items():
+        outcome = outcomes[index]
+        number += 1
+        position = len(master) + sum(
+            earlier_outcome.accepted for earlier_outcome in outcomes[:index]
+            if earlier_outcome.kind == "labeled" and earlier_outcome.status == "ingested"
+        )
+        keys = _client_keys(rows, schema)
+        outcome.new_clients = sum(1 for key in keys if key not in known)
+        known.update(keys)
+        frames.append(rows.assign(**{SNAPSHOT_COLUMN: number, MASTER_POSITION_COLUMN: position}))
+        roster_records.append({
+            "time": records.utc_now(), "file": outcome.file, "checksum": outcome.checksum,
+            "snapshot": number, "master_position": position, "rows_read": outcome.rows_read,
+            "clients": outcome.accepted, "duplicate_ids": outcome.duplicate,
+            "new_clients": outcome.new_clients, "quarantined": outcome.quarantined,
+        })
+    new_rows = pd.concat(frames, ignore_index=True)
+
+    def write(temp_path: Path) -> None:
+        if path.exists():
+            shutil.copyfile(path, temp_path)
+        new_rows.to_csv(temp_path, mode="a", header=not path.exists(), index=False)
+
+    atomicio.write_with(path, write)
+    return roster_records
+
+
+def _client_keys(frame: pd.DataFrame, schema: Schema) -> list[str]:
+    """Each row's client id as text, several id columns joined by " / " (as scoring names them)."""
+    ids = list(schema.id_columns)
+    if len(ids) == 1:
+        return frame[ids[0]].astype("str").tolist()
+    return frame[ids].astype("str").agg(" / ".join, axis=1).tolist()
 
 
 def _append_without_duplicates(
@@ -312,7 +457,7 @@ def _append_without_duplicates(
     is_duplicate = stacked.duplicated(keep="first").to_numpy()[len(master):]
     duplicate_counts = new_rows.loc[is_duplicate, "_file"].value_counts()
     for file_index, outcome in enumerate(outcomes):
-        if outcome.status == "ingested":
+        if outcome.status == "ingested" and outcome.kind == "labeled":
             outcome.duplicate = int(duplicate_counts.get(file_index, 0))
             outcome.accepted = outcome.rows_read - outcome.quarantined - outcome.duplicate
     return new_rows.loc[~is_duplicate, columns].reset_index(drop=True)
@@ -346,7 +491,9 @@ def _record(
                 "mtime_ns": source.mtime_ns,
                 "status": outcome.status,
                 "rows_read": outcome.rows_read,
-                "accepted": outcome.accepted,
+                # Rows added to the master dataset (master_batches counts on it); a roster's
+                # clients go to rosters.csv, and the rosters table says how many.
+                "accepted": outcome.accepted if outcome.kind == "labeled" else 0,
                 "duplicate": outcome.duplicate,
                 "quarantined": outcome.quarantined,
                 "missing_cells": outcome.missing_cells,

@@ -1,8 +1,8 @@
 """The records database: what every stage did and measured, in one SQLite file beside the outputs.
 
-Each stage adds rows (an ingestion per file, a training, a score, a deployment, a diagnostics run, a
-pipeline cycle, an alert delivered or not) so that the report can draw trends and a person can see
-what happened with `sqlite3`.
+Each stage adds rows (an ingestion per file, a roster snapshot, a training, a score, a deployment, a
+diagnostics run, a pipeline cycle, an alert delivered or not, a risk list and its track record) so
+that the report can draw trends and a person can see what happened with `sqlite3`.
 Times are UTC ISO-8601 strings; structured details are stored as JSON text.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 # Stored in the database's user_version once its tables exist; raise it when SCHEMA gains a table.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 SCHEMA = {
     "ingestions": """
@@ -36,6 +36,21 @@ SCHEMA = {
             quarantined INTEGER NOT NULL DEFAULT 0,
             missing_cells INTEGER NOT NULL DEFAULT 0,
             reason TEXT
+        )""",
+    "rosters": """
+        CREATE TABLE IF NOT EXISTS rosters (
+            id INTEGER PRIMARY KEY,
+            run_id TEXT NOT NULL,
+            time TEXT NOT NULL,
+            file TEXT NOT NULL,
+            checksum TEXT NOT NULL,
+            snapshot INTEGER NOT NULL,        -- its number in the snapshot column of rosters.csv
+            master_position INTEGER NOT NULL, -- master rows known when it arrived: those are older
+            rows_read INTEGER NOT NULL,
+            clients INTEGER NOT NULL,         -- current clients it lists (one row each)
+            duplicate_ids INTEGER NOT NULL,   -- rows left out because a later row had the same id
+            new_clients INTEGER NOT NULL,     -- ids in no earlier labeled row or roster
+            quarantined INTEGER NOT NULL
         )""",
     "trainings": """
         CREATE TABLE IF NOT EXISTS trainings (
@@ -150,6 +165,40 @@ SCHEMA = {
             client TEXT NOT NULL,
             probability REAL NOT NULL,
             predicted INTEGER NOT NULL
+        )""",
+    "call_lists": """
+        CREATE TABLE IF NOT EXISTS call_lists (
+            id INTEGER PRIMARY KEY,
+            time TEXT NOT NULL,
+            model_version TEXT NOT NULL,      -- the release that ranked it
+            roster TEXT,                      -- the newest roster snapshot it ranks (file), if any
+            master_rows INTEGER NOT NULL,     -- the data it was made from: rows of finaldata.csv
+            roster_rows INTEGER NOT NULL,     -- ... and of rosters.csv
+            ranked INTEGER NOT NULL,          -- current clients ranked
+            from_rosters INTEGER NOT NULL,    -- ... whose newest row is a roster snapshot
+            left_not_ranked INTEGER NOT NULL, -- clients whose newest row says they left
+            top_n INTEGER NOT NULL,
+            top_clients TEXT NOT NULL,        -- JSON list of the top group, highest risk first
+            data_stamp TEXT NOT NULL,         -- release and data sizes: is the list current?
+            file_stamp TEXT                   -- riskscores.csv as written (size, mtime)
+        )""",
+    "call_list_results": """
+        CREATE TABLE IF NOT EXISTS call_list_results (
+            id INTEGER PRIMARY KEY,
+            time TEXT NOT NULL,
+            list_id INTEGER NOT NULL,         -- call_lists.id
+            outcomes_through INTEGER NOT NULL, -- master rows read for outcomes
+            top_known INTEGER NOT NULL,       -- clients of the top group whose outcome arrived
+            top_left INTEGER NOT NULL,        -- ... of whom left
+            ranked_known INTEGER NOT NULL,    -- ranked clients whose outcome arrived
+            ranked_left INTEGER NOT NULL,
+            precision REAL,                   -- top_left / top_known
+            precision_low REAL,
+            precision_high REAL,
+            leaver_share REAL,                -- ranked_left / ranked_known
+            lift REAL,                        -- precision / leaver_share
+            lift_low REAL,
+            lift_high REAL
         )""",
     "alerts": """
         CREATE TABLE IF NOT EXISTS alerts (

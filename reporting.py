@@ -1,12 +1,13 @@
 """Reporting: the risk list the client managers work from, and a PDF report for the ML engineer.
 
-risk_scores() ranks every client of the newest data by the deployed model's probability of leaving.
-build_report() writes that list (riskscores.csv, beside the deployed model), confusionmatrix.png
-and report.pdf: the deployed release, its metrics and curves on the test data, the latest recorded
-diagnostics, the files ingested, the top of the risk list with the clients who entered or left the
-top group since the previous release, and trends over earlier runs. Everything comes from recorded
-runs and fixed inputs and the PDF is dated by the release, so that running it twice with nothing
-new gives identical files.
+The risk list itself is made in calllist.py: every current client ranked by the served release,
+with the reasons of its risk and what changed (riskscores.csv, beside the deployed model).
+build_report() brings that list up to date and writes confusionmatrix.png and report.pdf: the
+deployed release, its metrics and curves on the test data, the latest recorded diagnostics, the
+files ingested, the top of the risk list with its reasons and changes, the clients who entered or
+left the top group since the previous release, each list's track record (precision at the top and
+lift), and trends over earlier runs. Everything comes from recorded runs and fixed inputs and the
+PDF is dated by the release, so that running it twice with nothing new gives identical files.
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ from sklearn.base import ClassifierMixin
 from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_curve
 
 import atomicio
+import calllist
 import records
 from deployment import Release, list_releases, load_deployed_model, read_manifest
-from diagnostics import latest_diagnostics, run_diagnostics, section_texts
-from errors import InsufficientDataError, run_cli
-from dataset import read_master
-from scoring import Evaluation, client_ids, evaluate, predict_frame, read_test_data
+from diagnostics import estimate_history, latest_diagnostics, run_diagnostics, section_texts
+from errors import run_cli
+from scoring import Evaluation, client_ids, evaluate, read_test_data
 from settings import Settings, add_config_argument, load_settings
 
 log = logging.getLogger(__name__)
@@ -58,35 +59,9 @@ CLASS_LABELS = ("stayed (0)", "left (1)")
 
 
 def risk_scores(settings: Settings) -> pd.DataFrame:
-    """Every client of the newest data, highest attrition risk first, with rank and probability."""
+    """Every current client, highest attrition risk first, with its reasons; not written."""
     model, release = load_deployed_model(settings)
-    return _rank_clients(settings, model, release.version)
-
-
-def _rank_clients(settings: Settings, model: ClassifierMixin, version: str) -> pd.DataFrame:
-    schema = settings.schema
-    ids = list(schema.id_columns)
-    master = read_master(settings)
-    if master.empty:
-        raise InsufficientDataError(
-            f"the master dataset {settings.finaldata_path} is missing or empty: run ingestion.py "
-            "before ranking clients"
-        )
-    # Ingestion appends rows in the order it reads them, so a client's last row is its newest.
-    newest = master.drop_duplicates(subset=ids, keep="last").reset_index(drop=True)
-    prediction = predict_frame(model, version, newest, schema)
-    table = newest[ids].assign(
-        probability=prediction.probabilities,
-        **{f"predicted_{schema.target}": prediction.predictions},
-    )
-    # Ties go by client id, so the order never depends on the order rows happened to arrive in.
-    table = table.sort_values(
-        ["probability", *ids], ascending=[False] + [True] * len(ids), kind="stable",
-        ignore_index=True,
-    )
-    table.insert(0, "rank", np.arange(1, len(table) + 1))
-    table["model_version"] = version
-    return table
+    return calllist.rank_current_clients(settings, model, release.version)
 
 
 @dataclass(frozen=True)
@@ -160,13 +135,14 @@ class ReportResult:
     clients: int
     top_group: TopGroupChange
     diagnostics_time: str
+    call_list: calllist.CallList
 
     def summary(self) -> str:
         return "\n".join([
             f"Report for release {self.model_version} (diagnostics of {self.diagnostics_time}):",
             f"  {self.report_path}",
             f"  {self.confusion_matrix_path}",
-            f"Risk list: {self.clients:,} clients ranked in {self.risk_scores_path}",
+            self.call_list.summary(),
             f"  top {self.top_group.top_n}: {self.top_group.note}",
         ])
 
@@ -214,12 +190,12 @@ def build_report(
         log.info("no diagnostics recorded for release %s yet: running them now", release.version)
         diagnostics = run_diagnostics(settings)
 
-    risk = _rank_clients(settings, model, release.version)
-    atomicio.write_with(
-        settings.risk_scores_path,
-        lambda path: risk.to_csv(path, index=False, float_format="%.6f"),
+    call_list = calllist.rebuild_call_list(settings)
+    top_n = settings.diagnostics.risk_top_n
+    risk = calllist.read_list(
+        settings.risk_scores_path, settings.schema, rows=max(top_n, REPORT_TOP_ROWS)
     )
-    top_ids = client_ids(risk.head(settings.diagnostics.risk_top_n), settings.schema)
+    top_ids = client_ids(risk.head(top_n), settings.schema)
     top_group = _update_top_groups(settings, release.version, top_ids)
 
     atomicio.write_with(
@@ -231,10 +207,13 @@ def build_report(
     atomicio.write_with(
         settings.report_path,
         lambda path: _write_pdf(
-            path, settings, release, metadata, test, diagnostics, risk, top_group, deciding_cycle
+            path, settings, release, metadata, test, diagnostics, risk, call_list, top_group,
+            deciding_cycle,
         ),
     )
-    records.add_stage_run(settings.records_path, "reporting", time.perf_counter() - started, len(risk))
+    records.add_stage_run(
+        settings.records_path, "reporting", time.perf_counter() - started, call_list.ranked
+    )
     log.info("wrote the report of release %s to %s", release.version, settings.report_path)
     return ReportResult(
         model_version=release.version,
@@ -242,9 +221,10 @@ def build_report(
         confusion_matrix_path=settings.confusion_matrix_path,
         risk_scores_path=settings.risk_scores_path,
         top_groups_path=settings.deployment_folder / TOP_GROUPS_FILE,
-        clients=len(risk),
+        clients=call_list.ranked,
         top_group=top_group,
         diagnostics_time=diagnostics["time"],
+        call_list=call_list,
     )
 
 
@@ -267,6 +247,7 @@ def _write_pdf(
     test: _TestResults,
     diagnostics: dict[str, Any],
     risk: pd.DataFrame,
+    call_list: calllist.CallList,
     top_group: TopGroupChange,
     deciding_cycle: dict[str, Any] | None = None,
 ) -> None:
@@ -293,7 +274,14 @@ def _write_pdf(
             if title not in engineer_only
         ]
         _TextPages(pdf, f"Diagnostics of {diagnostics['time']}").write(diagnostic_sections)
-        _TextPages(pdf, "Highest-risk clients").write(_risk_sections(settings, risk, top_group))
+        _TextPages(pdf, "Highest-risk clients").write(
+            _risk_sections(settings, risk, call_list, top_group)
+        )
+        track_records = calllist.track_records(settings)
+        _TextPages(pdf, "Track record of the risk lists").write(
+            _track_record_sections(track_records)
+        )
+        pdf.savefig(_track_record_figure(track_records, settings.scoring.confidence))
         pdf.savefig(_trends_figure(settings))
         _TextPages(pdf, "For the engineer").write(
             [(title, lines) for title, lines in section_texts(diagnostics).items()
@@ -390,11 +378,34 @@ def _overview_sections(
         f"  leavers          {m.leaver_share:.1%} of rows, "
         f"{m.predicted_leaver_share:.1%} predicted",
     ]
+    texts = section_texts(diagnostics)
     return [
         ("Deployed release", release_lines),
         ("Model metrics on the test data", metric_lines),
+        ("Calibration on the test data", texts["Calibration on the test data"]),
+        ("Estimated and realised F1 on rosters", _estimate_trend_lines(settings)),
         ("Files ingested", _ingested_lines(settings, release)),
     ]
+
+
+def _estimate_trend_lines(settings: Settings) -> list[str]:
+    """Each roster's estimated F1 beside the F1 its predictions realised once outcomes arrived."""
+    history = estimate_history(settings)
+    if not history:
+        return ["  no roster estimated yet"]
+    lines = ["  roster                   time                  clients  estimated F1 (interval)"
+             "    realised F1 (clients)  warning"]
+    for row in history[-15:]:
+        realised = "-" if row["realised_f1"] is None else (
+            f"{row['realised_f1']:.3f} ({row['realised_rows']:,}; est. "
+            f"{row['estimated_f1_known']:.3f})"
+        )
+        lines.append(
+            f"  {row['roster'][:24]:<24} {row['time']:<21} {row['rows']:>8,}  {row['f1']:.3f} "
+            f"({row['f1_low']:.3f}-{row['f1_high']:.3f})  {realised:<22} "
+            f"{'yes' if row['warning'] else 'no'}"
+        )
+    return lines
 
 
 # What each recorded score purpose was measured on, in the words the report uses.
@@ -513,28 +524,60 @@ def _file_lines(path: Path) -> list[str]:
 
 
 def _risk_sections(
-    settings: Settings, risk: pd.DataFrame, top_group: TopGroupChange
+    settings: Settings, risk: pd.DataFrame, call_list: calllist.CallList,
+    top_group: TopGroupChange,
 ) -> list[tuple[str, list[str]]]:
     ids = list(settings.schema.id_columns)
-    predicted = f"predicted_{settings.schema.target}"
     shown = risk.head(min(REPORT_TOP_ROWS, settings.diagnostics.risk_top_n))
     clients = client_ids(shown, settings.schema)
     id_header = " / ".join(ids)
     id_width = max([12, len(id_header), *map(len, clients)])
-    lines = [f"  {'rank':>6}  {id_header:<{id_width}}  {'probability':>11}  {predicted}"]
+    lines = [
+        f"  {call_list.ranked:,} current clients ranked ({call_list.from_rosters:,} from rosters"
+        + (f", newest {call_list.roster}" if call_list.roster else "")
+        + f"), {call_list.left_not_ranked:,} already left, not ranked",
+        "",
+        f"  {'rank':>6}  {id_header:<{id_width}}  {'probability':>11}  change since the "
+        "previous list",
+    ]
     for client, row in zip(clients, shown.itertuples(index=False), strict=True):
         lines.append(
             f"  {row.rank:>6}  {client:<{id_width}}  {row.probability:>11.4f}  "
-            f"{getattr(row, predicted)}"
+            f"{_change_text(row.change, row.rank_before, row.rank, row.moved_by)}"
         )
-    lines.append(f"  ... {len(risk):,} clients in all: {settings.risk_scores_path}")
+        lines += [
+            f"  {'':>6}  {'':<{id_width}}    {reason}"
+            for reason in (row.reason_1, row.reason_2, row.reason_3) if reason
+        ]
+    lines.append(f"  ... {call_list.ranked:,} clients in all: {settings.risk_scores_path}")
     change_lines = [f"  {top_group.note}"]
     if top_group.entered is not None and top_group.left is not None:
         change_lines += _wrapped("entered", top_group.entered) + _wrapped("left", top_group.left)
     return [
-        (f"Top of the risk list (model {risk['model_version'].iloc[0]})", lines),
+        (f"Top of the risk list (model {call_list.model_version})", lines),
         (f"Changes in the top {top_group.top_n} since the previous release", change_lines),
     ]
+
+
+def _change_text(change: str, rank_before: Any, rank: int, moved_by: str) -> str:
+    """A list entry's change in words: 'risen 340 -> 12, moved by lastmonth_activity'."""
+    text = change if pd.isna(rank_before) else f"{change} {rank_before} -> {rank}"
+    return f"{text}, moved by {moved_by}" if moved_by else text
+
+
+def _track_record_sections(track_records: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    if not track_records:
+        lines = ["  no outcomes of clients ranked on an earlier list have arrived yet"]
+    else:
+        lines = [
+            "  Of each list's top group, the share of clients who left once their outcome arrived",
+            "  (precision at the top), against the share of leavers among all the clients it",
+            "  ranked; lift is their ratio (1: no better than calling at random).",
+            "",
+            *(f"  {result['list_time'][:16]}  {calllist.track_record_text(result)}"
+              for result in track_records),
+        ]
+    return [("Precision at the top and lift of each list", lines)]
 
 
 def _wrapped(label: str, names: list[str], width: int = 96) -> list[str]:
@@ -608,6 +651,51 @@ def _curves_figure(test: _TestResults, version: str) -> Figure:
     )
     pr_ax.set(title="Precision-recall curve", xlabel="recall", ylabel="precision", ylim=(0, 1.02))
     pr_ax.legend(loc="upper right", fontsize=8)
+    return figure
+
+
+def _track_record_figure(track_records: list[dict[str, Any]], confidence: float) -> Figure:
+    """Each list's precision at the top and lift, with their intervals, by when it was made."""
+    figure = Figure(figsize=A4_PORTRAIT)
+    figure.suptitle("Track record of the risk lists", fontsize=15, weight="bold", y=0.975)
+    precision_ax, lift_ax = figure.subplots(2, 1, gridspec_kw={
+        "left": 0.1, "right": 0.96, "top": 0.92, "bottom": 0.07, "hspace": 0.3,
+    })
+    measured = [r for r in track_records if r["precision"] is not None]
+    for ax in (precision_ax, lift_ax):
+        if not measured:
+            ax.text(0.5, 0.5, "no outcomes of listed clients yet", ha="center", va="center",
+                    transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    if not measured:
+        return figure
+    times = [datetime.fromisoformat(r["list_time"]) for r in measured]
+    interval = f"{confidence:.0%} interval"
+
+    def draw(ax: Axes, value: str, title: str, reference: list[float], label: str) -> None:
+        values = np.array([r[value] if r[value] is not None else np.nan for r in measured])
+        low = np.array([r[f"{value}_low"] if r[value] is not None else np.nan for r in measured])
+        high = np.array([r[f"{value}_high"] if r[value] is not None else np.nan for r in measured])
+        ax.errorbar(times, values, yerr=[values - low, high - values], marker="o", capsize=3,
+                    linestyle="-", label=f"{title} ({interval})")
+        ax.plot(times, reference, linestyle="--", color="grey", marker=".", label=label)
+        ax.set_title(title, fontsize=10, loc="left")
+        ax.legend(fontsize=7, loc="best")
+        ax.grid(alpha=0.3)
+        locator = mdates.AutoDateLocator()
+        ax.xaxis.set_major_locator(locator)
+        ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+        ax.tick_params(labelsize=7)
+
+    draw(precision_ax, "precision", "Precision at the top: share of the top group who left",
+         [r["leaver_share"] for r in measured], "share of leavers among all ranked")
+    draw(lift_ax, "lift", "Lift: precision at the top over the share of leavers",
+         [1.0] * len(measured), "no better than random (1)")
+    if max(times) - min(times) < timedelta(hours=1):
+        middle = min(times) + (max(times) - min(times)) / 2
+        for ax in (precision_ax, lift_ax):
+            ax.set_xlim(middle - timedelta(hours=1), middle + timedelta(hours=1))
     return figure
 
 

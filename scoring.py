@@ -6,6 +6,8 @@ cycle and this command agree by construction:
 - `load_model` unpickles a model this project saved, after checking its checksum;
 - `predict_frame` gives each row's class and probability of leaving, through `LinearScorer` (the
   model's arithmetic in numpy, from `training.linear_model_params`) when the model is ours;
+- `explain` gives the reasons of each row's risk: every feature's exact term of the log-odds
+  against the typical client, and the three that raise it most, in words;
 - `evaluate` measures a model on a labelled frame (F1 with a bootstrap interval, precision, recall,
   ROC AUC, base rates);
 - `score` is the stage: the trained model on the test data, F1 to latestscore.txt (the original
@@ -60,6 +62,12 @@ def load_model(model_path: Path, expected_sha256: str | None = None) -> Any:
     return pickle.loads(data)  # noqa: S301
 
 
+# A client manager prepares a call from a few reasons, not from every feature.
+REASONS_PER_CLIENT = 3
+# Below this many rows, reasons are worded row by row rather than through pandas.
+FEW_ROWS = 64
+
+
 class LinearScorer:
     """A linear model's arithmetic in plain numpy, for predictions that must answer in microseconds.
 
@@ -83,14 +91,29 @@ class LinearScorer:
         ):
             raise ValueError(f"unknown calibration {self.calibration.get('method')!r}")
 
+    @property
+    def features(self) -> tuple[str, ...]:
+        """The feature columns, in the order of the columns of contributions()."""
+        return tuple(term["column"] for term in self.numeric + self.categorical)
+
     def logits(self, frame: pd.DataFrame) -> np.ndarray:
-        """The log-odds of leaving for each row."""
-        logit = np.full(len(frame), self.intercept)
-        for term in self.numeric:
-            logit += self.numeric_terms(frame, term)
-        for term in self.categorical:
-            logit += self.categorical_terms(frame, term)
-        return logit
+        """The log-odds of leaving for each row: the intercept plus every feature's term."""
+        return self.intercept + self.contributions(frame).sum(axis=1)
+
+    def contributions(self, frame: pd.DataFrame) -> np.ndarray:
+        """Each feature's term of the log-odds, row by row (rows x features).
+
+        A numeric term is the weight times the transformed value's distance from the training
+        mean, in standard deviations: the typical client's value adds nothing. A categorical term
+        is its category's weight; the penalty of the fit makes a feature's category weights sum to
+        about zero, and a category unseen in training adds nothing.
+        """
+        terms = np.empty((len(frame), len(self.numeric) + len(self.categorical)))
+        for index, term in enumerate(self.numeric):
+            terms[:, index] = self.numeric_terms(frame, term)
+        for index, term in enumerate(self.categorical, start=len(self.numeric)):
+            terms[:, index] = self.categorical_terms(frame, term)
+        return terms
 
     def numeric_terms(self, frame: pd.DataFrame, term: dict[str, Any]) -> np.ndarray:
         """One numeric column's contribution to the log-odds, row by row."""
@@ -116,6 +139,49 @@ class LinearScorer:
         """The probability of leaving for each row, as model.predict_proba(frame)[:, 1] gives it."""
         return calibrated_probabilities(self.logits(frame), self.calibration)
 
+    def explain(self, frame: pd.DataFrame, reasons: int = REASONS_PER_CLIENT) -> Explanation:
+        """Every feature's term of each row's log-odds, and the `reasons` that raise it most."""
+        contributions = self.contributions(frame)
+        raising = np.argsort(-contributions, axis=1, kind="stable")[:, :reasons]
+        raises = np.take_along_axis(contributions, raising, axis=1) > 0
+        values, typical, texts = [], [], []
+        for term in self.numeric:
+            raw = frame[term["column"]].to_numpy(dtype="float64", na_value=np.nan)
+            fill = term["fill"]
+            if term["log1p"] == "before-imputing":  # the fill is then a log too
+                fill = float(np.expm1(fill))
+            values.append(raw)
+            typical.append(typical_value(term))
+            texts.append(_numeric_reason_texts(term["column"], raw, typical[-1], fill))
+        for term in self.categorical:
+            cells = frame[term["column"]].to_numpy(dtype=object)
+            values.append(cells)
+            typical.append(None)
+            texts.append(_category_reason_texts(term["column"], cells))
+        return Explanation(
+            features=self.features,
+            contributions=contributions,
+            intercept=self.intercept,
+            reasons=np.where(raises, raising, -1),
+            texts=tuple(texts),
+            values=tuple(values),
+            typical=tuple(typical),
+        )
+
+
+def probabilities_of(logits: np.ndarray) -> np.ndarray:
+    """1 / (1 + e^-x) for log-odds x, computed without overflow for large |x|."""
+    return np.exp(-np.logaddexp(0.0, -logits))
+
+
+def typical_value(term: dict[str, Any]) -> float:
+    """The raw value at which a numeric feature adds nothing: the training mean, transformed back.
+
+    For a log-transformed count that is expm1 of the mean of log1p: the geometric mean of
+    (count + 1), less one. Below it and above it the feature pushes the risk opposite ways.
+    """
+    return float(np.expm1(term["mean"])) if term["log1p"] else float(term["mean"])
+
 
 def calibrated_probabilities(logits: np.ndarray, calibrator: dict[str, Any] | None) -> np.ndarray:
     """The probabilities a model gives for its log-odds, through its calibration if it has one.
@@ -126,16 +192,124 @@ def calibrated_probabilities(logits: np.ndarray, calibrator: dict[str, Any] | No
     interpolated linearly and clipped at both ends (IsotonicRegression(out_of_bounds="clip")).
     """
     if calibrator is None:
-        # 1 / (1 + e^-x), computed without overflow for large |x|.
-        return np.exp(-np.logaddexp(0.0, -logits))
+        return probabilities_of(logits)
     if calibrator["method"] == "sigmoid":
-        return np.exp(-np.logaddexp(0.0, calibrator["a"] * logits + calibrator["b"]))
+        return probabilities_of(-(calibrator["a"] * logits + calibrator["b"]))
     points = np.asarray(calibrator["x"], dtype="float64")
     values = np.asarray(calibrator["y"], dtype="float64")
     return np.interp(np.clip(logits, points[0], points[-1]), points, values)
 
 
 _scorers: weakref.WeakKeyDictionary[Any, LinearScorer | None] = weakref.WeakKeyDictionary()
+
+
+# --- Why: the reasons of a risk -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Explanation:
+    """Why the model in use gives each row its risk: every feature's exact term of the log-odds.
+
+    `contributions[i, j]` is what feature j adds to row i's log-odds against the typical client
+    (the training data's mean, after the model's transforms), so the intercept plus a row's
+    contributions is its log-odds, exactly. `reasons[i]` holds the indices of the features that
+    raise row i's risk most, largest first (-1 where fewer raise it at all); `texts[j]` says each
+    row's value of feature j against the typical one, in words.
+    """
+
+    features: tuple[str, ...]
+    contributions: np.ndarray
+    intercept: float
+    reasons: np.ndarray
+    texts: tuple[np.ndarray, ...]
+    values: tuple[np.ndarray, ...]
+    typical: tuple[float | None, ...]
+
+    def logits(self) -> np.ndarray:
+        return self.intercept + self.contributions.sum(axis=1)
+
+    def reason_texts(self, position: int) -> np.ndarray:
+        """Each row's reason number `position` (0: the strongest) in words; "" where it has none."""
+        chosen = self.reasons[:, position]
+        texts = np.empty(len(chosen), dtype=object)
+        texts[:] = ""
+        for index, feature_texts in enumerate(self.texts):
+            rows = chosen == index
+            texts[rows] = feature_texts[rows]
+        return texts
+
+    def as_records(self) -> list[list[dict[str, Any]]]:
+        """Each row's reasons as JSON-ready dicts: feature, value, typical value, term, words."""
+        rows = []
+        for row, chosen in enumerate(self.reasons.tolist()):
+            rows.append([
+                {
+                    "feature": self.features[index],
+                    "value": _json_value(self.values[index][row]),
+                    "typical": self.typical[index],
+                    "contribution": float(self.contributions[row, index]),
+                    "text": self.texts[index][row],
+                }
+                for index in chosen if index >= 0
+            ])
+        return rows
+
+
+def explain(model: Any, frame: pd.DataFrame) -> Explanation:
+    """The reasons of each row's risk under `model`, which must be one of our linear models."""
+    scorer = linear_scorer(model)
+    if scorer is None:
+        raise ValueError("reasons are the arithmetic of a linear model; this model is not one")
+    return scorer.explain(frame)
+
+
+def number_text(value: float) -> str:
+    """A number as a manager reads it: whole numbers whole, others to three significant digits."""
+    value = float(value)
+    if value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def _numeric_reason_texts(
+    column: str, values: np.ndarray, typical: float, fill: float
+) -> np.ndarray:
+    typical_text = number_text(typical)
+    unknown = f"{column} unknown (taken as {number_text(fill)}), typical {typical_text}: raises risk"
+    if len(values) < FEW_ROWS:  # an API request: plain Python beats pandas' fixed cost
+        return np.array([
+            unknown if value != value else f"{column} {number_text(value)}, typical "
+            f"{typical_text}: raises risk" for value in values.tolist()
+        ] or [], dtype=object)
+    # Worded once per distinct value: a million clients have far fewer distinct counts.
+    codes, distinct = pd.factorize(values, use_na_sentinel=True)
+    whole = np.isfinite(distinct) & (np.mod(distinct, 1) == 0) & (np.abs(distinct) < 1e15)
+    numbers = np.empty(len(distinct), dtype=object)
+    numbers[whole] = distinct[whole].astype("int64").astype(str)  # counts: the usual case
+    numbers[~whole] = [number_text(value) for value in distinct[~whole].tolist()]
+    worded = [f"{column} {number}, typical {typical_text}: raises risk" for number in numbers]
+    worded.append(unknown)
+    return np.array(worded, dtype=object)[codes]  # code -1 (a missing value) picks the last
+
+
+def _category_reason_texts(column: str, cells: np.ndarray) -> np.ndarray:
+    if len(cells) < FEW_ROWS:
+        return np.array([
+            f"{column} unknown: raises risk" if pd.isna(cell) else f"{column} {cell}: raises risk"
+            for cell in cells.tolist()
+        ] or [], dtype=object)
+    codes, distinct = pd.factorize(cells, use_na_sentinel=True)
+    worded = [f"{column} {category}: raises risk" for category in distinct.tolist()]
+    worded.append(f"{column} unknown: raises risk")
+    return np.array(worded, dtype=object)[codes]
+
+
+def _json_value(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    if isinstance(value, (np.floating, float)):
+        number = float(value)
+        return int(number) if number == int(number) and abs(number) < 2**53 else number
+    return str(value)
 
 
 def linear_scorer(model: Any) -> LinearScorer | None:
@@ -337,6 +511,18 @@ def two_proportion_z(
         return 0.0, 1.0
     z = (hits_a / rows_a - hits_b / rows_b) / spread
     return z, math.erfc(abs(z) / math.sqrt(2))
+
+
+def wilson_interval(hits: int, rows: int, z: float) -> tuple[float, float]:
+    """Wilson's interval of a proportion hits / rows: sound for small counts and shares near 0 or 1,
+    where the normal approximation gives bounds outside [0, 1]."""
+    if rows == 0:
+        return 0.0, 1.0
+    share = hits / rows
+    denominator = 1 + z**2 / rows
+    centre = (share + z**2 / (2 * rows)) / denominator
+    half = z * math.sqrt(share * (1 - share) / rows + z**2 / (4 * rows**2)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def normal_quantile(confidence: float) -> float:

@@ -148,6 +148,9 @@ class DiagnosticsSettings(NamedTuple):
     drift_share: float = 0.5
     # Size of the top group of the risk list: shown in the report, and followed across releases.
     risk_top_n: int = 100
+    # How many of the newest risk lists have their track record brought up to date when outcomes
+    # arrive (calllist.py); older lists keep the track record they had.
+    risk_tracked_lists: int = 20
 
 
 class ApiSettings(NamedTuple):
@@ -274,6 +277,14 @@ class Settings(NamedTuple):
     def latest_batch_path(self) -> Path:
         """The rows the most recent ingestion added, for drift checks against the deployed model."""
         return self.output_folder / "latestbatch.csv"
+
+    @property
+    def rosters_path(self) -> Path:
+        """The roster snapshots: current clients as each roster listed them, outcome unknown.
+
+        Beside the master dataset and never part of it: rows without a target are not training data.
+        """
+        return self.output_folder / "rosters.csv"
 
     @property
     def records_path(self) -> Path:

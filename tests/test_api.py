@@ -17,11 +17,11 @@ import requests
 
 import apicalls
 import atomicio
+import calllist
 import deployment
 import diagnostics
 import generate_data
 import records
-import reporting
 from app import create_app, status_for
 from conftest import PROJECT_DIR, TEST_ROWS
 from errors import (
@@ -481,9 +481,8 @@ def test_diagnostics_get_refuses_a_refresh_and_points_to_post(client, deployed, 
 
 @pytest.fixture
 def risk_list(deployed) -> pd.DataFrame:
-    ranked = reporting.risk_scores(deployed)
-    atomicio.write_with(deployed.risk_scores_path, lambda p: ranked.to_csv(p, index=False))
-    return ranked
+    calllist.rebuild_call_list(deployed)
+    return calllist.read_list(deployed.risk_scores_path, deployed.schema)
 
 
 @pytest.mark.parametrize(("query", "expected"), [("", 10), ("?top=3", 3), ("?top=100000", None)])
@@ -515,6 +514,77 @@ def test_query_argument_that_is_not_understood_is_400_naming_it(
 
     assert response.status_code == 400
     assert message in error_of(response)
+
+
+def test_risk_entries_carry_their_reasons_change_and_the_latest_track_record(
+    client, deployed, risk_list
+):
+    roster = generate_data.make_roster(
+        generate_data.make_clients(600, seed=12, id_offset=100_000), seed=5  # batch2's stayers
+    )
+    generate_data.write_csv(roster.frame, deployed.input_folder / "roster.csv")
+    ingest(deployed)
+    calllist.rebuild_call_list(deployed)
+    generate_data.write_csv(generate_data.make_outcomes(roster, seed=6),
+                            deployed.input_folder / "outcomes.csv")
+    ingest(deployed)
+    listed = calllist.rebuild_call_list(deployed)
+
+    answer = client.get("/risk?top=3").json
+
+    first = answer["clients"][0]
+    assert set(first) >= {"rank", "corporation", "probability", "model_version", "reasons",
+                          "change", "rank_before", "moved_by"}
+    assert first["reasons"] and first["reasons"][0].endswith(": raises risk")
+    assert answer["ranked_clients"] == listed.ranked
+    assert answer["left_not_ranked"] == listed.left_not_ranked
+    result = listed.results[-1]  # the list of the roster, recorded last
+    assert answer["track_record"]["list_id"] == result["list_id"]
+    assert answer["track_record"]["precision"] == pytest.approx(result["precision"])
+
+
+def test_risk_before_any_outcome_has_no_track_record_yet(client, risk_list):
+    assert client.get("/risk").json["track_record"] is None
+
+
+@pytest.mark.parametrize(
+    "request_args",
+    [
+        {"json": {"records": [GOOD_ROW], "explain": True}},
+        {"query_string": {"explain": "1"}, "json": {"records": [GOOD_ROW]}},
+        {"query_string": {"explain": "1"}, "data": (
+            "corporation,lastmonth_activity,lastyear_activity,number_of_employees\n"
+            "abcdef,30,400,12\n"
+        ), "content_type": "text/csv"},
+    ],
+    ids=["json-key", "query-with-json", "query-with-csv"],
+)
+def test_prediction_gives_each_rows_reasons_when_asked(predict, deployed, request_args):
+    model, _ = deployment.load_deployed_model(deployed)
+    row = pd.DataFrame([GOOD_ROW])
+    expected = calllist.ranked_table(model, "", row, deployed.schema)
+
+    answer = predict(**request_args)
+
+    [reasons] = answer["reasons"]
+    assert [reason["text"] for reason in reasons] == [
+        text for text in expected[list(calllist.REASON_COLUMNS)].iloc[0] if text
+    ]
+    assert {"feature", "value", "typical", "contribution", "text"} <= set(reasons[0])
+    assert reasons[0]["value"] == GOOD_ROW[reasons[0]["feature"]]
+
+
+def test_prediction_without_explain_gives_no_reasons(predict):
+    assert "reasons" not in predict(json={"records": [GOOD_ROW], "explain": False})
+    assert "reasons" not in predict(json={"records": [GOOD_ROW]})
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_explain_that_is_not_true_or_false_is_400(client, value):
+    response = client.post("/prediction", json={"records": [GOOD_ROW], "explain": value})
+
+    assert response.status_code == 400
+    assert '"explain" must be true or false' in error_of(response)
 
 
 def test_risk_of_a_deployed_workspace_before_reporting_is_503_naming_reporting_py(client):

@@ -206,3 +206,51 @@ def test_diagnostics_show_the_release_calibration_and_the_newest_roster_estimate
     assert payload["roster_estimate"]["roster"] == "roster.csv"
     assert payload["roster_estimate"]["rows"] == 500
     assert "estimated performance on the newest roster" in describe(payload).lower()
+
+
+def test_the_cycle_warns_early_on_a_shifted_roster_and_not_on_a_fresh_one(deployed):
+    import alerts
+    import records
+    from fullprocess import run_cycle
+
+    batch = generate_data.make_clients(600, seed=12, id_offset=100_000)  # conftest's batch2.csv
+    fresh = generate_data.make_roster(batch, seed=4, new_clients=30, id_offset=700_000)
+    generate_data.write_csv(fresh.frame, deployed.input_folder / "roster1.csv")
+    trainings = len(records.query(deployed.records_path, "SELECT id FROM trainings"))
+
+    quiet = run_cycle(deployed)
+    generate_data.write_csv(
+        _roster(800, 61, 800_000, shift=generate_data.UPMARKET),
+        deployed.input_folder / "roster2.csv",
+    )
+    warned = run_cycle(deployed)
+
+    assert quiet.decision == warned.decision == "no-usable-rows"
+    assert any(step.startswith("no early warning") for step in quiet.steps)
+    assert alerts.ESTIMATED_DROP not in {alert.event for alert in quiet.alerts}
+    assert any(step.startswith("early warning") for step in warned.steps)
+    assert alerts.ESTIMATED_DROP in {alert.event for alert in warned.alerts}
+    assert records.query(deployed.records_path, "SELECT roster, warning FROM estimates") == [
+        {"roster": "roster1.csv", "warning": 0}, {"roster": "roster2.csv", "warning": 1},
+    ]
+    assert len(records.query(deployed.records_path, "SELECT id FROM trainings")) == trainings
+
+    generate_data.write_csv(generate_data.make_outcomes(fresh, 4), deployed.input_folder / "z.csv")
+    outcomes_cycle = run_cycle(deployed)
+
+    assert any(step.startswith("realised F1 on roster roster1.csv") for step in outcomes_cycle.steps)
+    (row,) = records.query(
+        deployed.records_path, "SELECT realised_rows FROM estimates WHERE roster = 'roster1.csv'"
+    )
+    assert row["realised_rows"] == len(fresh.frame)
+
+
+def test_the_report_shows_calibration_and_estimated_beside_realised_f1(deployed):
+    from estimation import estimate_roster
+    from reporting import _estimate_trend_lines
+
+    estimate_roster(deployed, _roster(300, 71, 900_000), "roster.csv")
+
+    lines = _estimate_trend_lines(deployed)
+
+    assert len(lines) == 2 and lines[1].lstrip().startswith("roster.csv")

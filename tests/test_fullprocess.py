@@ -107,6 +107,35 @@ def test_new_data_without_drift_is_ingested_but_not_retrained(cycle_settings):
     assert "leavers" in drift["numbers"]
 
 
+def test_a_roster_alone_brings_the_risk_list_up_to_date(cycle_settings):
+    batch = generate_data.make_clients(600, seed=12, id_offset=100_000)  # conftest's batch2.csv
+    roster = generate_data.make_roster(batch, seed=4, new_clients=30, id_offset=700_000)
+    add_batch(cycle_settings, "roster.csv", roster.frame)
+    release = deployment.current_release(cycle_settings).version
+
+    assert run(cycle_settings) == 0
+
+    cycle = last_cycle(cycle_settings)
+    assert cycle["decision"] == "no-usable-rows"
+    steps = json.loads(cycle["details"])["steps"]
+    assert f"a roster of {len(roster.frame)} current clients" in steps[0]
+    assert any(step.startswith("risk list: ") for step in steps)
+    risk = pd.read_csv(cycle_settings.risk_scores_path, dtype={"corporation": str})
+    assert set(roster.frame["corporation"]) <= set(risk["corporation"])
+    assert set(risk["model_version"]) == {release}
+
+
+def test_new_labeled_data_without_drift_brings_the_risk_list_up_to_date(cycle_settings):
+    fresh = generate_data.make_clients(300, seed=31, id_offset=310_000)
+    add_batch(cycle_settings, "fresh.csv", fresh)
+
+    assert run(cycle_settings) == 0
+
+    assert last_cycle(cycle_settings)["decision"] == "no-drift"
+    risk = pd.read_csv(cycle_settings.risk_scores_path, dtype={"corporation": str})
+    assert set(fresh.loc[fresh["exited"] == 0, "corporation"]) <= set(risk["corporation"])
+
+
 def test_drifted_data_is_retrained_redeployed_and_reported(cycle_settings):
     old_release = deployment.current_release(cycle_settings).version
     add_batch(cycle_settings, "drifted.csv",
@@ -124,7 +153,8 @@ def test_drifted_data_is_retrained_redeployed_and_reported(cycle_settings):
     assert details["drift"]["numbers"]["drop"] > details["drift"]["numbers"]["allowed_drop"]
     assert cycle_settings.report_path.exists()
     risk = pd.read_csv(cycle_settings.risk_scores_path)
-    assert len(risk) == 1200 + 2000
+    master = pd.read_csv(cycle_settings.finaldata_path)
+    assert len(risk) == (master["exited"] == 0).sum()  # every client who has not left
 
 
 def test_retrained_model_that_is_worse_is_not_deployed(cycle_settings, monkeypatch):

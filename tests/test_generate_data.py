@@ -268,6 +268,7 @@ SHIPPED_SHA256 = {
     "sourcedata/dataset3.csv": "6ab7ad04de4470fcad5572309623aef77637c7803767883892a50912894cdc59",
     "sourcedata/dataset4.csv": "3162d3c56b950bc00e22f8875b00db0dfdc4f3299ed066fd753d3cf0ff912edb",
     "testdata/testdata.csv": "09f135484b194dcf0896eaf8f00b809ec5083c6c8e3814cc02495e3b85cf45f2",
+    "sourcedata/roster.csv": "973dd672f767abe9f523025631c506b3c154ffd1e080280568f1fa07ad064f05",
 }
 
 
@@ -282,7 +283,8 @@ def test_shipped_data_is_byte_identical_to_the_committed_files(tmp_path):
 
 def test_shipped_roster_lists_the_clients_who_stayed_in_the_last_source_file(tmp_path):
     shipped = write_shipped_data(tmp_path)
-    assert tmp_path.joinpath(*SHIPPED_ROSTER) not in shipped  # not shipped until ingestion takes it
+    roster_path = tmp_path.joinpath(*SHIPPED_ROSTER)
+    assert shipped[roster_path] == len(make_shipped_roster().frame)
     written = write_shipped_roster(tmp_path)
     roster = read_as_text(tmp_path.joinpath(*SHIPPED_ROSTER))
     assert written == {tmp_path.joinpath(*SHIPPED_ROSTER): len(roster)}
@@ -290,7 +292,9 @@ def test_shipped_roster_lists_the_clients_who_stayed_in_the_last_source_file(tmp
     last_source = read_as_text(tmp_path / "sourcedata" / "dataset4.csv")
     stayers = last_source.loc[last_source[TARGET] == "0", "corporation"]
     assert roster["corporation"].iloc[: len(stayers)].tolist() == stayers.tolist()
-    shipped_ids = pd.concat([read_as_text(path)["corporation"] for path in shipped])
+    shipped_ids = pd.concat(
+        [read_as_text(path)["corporation"] for path in shipped if path != roster_path]
+    )
     new_ids = roster["corporation"].iloc[len(stayers) :]
     assert len(new_ids) > 0
     assert not set(new_ids) & set(shipped_ids)
@@ -322,7 +326,7 @@ def test_command_writes_a_dirty_file(tmp_path, capsys):
 def test_command_writes_shipped_data_under_root(tmp_path, capsys):
     assert generate_data.main(["--root", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 5
+    assert len(lines) == 6  # five labeled files and the roster
     assert f"{tmp_path / 'sourcedata' / 'dataset3.csv'}: 5000 rows" in lines
     assert len(read_as_text(tmp_path / "sourcedata" / "dataset3.csv")) == 5_000
 

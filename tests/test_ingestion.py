@@ -257,3 +257,85 @@ def test_text_cells_are_stripped_alike_in_small_and_large_columns():
     assert small_result.isna().tolist() == [False, True, True, True, True, False, False]
     assert small_result.equals(large_result)
     assert small_result.dropna().tolist() == ["abc", "x", "42"]
+
+
+# --- Rosters: current clients, outcome unknown ---------------------------------------------------
+
+ROSTER_HEADER = "corporation,lastmonth_activity,lastyear_activity,number_of_employees\n"
+
+
+def roster_rows(settings):
+    return records.query(settings.records_path, "SELECT * FROM rosters ORDER BY id")
+
+
+def test_roster_goes_beside_the_master_dataset_as_a_numbered_snapshot(workspace):
+    ingest(workspace)
+    master = workspace.finaldata_path.read_bytes()
+    (workspace.input_folder / "roster.csv").write_text(ROSTER_HEADER + "aaa,1,10,3\nbbb,2,20,4\n")
+    (workspace.input_folder / "roster2.csv").write_text(ROSTER_HEADER + "aaa,0,10,3\n")
+
+    report = ingest(workspace)
+
+    assert workspace.finaldata_path.read_bytes() == master
+    assert report.accepted_rows == 0 and report.roster_clients == 3
+    snapshots = pd.read_csv(workspace.rosters_path, dtype={"corporation": str})
+    assert snapshots[["corporation", "snapshot", "master_position"]].values.tolist() == [
+        ["aaa", 1, 1200], ["bbb", 1, 1200], ["aaa", 2, 1200],
+    ]
+    assert [(r["file"].rsplit("/", 1)[-1], r["clients"], r["new_clients"])
+            for r in roster_rows(workspace)] == [("roster.csv", 2, 2), ("roster2.csv", 1, 0)]
+    assert "roster of 2 current clients (2 not seen before)" in report.summary()
+    assert [row["status"] for row in ingestion_rows(workspace)][-2:] == ["ingested", "ingested"]
+
+
+def test_roster_is_newer_than_the_labeled_files_read_before_it(workspace):
+    (workspace.input_folder / "c_roster.csv").write_text(ROSTER_HEADER + "aaa,1,10,3\n")
+    (workspace.input_folder / "d_batch.csv").write_text(HEADER + "zzz,1,10,3,1\n")
+
+    ingest(workspace)
+
+    snapshots = pd.read_csv(workspace.rosters_path)
+    # batch1.csv and batch2.csv are read before it, d_batch.csv after.
+    assert snapshots["master_position"].tolist() == [1200]
+    assert len(read_master(workspace)) == 1201
+
+
+def test_roster_cells_that_fail_validation_are_quarantined_with_the_reason(workspace):
+    (workspace.input_folder / "roster.csv").write_text(
+        ROSTER_HEADER + "aaa,abc,10,3\nbbb,-2,20,4\n,1,1,1\nccc,,30,5\n"
+    )
+
+    outcome = next(f for f in ingest(workspace).files if f.file == "roster.csv")
+
+    quarantine = pd.read_csv(workspace.quarantine_path, dtype=str, keep_default_na=False)
+    assert dict(zip(quarantine["source_line"].astype(int), quarantine["reason"], strict=True)) == {
+        2: "lastmonth_activity 'abc' is not a number",
+        3: "lastmonth_activity '-2' is negative",
+        4: "missing client id (corporation)",
+    }
+    assert (outcome.quarantined, outcome.accepted, outcome.missing_cells) == (3, 1, 1)
+    assert "exited" not in "".join(quarantine["reason"])  # a roster never lacks a target
+
+
+def test_roster_listing_a_client_twice_keeps_its_last_row_and_counts_the_other(workspace):
+    (workspace.input_folder / "roster.csv").write_text(
+        ROSTER_HEADER + "aaa,1,10,3\nbbb,2,20,4\naaa,7,70,7\n"
+    )
+
+    outcome = next(f for f in ingest(workspace).files if f.file == "roster.csv")
+
+    snapshots = pd.read_csv(workspace.rosters_path, dtype={"corporation": str})
+    assert snapshots.set_index("corporation").loc["aaa", "lastmonth_activity"] == 7
+    assert (outcome.rows_read, outcome.duplicate, outcome.accepted) == (3, 1, 2)
+    assert "1 duplicate ids (newest row kept)" in outcome.line()
+
+
+def test_file_that_is_neither_a_labeled_batch_nor_a_roster_says_so_in_one_line(workspace):
+    (workspace.input_folder / "notes.csv").write_text("corporation,comment\nabc,call back\n")
+
+    report = ingest(workspace)
+
+    [rejected] = report.rejected
+    assert "neither a labeled batch" in rejected.reason and "nor a roster" in rejected.reason
+    assert "\n" not in rejected.reason
+    assert len(read_master(workspace)) == 1200

@@ -46,13 +46,14 @@ def _redeploy(settings: Settings) -> None:
 # --- The risk list -----------------------------------------------------------------------------
 
 
-def test_risk_list_ranks_every_client_once_highest_risk_first(deployed):
-    clients = set(read_master(deployed)["corporation"])
+def test_risk_list_ranks_every_current_client_once_highest_risk_first(deployed):
+    newest = read_master(deployed).drop_duplicates("corporation", keep="last")
+    current = set(newest.loc[newest["exited"] == 0, "corporation"])
 
     risk = reporting.risk_scores(deployed)
 
-    assert set(risk["corporation"]) == clients
-    assert len(risk) == len(clients)
+    assert set(risk["corporation"]) == current
+    assert len(risk) == len(current)
     assert risk["probability"].is_monotonic_decreasing
     assert risk["rank"].tolist() == list(range(1, len(risk) + 1))
     assert set(risk["model_version"]) == {current_release(deployed).version}
@@ -71,7 +72,7 @@ def test_risk_of_a_client_comes_from_its_newest_row(deployed):
 
     [row] = risk[risk["corporation"] == client].itertuples()
     assert row.probability == pytest.approx(model.predict_proba(newest)[0, 1])
-    assert len(risk) == master["corporation"].nunique()
+    assert risk["corporation"].is_unique
 
 
 def test_clients_with_equal_risk_are_ordered_by_id(deployed):
@@ -117,7 +118,11 @@ REPORT_SECTIONS = [
     "Stage timings",
     "Dependencies",
     "Top of the risk list",
+    "already left, not ranked",
+    "raises risk",
     "since the previous release",
+    "Track record of the risk lists",
+    "Precision at the top and lift",
     "Trends over earlier runs",
     "F1 of recorded scores",
     "ROC AUC of recorded scores",
@@ -142,10 +147,13 @@ def test_report_writes_the_risk_list_beside_the_deployed_model(reported):
     written = pd.read_csv(result.risk_scores_path, dtype={"corporation": "str"})
 
     assert result.risk_scores_path.parent == settings.deployment_folder
+    # Today's columns first, so that existing readers keep working; the new ones after them.
     assert written.columns.tolist() == [
-        "rank", "corporation", "probability", "predicted_exited", "model_version"
+        "rank", "corporation", "probability", "predicted_exited", "model_version",
+        "reason_1", "reason_2", "reason_3", "change", "rank_before", "moved_by",
     ]
-    assert len(written) == result.clients == read_master(settings)["corporation"].nunique()
+    newest = read_master(settings).drop_duplicates("corporation", keep="last")
+    assert len(written) == result.clients == (newest["exited"] == 0).sum()
     assert written["probability"].is_monotonic_decreasing
 
 

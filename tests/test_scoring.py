@@ -131,3 +131,54 @@ def test_evaluate_scores_known_rows_through_the_prediction_path(deployed):
     assert evaluation.probabilities == pytest.approx(model.predict_proba(frame)[:, 1], abs=1e-12)
     assert (evaluation.predictions == model.predict(frame)).all()
     assert evaluation.metrics.rows == len(frame)
+
+
+# --- Reasons -------------------------------------------------------------------------------------
+
+
+def test_reasons_name_the_category_and_add_up_to_the_log_odds(tmp_path):
+    import pandas as pd
+
+    from conftest import build_workspace, write_config
+    from dataset import read_dataset
+    from ingestion import ingest
+    from scoring import calibrated_probabilities, explain, linear_scorer
+    from settings import load_settings
+    from training import train
+
+    build_workspace(tmp_path)
+    for path in [*(tmp_path / "sourcedata").glob("*.csv"), tmp_path / "testdata/testdata.csv"]:
+        frame = pd.read_csv(path)
+        # Most leavers are in the south: the category carries real weight.
+        frame["region"] = np.where(frame["exited"] == 1, "south", "north")
+        frame.loc[::3, "region"] = "north"
+        frame.to_csv(path, index=False)
+    settings = load_settings(write_config(tmp_path, schema={"categorical_features": ["region"]}))
+    ingest(settings)
+    model = train(settings).model
+    frame = read_dataset(settings.test_data_files()[0], settings.schema).head(50)
+    frame.loc[0, "region"] = "unseen"
+
+    why = explain(model, frame)
+
+    weights = linear_scorer(model).categorical[0]["weights"]
+    region = list(why.features).index("region")
+    assert why.contributions[1, region] == weights[frame["region"].iloc[1]]
+    assert why.contributions[0, region] == 0.0  # a category unseen in training adds nothing
+    probabilities = model.predict_proba(frame)[:, 1]
+    np.testing.assert_allclose(
+        calibrated_probabilities(why.logits(), linear_scorer(model).calibration), probabilities,
+        rtol=1e-9,
+    )
+    south = int(np.flatnonzero(frame["region"].to_numpy() == "south")[0])
+    assert "region south: raises risk" in [reason["text"] for reason in why.as_records()[south]]
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(12.0, "12"), (340.4, "340"), (1523.6, "1524"), (33.14, "33.1"), (0.25, "0.25"), (0.0, "0")],
+)
+def test_numbers_in_reasons_read_as_a_manager_reads_them(value, text):
+    from scoring import number_text
+
+    assert number_text(value) == text

@@ -1,0 +1,816 @@
+"""The call list: every current client ranked by the served model, with the reasons of its risk.
+
+Client managers call the clients at the top of production_deployment/riskscores.csv. A client is
+current when its newest known row (a labeled row of the master dataset, or a roster snapshot) has no
+outcome yet or says it stayed; a client whose newest row says it left is counted, never ranked.
+Each ranked client carries the three features that raise its risk most against the typical client
+(scoring.explain: the model's own arithmetic) and what changed since the previous list: new in the
+top group, risen or fallen, and the feature that moved it. When labeled data later brings the
+outcomes of clients an earlier list ranked, that list's track record is recorded: how many of its
+top group left, against the share of leavers among all it ranked (precision at the top, and lift).
+
+`rebuild_call_list` writes the list of the served release and records it (the `call_lists` table),
+with each listed client's log-odds terms beside it (riskscores.terms.npz) for the next list to
+compare with; it does nothing when the list already describes the served release and the current
+data, so the cycle, the report and a rollback can all call it. pandas and numpy are imported by
+the functions that rank, so that `call_list_is_current` costs a stat and a query.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import atomicio
+import deployment
+import records
+from errors import DataError
+from ingestion import MASTER_POSITION_COLUMN, SNAPSHOT_COLUMN
+from settings import Schema, Settings
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
+log = logging.getLogger(__name__)
+
+# One column per reason (scoring.REASONS_PER_CLIENT), strongest first.
+REASON_COLUMNS = ("reason_1", "reason_2", "reason_3")
+# Rows formatted and written at a time: bounds the memory that a million clients' text takes.
+WRITE_CHUNK_ROWS = 100_000
+
+
+class ClientHistory(NamedTuple):
+    """The master dataset and the roster snapshots, each row's client as an integer code.
+
+    With codes, who is current is a handful of integer array operations, at the end of the data
+    or at any earlier point (the track record asks who was current when an earlier list was made).
+    """
+
+    master: pd.DataFrame  # typed, indexed by row position (read_master)
+    snapshots: pd.DataFrame  # the rows of rosters.csv, in the order they arrived
+    master_clients: np.ndarray  # the client code of each master row
+    snapshot_clients: np.ndarray  # ... and of each snapshot row
+    clients: pd.Index  # the client id (text) of each code
+
+
+class CurrentClients(NamedTuple):
+    """Who is current, and the newest row of each: what the list ranks."""
+
+    rows: pd.DataFrame  # the schema's ids and features, one row per current client
+    codes: np.ndarray  # each row's client code (ClientHistory)
+    left: int  # clients whose newest row says they left: counted, not ranked
+    from_rosters: int  # current clients whose newest row is a roster snapshot
+    sources: np.ndarray  # each row's row in the data: master row i, or snapshot row j as -(j + 1)
+
+
+class CallList(NamedTuple):
+    """A risk list as recorded: which release ranked which data, and how earlier lists fared."""
+
+    list_id: int
+    model_version: str
+    roster: str | None
+    ranked: int
+    from_rosters: int
+    left_not_ranked: int
+    top_n: int
+    path: Path
+    rebuilt: bool
+    results: tuple[dict[str, Any], ...] = ()  # track records recorded by this rebuild
+
+    def summary(self) -> str:
+        roster = f", newest roster {self.roster}" if self.roster else ""
+        lines = [
+            f"Risk list of release {self.model_version}{roster}: {self.ranked:,} current clients "
+            f"ranked ({self.from_rosters:,} from rosters), {self.left_not_ranked:,} already left, "
+            f"not ranked; {self.path}" + ("" if self.rebuilt else " (already up to date)")
+        ]
+        lines += [f"  {track_record_text(result)}" for result in self.results]
+        return "\n".join(lines)
+
+
+# --- Who is current ----------------------------------------------------------------------------
+
+
+def client_history(master: pd.DataFrame, snapshots: pd.DataFrame, schema: Schema) -> ClientHistory:
+    """Give every client of the master dataset and the snapshots an integer code."""
+    import numpy as np
+    import pandas as pd
+
+    codes, clients = pd.factorize(
+        np.concatenate([client_keys(master, schema), client_keys(snapshots, schema)])
+    )
+    return ClientHistory(
+        master, snapshots, codes[: len(master)], codes[len(master):],
+        pd.Index(clients, dtype=object),
+    )
+
+
+def current_clients(
+    history: ClientHistory, schema: Schema, master_rows: int | None = None,
+    roster_rows: int | None = None,
+) -> CurrentClients:
+    """The newest row of every current client, from the first `master_rows` and `roster_rows`.
+
+    A client's newest labeled row is its last in the master dataset, its newest snapshot row its
+    last in the rosters. A snapshot that arrived when the master dataset had P rows is newer than
+    master rows 0..P-1 and older than the rest. The client is current when its newest row is a
+    snapshot or a labeled row saying it stayed.
+    """
+    import numpy as np
+    import pandas as pd
+
+    newest = _newest_rows(history, schema, master_rows, roster_rows)
+    columns = list(schema.id_columns + schema.features)
+    stayed = np.flatnonzero(~newest.snapshot_is_newest & (newest.outcome == 0))
+    listed = np.flatnonzero(newest.snapshot_is_newest)
+    rows = pd.concat([
+        history.master.iloc[newest.labeled_at[stayed]][columns],
+        history.snapshots.iloc[newest.listed_at[listed]][columns],
+    ], ignore_index=True)
+    return CurrentClients(
+        rows=rows,
+        codes=np.concatenate([stayed, listed]),
+        left=int((~newest.snapshot_is_newest & (newest.outcome == 1)).sum()),
+        from_rosters=len(listed),
+        sources=np.concatenate([newest.labeled_at[stayed], -newest.listed_at[listed] - 1]),
+    )
+
+
+class _Newest(NamedTuple):
+    labeled_at: np.ndarray  # per client code: its last master row, -1 if none
+    listed_at: np.ndarray  # ... its last snapshot row, -1 if none
+    snapshot_is_newest: np.ndarray
+    outcome: np.ndarray  # ... the target of its last master row, NaN if none
+
+    @property
+    def current(self) -> np.ndarray:
+        return self.snapshot_is_newest | (self.outcome == 0)
+
+
+def _newest_rows(
+    history: ClientHistory, schema: Schema, master_rows: int | None, roster_rows: int | None
+) -> _Newest:
+    import numpy as np
+
+    clients = len(history.clients)
+    labeled_at = _last_rows(history.master_clients[:master_rows], clients)
+    listed_at = _last_rows(history.snapshot_clients[:roster_rows], clients)
+    positions = history.snapshots[MASTER_POSITION_COLUMN].to_numpy(dtype="int64")
+    listed = listed_at >= 0
+    listed_after = np.full(clients, -1, dtype="int64")
+    listed_after[listed] = positions[listed_at[listed]]
+    target = history.master[schema.target].to_numpy(dtype="float64", na_value=np.nan)
+    labeled = labeled_at >= 0
+    outcome = np.full(clients, np.nan)
+    outcome[labeled] = target[labeled_at[labeled]]
+    return _Newest(labeled_at, listed_at, listed_after > labeled_at, outcome)
+
+
+def _last_rows(codes: np.ndarray, clients: int) -> np.ndarray:
+    """For each of `clients` codes, the index of its last row in `codes`; -1 where it has none."""
+    import numpy as np
+
+    last = np.full(clients, -1, dtype="int64")
+    distinct, first_from_end = np.unique(codes[::-1], return_index=True)
+    last[distinct] = len(codes) - 1 - first_from_end
+    return last
+
+
+def _first_rows(codes: np.ndarray, clients: int) -> np.ndarray:
+    """For each of `clients` codes, the index of its first row in `codes`; -1 where it has none."""
+    import numpy as np
+
+    first = np.full(clients, -1, dtype="int64")
+    distinct, first_index = np.unique(codes, return_index=True)
+    first[distinct] = first_index
+    return first
+
+
+def client_keys(frame: pd.DataFrame, schema: Schema) -> np.ndarray:
+    """Each row's client id as text (several id columns joined by " / ", as scoring names them)."""
+    ids = list(schema.id_columns)
+    if len(ids) == 1:
+        return frame[ids[0]].to_numpy(dtype=object)
+    return frame[ids].astype("str").agg(" / ".join, axis=1).to_numpy(dtype=object)
+
+
+def read_snapshots(settings: Settings) -> pd.DataFrame:
+    """The roster snapshots (rosters.csv), typed like the master dataset; empty if none arrived."""
+    import numpy as np
+
+    from dataset import as_numbers, empty_frame, frame_of, read_csv
+
+    schema = settings.schema
+    columns = schema.id_columns + schema.features
+    path = settings.rosters_path
+    if not path.exists():
+        return empty_frame(schema)[list(columns)].assign(
+            **{SNAPSHOT_COLUMN: np.zeros(0, "int64"), MASTER_POSITION_COLUMN: np.zeros(0, "int64")}
+        )
+    frame = read_csv(path, schema, name=f"roster dataset {path}")
+    missing = [c for c in (*columns, SNAPSHOT_COLUMN, MASTER_POSITION_COLUMN) if c not in frame]
+    if missing:
+        raise DataError(
+            f"roster dataset {path} lacks column(s) {', '.join(missing)}: it was made with another "
+            "schema; move it away and ingest the rosters again"
+        )
+    text = set(schema.id_columns + schema.categorical_features)
+    values = {
+        column: frame[column].to_numpy(dtype=object) if column in text
+        else as_numbers(frame[column].to_numpy())
+        for column in columns
+    }
+    return frame_of(values, columns, schema, frame.index).assign(**{
+        column: frame[column].to_numpy(dtype="int64")
+        for column in (SNAPSHOT_COLUMN, MASTER_POSITION_COLUMN)
+    })
+
+
+# --- Ranking with reasons and changes ----------------------------------------------------------
+
+
+class Ranked(NamedTuple):
+    """A list before it is written: what a manager reads, and what the next list compares with."""
+
+    table: pd.DataFrame  # rank, ids, probability, predicted class, release, reasons (+ changes)
+    terms: np.ndarray  # each row's log-odds terms (rows x features), in rank order
+    features: tuple[str, ...]
+    sources: np.ndarray  # each row's row in the data: master row i, or snapshot row j as -(j + 1)
+    codes: np.ndarray  # each row's client code (ClientHistory)
+
+
+def rank_current_clients(settings: Settings, model: Any, version: str) -> pd.DataFrame:
+    """The list `model` makes of the current data, compared with the list on disk; not written."""
+    from dataset import read_master
+
+    history = client_history(read_master(settings), read_snapshots(settings), settings.schema)
+    current = current_clients(history, settings.schema)
+    return make_list(settings, model, version, history, current).table
+
+
+def make_list(
+    settings: Settings, model: Any, version: str, history: ClientHistory, current: CurrentClients
+) -> Ranked:
+    """Rank the current clients with their reasons, and say what changed since the list on disk."""
+    ranked = _ranked(model, version, current, settings.schema)
+    before, shift = _compared_with_previous(settings, history, ranked)
+    table = with_changes(
+        ranked.table, settings.diagnostics.risk_top_n, before, shift, ranked.features
+    )
+    return ranked._replace(table=table)
+
+
+def ranked_table(model: Any, version: str, rows: pd.DataFrame, schema: Schema) -> pd.DataFrame:
+    """Rows ranked by probability of leaving, highest first, each with its three reasons.
+
+    Ties go by client id, so the order never depends on the order rows happened to arrive in.
+    The columns are today's (rank, ids, probability, predicted class, model_version), then the
+    reasons.
+    """
+    import numpy as np
+
+    every_row = np.arange(len(rows))
+    current = CurrentClients(rows, every_row, left=0, from_rosters=0, sources=every_row)
+    return _ranked(model, version, current, schema).table
+
+
+def _ranked(model: Any, version: str, current: CurrentClients, schema: Schema) -> Ranked:
+    import numpy as np
+    import pandas as pd
+
+    from scoring import calibrated_probabilities, explain, linear_scorer
+
+    rows = current.rows
+    why = explain(model, rows)
+    # Reasons are terms of the log-odds; the probability is the model's, through its calibration.
+    probabilities = calibrated_probabilities(why.logits(), linear_scorer(model).calibration)
+    order = _risk_order(probabilities, client_keys(rows, schema))
+    index = pd.RangeIndex(len(order))
+    table = pd.DataFrame(
+        {column: _texts(rows[column].to_numpy(dtype=object)[order], index)
+         for column in schema.id_columns},
+    )
+    table.insert(0, "rank", np.arange(1, len(table) + 1))
+    table["probability"] = probabilities[order]
+    threshold = linear_scorer(model).threshold
+    table[f"predicted_{schema.target}"] = (probabilities[order] >= threshold).astype("int64")
+    table["model_version"] = _texts(np.full(len(table), version, dtype=object), index)
+    for position, column in enumerate(REASON_COLUMNS):
+        table[column] = _texts(why.reason_texts(position)[order], index)
+    return Ranked(
+        table=table, terms=why.contributions[order], features=why.features,
+        sources=current.sources[order], codes=current.codes[order],
+    )
+
+
+def _texts(values: np.ndarray, index: pd.Index) -> pd.Series:
+    """Text as plain Python strings: pandas' own string type costs a missing-value scan per use."""
+    import pandas as pd
+
+    return pd.Series(values, index=index, dtype=object)
+
+
+def _risk_order(probabilities: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Row order by probability, highest first, equal probabilities by client id.
+
+    Sorting a million ids as text takes seconds; only the rows whose probability ties with a
+    neighbour's are sorted by id.
+    """
+    import numpy as np
+
+    order = np.argsort(-probabilities, kind="stable")
+    ranked = probabilities[order]
+    group = np.concatenate([[0], np.cumsum(ranked[1:] != ranked[:-1])])
+    tied = np.bincount(group)[group] > 1
+    if tied.any():
+        # Fixed-width text sorts far faster than Python strings.
+        tied_keys = np.asarray(keys[order[tied]], dtype=str)
+        order[tied] = order[tied][np.lexsort((tied_keys, group[tied]))]
+    return order
+
+
+def with_changes(
+    table: pd.DataFrame, top_n: int, before: np.ndarray | None, shift: np.ndarray | None,
+    features: tuple[str, ...],
+) -> pd.DataFrame:
+    """Add what changed since the previous list: change, rank_before and moved_by.
+
+    `before` is each row's rank on the previous list (0: not on it; None: there is no previous
+    list); `shift`, how each row's log-odds terms moved since (NaN, or None: not known).
+    change: "new in the top N" (in the top group now, not in the previous one), "risen",
+    "fallen", "unchanged", "new" (not on the previous list), or "first list". moved_by: of a
+    client whose own risk moved, the feature whose term moved furthest the same way.
+    """
+    import numpy as np
+    import pandas as pd
+
+    # After the reasons: the columns a manager reads first.
+    where = list(table.columns).index(REASON_COLUMNS[-1]) + 1
+    if before is None:
+        return _with_columns(table, where, {
+            "change": _texts(np.full(len(table), "first list", dtype=object), table.index),
+            "rank_before": pd.array([pd.NA] * len(table), dtype="Int64"),
+            "moved_by": _texts(np.full(len(table), "", dtype=object), table.index),
+        })
+    rank = table["rank"].to_numpy()
+    found = before > 0
+    change = np.full(len(table), "unchanged", dtype=object)
+    change[found & (rank < before)] = "risen"
+    change[found & (rank > before)] = "fallen"
+    change[~found] = "new"
+    change[(rank <= top_n) & (~found | (before > top_n))] = f"new in the top {top_n}"
+    moved = np.full(len(table), "", dtype=object)
+    if shift is not None:
+        known = found & ~np.isnan(shift).any(axis=1)
+        total = shift[known].sum(axis=1)
+        # Terms recomputed from the same row and model agree to the last bit; anything else moved.
+        own = np.abs(total) > 1e-9
+        strongest = np.argmax(shift[known][own] * np.sign(total[own])[:, None], axis=1)
+        moved[np.flatnonzero(known)[own]] = np.array(features, dtype=object)[strongest]
+    return _with_columns(table, where, {
+        "change": _texts(change, table.index),
+        "rank_before": pd.arrays.IntegerArray(before, ~found),
+        "moved_by": _texts(moved, table.index),
+    })
+
+
+def _with_columns(table: pd.DataFrame, where: int, columns: dict[str, Any]) -> pd.DataFrame:
+    table = table.copy()
+    for offset, (name, values) in enumerate(columns.items()):
+        table.insert(where + offset, name, values)
+    return table
+
+
+def _compared_with_previous(
+    settings: Settings, history: ClientHistory, ranked: Ranked
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Each new row's rank on the list on disk (0: not on it) and how its terms moved since.
+
+    The terms file written beside the list says where each client's row lies in the data, so the
+    two lists meet through integer codes; without it (or for a list of other data) the clients
+    are matched by id, and what moved them is not known. (None, None): no list on disk.
+    """
+    import numpy as np
+    import pandas as pd
+
+    path = settings.risk_scores_path
+    if not path.is_file():
+        return None, None
+    saved = read_terms(settings, history)
+    if saved is not None:
+        codes_before = _codes_of(saved["sources"], history)
+        row_before = np.full(len(history.clients), -1, dtype="int64")
+        row_before[codes_before] = np.arange(len(codes_before))
+        at = row_before[ranked.codes]
+        found = at >= 0
+        shift = None
+        if tuple(saved["features"].tolist()) == ranked.features:
+            shift = np.full(ranked.terms.shape, np.nan)
+            shift[found] = ranked.terms[found] - saved["terms"][at[found]]
+        return np.where(found, at + 1, 0), shift
+    previous = read_previous_list(path, settings.schema)
+    if previous is None:
+        return None, None
+    at = pd.Index(client_keys(previous, settings.schema)).get_indexer(
+        history.clients[ranked.codes]
+    )
+    return np.where(at >= 0, previous["rank"].to_numpy(dtype="int64")[at], 0), None
+
+
+def _codes_of(sources: np.ndarray, history: ClientHistory) -> np.ndarray:
+    """The client code of each source row: master row i, or snapshot row j given as -(j + 1)."""
+    import numpy as np
+
+    from_master = sources >= 0
+    codes = np.empty(len(sources), dtype="int64")
+    codes[from_master] = history.master_clients[sources[from_master]]
+    codes[~from_master] = history.snapshot_clients[-sources[~from_master] - 1]
+    return codes
+
+
+def read_previous_list(path: Path, schema: Schema) -> pd.DataFrame | None:
+    """The ids and ranks of the list on disk; None if there is none or it cannot be read."""
+    import pandas as pd
+
+    if not path.is_file():
+        return None
+    ids = list(schema.id_columns)
+    try:
+        return pd.read_csv(
+            path, usecols=[*ids, "rank"], dtype={c: "str" for c in ids}, keep_default_na=False
+        )
+    except (OSError, ValueError, pd.errors.ParserError) as error:
+        log.warning("comparing with no previous list: %s cannot be read (%s)", path, error)
+        return None
+
+
+# --- Writing and recording ---------------------------------------------------------------------
+
+
+def rebuild_call_list(settings: Settings) -> CallList:
+    """Write and record the risk list of the served release; nothing to do if it is up to date.
+
+    Also brings the track record of earlier lists up to date with the outcomes that arrived since.
+    """
+    release = deployment.current_release(settings)
+    stamp = data_stamp(settings, release.version)
+    latest = latest_list(settings)
+    if latest is not None and _is_written(settings, latest, stamp):
+        return _call_list(settings, latest, rebuilt=False)
+
+    from dataset import read_master
+
+    model, release = deployment.load_deployed_model(settings)
+    schema = settings.schema
+    history = client_history(read_master(settings), read_snapshots(settings), schema)
+    current = current_clients(history, schema)
+    ranked = make_list(settings, model, release.version, history, current)
+    top_n = settings.diagnostics.risk_top_n
+    list_id = records.add(settings.records_path, "call_lists", {
+        "time": records.utc_now(),
+        "model_version": release.version,
+        "roster": _newest_roster(settings, len(history.snapshots)),
+        "master_rows": len(history.master),
+        "roster_rows": len(history.snapshots),
+        "ranked": len(ranked.table),
+        "from_rosters": current.from_rosters,
+        "left_not_ranked": current.left,
+        "top_n": top_n,
+        "top_clients": client_keys(ranked.table.head(top_n), schema).tolist(),
+        "data_stamp": stamp,
+    })
+    write_list(settings.risk_scores_path, ranked.table)
+    write_terms(settings, list_id, ranked, history)
+    records.update(settings.records_path, "call_lists", list_id,
+                   {"file_stamp": file_stamp(settings.risk_scores_path)})
+    results = update_track_records(settings, history, list_id)
+    log.info("risk list %d of release %s: %d clients ranked, %d already left",
+             list_id, release.version, len(ranked.table), current.left)
+    return _call_list(settings, latest_list(settings), rebuilt=True, results=results)
+
+
+def terms_path(settings: Settings) -> Path:
+    """Beside riskscores.csv: each listed client's row in the data and log-odds terms, in rank
+    order, so that the next list can say what moved each client without reading this one."""
+    return settings.risk_scores_path.with_suffix(".terms.npz")
+
+
+# Ids of this many listed clients, spread over the list, are kept in the terms file to check that
+# its rows still point at the same clients (the data might have been made anew since).
+CHECKED_IDS = 100
+
+
+def write_terms(settings: Settings, list_id: int, ranked: Ranked, history: ClientHistory) -> None:
+    import numpy as np
+
+    listed = len(ranked.codes)
+    checked = np.unique(np.linspace(0, listed - 1, min(listed, CHECKED_IDS)).astype("int64"))
+
+    def write(path: Path) -> None:
+        with open(path, "wb") as stream:
+            np.savez(
+                stream, list_id=np.array(list_id), sources=ranked.sources, terms=ranked.terms,
+                features=np.array(ranked.features, dtype=str), checked=checked,
+                checked_ids=np.array(history.clients[ranked.codes[checked]], dtype=str),
+            )
+
+    atomicio.write_with(terms_path(settings), write)
+
+
+def read_terms(settings: Settings, history: ClientHistory) -> dict[str, np.ndarray] | None:
+    """The terms file of the list on disk, if it is that list's and still fits the data."""
+    import numpy as np
+
+    listed = latest_list(settings)
+    if listed is None or listed["file_stamp"] != file_stamp(settings.risk_scores_path):
+        return None
+    try:
+        with np.load(terms_path(settings), allow_pickle=False) as stored:
+            saved = {name: stored[name] for name in stored.files}
+    except (OSError, ValueError, KeyError) as error:
+        log.info("the terms of the previous list are not at hand (%s)", error)
+        return None
+    sources = saved["sources"]
+    fits = (
+        int(saved["list_id"]) == listed["id"]
+        and (sources < len(history.master)).all()
+        and (-sources - 1 < len(history.snapshots)).all()
+    )
+    if not fits or not (
+        history.clients[_codes_of(sources[saved["checked"]], history)]
+        == saved["checked_ids"].astype(object)
+    ).all():
+        return None
+    return saved
+
+
+def call_list_is_current(settings: Settings) -> bool:
+    """Whether riskscores.csv is the recorded list of the served release and the current data."""
+    manifest = deployment.read_manifest(settings)
+    latest = latest_list(settings)
+    if manifest is None or latest is None:
+        return False
+    return _is_written(settings, latest, data_stamp(settings, manifest["current"]))
+
+
+def data_stamp(settings: Settings, version: str) -> str:
+    """What a list is made of: the release, and the data files' sizes (both only ever grow)."""
+    sizes = [
+        f"{path.name}={path.stat().st_size if path.exists() else -1}"
+        for path in (settings.finaldata_path, settings.rosters_path)
+    ]
+    return ";".join([version, *sizes])
+
+
+def file_stamp(path: Path) -> str | None:
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _is_written(settings: Settings, listed: dict[str, Any], stamp: str) -> bool:
+    return listed["data_stamp"] == stamp and listed["file_stamp"] == file_stamp(
+        settings.risk_scores_path
+    )
+
+
+def latest_list(settings: Settings) -> dict[str, Any] | None:
+    rows = records.query(settings.records_path, "SELECT * FROM call_lists ORDER BY id DESC LIMIT 1")
+    return rows[0] if rows else None
+
+
+def _call_list(
+    settings: Settings, listed: dict[str, Any], *, rebuilt: bool,
+    results: tuple[dict[str, Any], ...] = (),
+) -> CallList:
+    return CallList(
+        list_id=listed["id"], model_version=listed["model_version"], roster=listed["roster"],
+        ranked=listed["ranked"], from_rosters=listed["from_rosters"],
+        left_not_ranked=listed["left_not_ranked"], top_n=listed["top_n"],
+        path=settings.risk_scores_path, rebuilt=rebuilt, results=results,
+    )
+
+
+def _newest_roster(settings: Settings, roster_rows: int) -> str | None:
+    if not roster_rows:
+        return None
+    rows = records.query(
+        settings.records_path, "SELECT file FROM rosters ORDER BY snapshot DESC LIMIT 1"
+    )
+    return Path(rows[0]["file"]).name if rows else None
+
+
+def write_list(path: Path, table: pd.DataFrame) -> None:
+    """Write the list as CSV, atomically, a chunk of rows at a time.
+
+    pandas' to_csv takes about 20 s for a million clients with their reasons on our machines; one
+    %-format per row takes a fraction of that. Cells are quoted only in a column that needs it, and
+    a column with one value in a chunk (the release) goes into the format itself.
+    """
+    import pandas as pd
+
+    def cells(column: str, rows: slice) -> tuple[list[Any] | None, str]:
+        """A chunk of a column as Python values and the format of its cells (values None: the
+        format holds the one value)."""
+        values = table[column].iloc[rows]
+        dtype = values.dtype
+        if pd.api.types.is_float_dtype(dtype):
+            return values.tolist(), "%.6f"
+        if pd.api.types.is_integer_dtype(dtype) and not values.hasnans:
+            return values.to_numpy(dtype="int64").tolist(), "%d"
+        if pd.api.types.is_integer_dtype(dtype):  # nullable: empty where missing
+            texts = [
+                "" if gone else str(number) for number, gone in zip(
+                    values.to_numpy(dtype="int64", na_value=0).tolist(),
+                    values.isna().tolist(), strict=True,
+                )
+            ]
+        else:
+            texts = values.tolist()
+        try:
+            everything = "\x00".join(texts)  # one scan of all the cells for what needs quoting
+        except TypeError:  # a missing cell among the text: empty
+            texts = values.to_numpy(dtype=object, na_value="").tolist()
+            everything = "\x00".join(map(str, texts))
+            texts = [str(text) for text in texts]
+        if '"' in everything or "\n" in everything or "\r" in everything:
+            return [_csv_field(text) for text in texts], "%s"
+        quote = '"' if "," in everything else ""  # every reason holds a comma
+        if texts and texts[0] == texts[-1] and len(set(texts)) == 1:
+            return None, f"{quote}{texts[0].replace('%', '%%')}{quote}"
+        return texts, f"{quote}%s{quote}"
+
+    with atomicio.open_atomic(path, "w", encoding="utf-8", newline="") as stream:
+        stream.write(",".join(_csv_field(column) for column in table.columns) + "\n")
+        for start in range(0, len(table), WRITE_CHUNK_ROWS):
+            chunk = [cells(column, slice(start, start + WRITE_CHUNK_ROWS))
+                     for column in table.columns]
+            line = ",".join(cell_format for _, cell_format in chunk) + "\n"
+            columns = [values for values, _ in chunk if values is not None]
+            if columns:
+                stream.writelines(map(line.__mod__, zip(*columns)))
+            else:  # every cell of the chunk is the same: a list of one client
+                stream.write(line * len(table.iloc[start:start + WRITE_CHUNK_ROWS]))
+
+
+def read_list(path: Path, schema: Schema, rows: int | None = None) -> pd.DataFrame:
+    """The first `rows` of a written list (all by default): text cells as text, "" where empty."""
+    import pandas as pd
+
+    text = {*schema.id_columns, "model_version", *REASON_COLUMNS, "change", "moved_by"}
+    header = pd.read_csv(path, nrows=0).columns
+    frame = pd.read_csv(
+        path, nrows=rows, dtype={c: "str" for c in header if c in text},
+        keep_default_na=False, na_values={c: [""] for c in header if c not in text},
+    )
+    if "rank_before" in frame:
+        frame["rank_before"] = frame["rank_before"].astype("Int64")
+    return frame
+
+
+def _csv_field(text: str) -> str:
+    """Text as a CSV cell: quoted when it holds a comma, a quote or a line break."""
+    if "," in text or '"' in text or "\n" in text or "\r" in text:
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+# --- The track record --------------------------------------------------------------------------
+
+
+def update_track_records(
+    settings: Settings, history: ClientHistory, newest_list: int
+) -> tuple[dict[str, Any], ...]:
+    """Record the track record of earlier lists whose clients' outcomes arrived since."""
+    from scoring import normal_quantile
+
+    tracked = records.query(
+        settings.records_path,
+        "SELECT l.*, (SELECT MAX(outcomes_through) FROM call_list_results r "
+        "WHERE r.list_id = l.id) AS through FROM call_lists l WHERE l.id < ? "
+        "ORDER BY l.id DESC LIMIT ?",
+        (newest_list, settings.diagnostics.risk_tracked_lists),
+    )
+    z = normal_quantile(settings.scoring.confidence)
+    master_rows, roster_rows = len(history.master), len(history.snapshots)
+    results = []
+    for listed in reversed(tracked):
+        if not listed["master_rows"] < master_rows or (listed["through"] or -1) >= master_rows:
+            continue  # no outcome arrived since the list was made, or since it was last counted
+        if listed["roster_rows"] > roster_rows:
+            continue  # the data was replaced since: who this list ranked can no longer be known
+        numbers = track_record(
+            history, listed["master_rows"], listed["roster_rows"],
+            json.loads(listed["top_clients"]), settings.schema, z,
+        )
+        if numbers is None:
+            continue
+        result = {"time": records.utc_now(), "list_id": listed["id"], **numbers}
+        records.add(settings.records_path, "call_list_results", result)
+        results.append({**result, "model_version": listed["model_version"],
+                        "roster": listed["roster"], "top_n": listed["top_n"]})
+    return tuple(results)
+
+
+def track_record(
+    history: ClientHistory,
+    master_rows: int,
+    roster_rows: int,
+    top_clients: list[str],
+    schema: Schema,
+    z: float,
+) -> dict[str, Any] | None:
+    """How a list made from the first `master_rows` and `roster_rows` rows fared; None: no outcome.
+
+    A ranked client's outcome is its first labeled row after the list was made. Precision at the
+    top is the share of leavers among the top group's clients whose outcome arrived, with Wilson's
+    interval; lift is that precision over the share of leavers among all ranked clients whose
+    outcome arrived (its interval is the precision's, over that share, which rests on many more
+    clients).
+    """
+    import numpy as np
+
+    from scoring import wilson_interval
+
+    clients = len(history.clients)
+    first_after = _first_rows(history.master_clients[master_rows:], clients)
+    known = first_after >= 0
+    if not known.any():
+        return None
+    target = history.master[schema.target].to_numpy(dtype="float64", na_value=np.nan)
+    left = np.zeros(clients, dtype=bool)
+    left[known] = target[master_rows + first_after[known]] == 1
+    ranked = _newest_rows(history, schema, master_rows, roster_rows).current & known
+    top = np.zeros(clients, dtype=bool)
+    candidates = np.flatnonzero(ranked)  # only ids with an outcome need hashing, not every client
+    top[candidates] = _isin(np.asarray(history.clients[candidates], dtype=object), top_clients)
+    ranked_known, top_known = int(ranked.sum()), int(top.sum())
+    if ranked_known == 0:
+        return None
+    ranked_left, top_left = int((ranked & left).sum()), int((top & left).sum())
+    share = ranked_left / ranked_known
+    numbers: dict[str, Any] = {
+        "outcomes_through": len(history.master),
+        "top_known": top_known, "top_left": top_left,
+        "ranked_known": ranked_known, "ranked_left": ranked_left,
+        "precision": None, "precision_low": None, "precision_high": None,
+        "leaver_share": share, "lift": None, "lift_low": None, "lift_high": None,
+    }
+    if top_known:
+        precision = top_left / top_known
+        low, high = wilson_interval(top_left, top_known, z)
+        numbers.update(precision=precision, precision_low=low, precision_high=high)
+        if share > 0:
+            numbers.update(lift=precision / share, lift_low=low / share, lift_high=high / share)
+    return numbers
+
+
+def _isin(values: np.ndarray, pool: list[str]) -> np.ndarray:
+    """Which values are in pool, by hashing (numpy's isin sorts, slow for text)."""
+    import pandas as pd
+
+    return pd.Series(values, dtype=object).isin(pool).to_numpy()
+
+
+def track_record_text(result: dict[str, Any]) -> str:
+    """One track record in words."""
+    roster = f", roster {result['roster']}" if result.get("roster") else ""
+    head = (
+        f"list {result['list_id']} (release {result['model_version']}{roster}): "
+        f"outcomes of {result['ranked_known']:,} ranked clients, "
+        f"{result['leaver_share']:.1%} of them left"
+    )
+    if result["precision"] is None:
+        return f"{head}; none of its top {result['top_n']} yet"
+    lift = "" if result["lift"] is None else (
+        f", lift {result['lift']:.2f} ({result['lift_low']:.2f} to {result['lift_high']:.2f})"
+    )
+    return (
+        f"{head}; {result['top_left']} of {result['top_known']} in its top {result['top_n']}: "
+        f"precision {result['precision']:.2f} ({result['precision_low']:.2f} to "
+        f"{result['precision_high']:.2f}){lift}"
+    )
+
+
+def latest_track_record(settings: Settings) -> dict[str, Any] | None:
+    """The most recently recorded track record, with the list it belongs to; None if none yet."""
+    rows = track_records(settings, latest_only=True)
+    return rows[0] if rows else None
+
+
+def track_records(settings: Settings, latest_only: bool = False) -> list[dict[str, Any]]:
+    """Each list's latest track record with the list's release and roster, oldest list first."""
+    rows = records.query(
+        settings.records_path,
+        "SELECT r.*, l.time AS list_time, l.model_version, l.roster, l.ranked, l.top_n "
+        "FROM call_list_results r JOIN call_lists l ON l.id = r.list_id "
+        "WHERE r.id = (SELECT MAX(id) FROM call_list_results WHERE list_id = r.list_id) "
+        + ("ORDER BY r.id DESC LIMIT 1" if latest_only else "ORDER BY r.list_id"),
+    )
+    return rows
