@@ -473,7 +473,13 @@ def _feature_drift(
     if reference.empty or current.empty:
         return {**result, "test": None, "statistic": None, "p_value": None, "threshold": None,
                 "drifted": None, "note": "no values to compare"}
-    distinct = pd.concat([reference.astype("str"), current.astype("str")]).nunique()
+    if result["type"] == "numeric":
+        # Counted on the numbers: text conversion took most of the time of a 10,000-row roster.
+        distinct = len(np.unique(np.concatenate([
+            reference.to_numpy(dtype="float64"), current.to_numpy(dtype="float64")
+        ])))
+    else:
+        distinct = pd.concat([reference.astype("str"), current.astype("str")]).nunique()
     small = len(reference) <= options.drift_small_sample_rows
     if result["type"] == "numeric" and distinct > MAX_CATEGORY_LIKE_VALUES:
         ref = reference.to_numpy(dtype="float64")
