@@ -2,22 +2,28 @@
 
 Every output another process may read goes through here: written to a temporary file in the same
 folder, flushed to disk, then renamed over the target, so a reader sees the old file or the new one,
-never half of one, and a crash leaves no partial output behind.
+never half of one, and a crash leaves no partial output behind but a temporary file, which the next
+run of the stage that owns the folder removes (remove_leftovers). A full disk is a StorageError that
+says where to free space, not an OSError traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from errors import StorageError
 
 # Temporary names start with a dot and end in .tmp, so the ingestion of a folder never mistakes a
 # half-written file for data.
 TEMP_PREFIX = "."
 TEMP_SUFFIX = ".tmp"
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 @contextlib.contextmanager
@@ -25,13 +31,30 @@ def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success it replaces `target` in one rename."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    temp_path = _new_temp_file(target)
+    with storage_errors(target):
+        temp_path = _new_temp_file(target)
+        try:
+            yield temp_path
+            _fsync_file(temp_path)
+            os.replace(temp_path, target)
+        finally:
+            temp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def storage_errors(target: Path) -> Iterator[None]:
+    """Turn "no space left on device" while writing `target` into a StorageError saying where to
+    free space; any other OSError passes unchanged."""
     try:
-        yield temp_path
-        _fsync_file(temp_path)
-        os.replace(temp_path, target)
-    finally:
-        temp_path.unlink(missing_ok=True)
+        yield
+    except OSError as error:
+        if error.errno not in NO_SPACE:
+            raise
+        raise StorageError(
+            f"the disk holding {Path(target).parent} is full (writing {Path(target).name}): free "
+            "space there — old logs, source files already ingested, releases beyond "
+            "deployment.keep_releases — and run again; nothing was half-written"
+        ) from error
 
 
 def _new_temp_file(target: Path) -> Path:
@@ -98,6 +121,28 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def remove_leftovers(
+    folder: Path, older_than: float, names: Iterable[str] | None = None
+) -> list[Path]:
+    """Delete the temporary files that killed writers left in `folder`; return what was deleted.
+
+    Only files last written before `older_than` (seconds since the epoch) go: the caller holds the
+    pipeline lock since then, so no live writer can own them. `names` limits the sweep to the
+    temporary files of those targets, for folders that writers without the lock share.
+    """
+    targets = None if names is None else set(names)
+    removed = []
+    for path in Path(folder).glob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"):
+        target = path.name[len(TEMP_PREFIX):-len(TEMP_SUFFIX)].rpartition(".")[0]
+        if targets is not None and target not in targets:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            if path.is_file() and path.stat().st_mtime < older_than:
+                path.unlink()
+                removed.append(path)
+    return removed
 
 
 def read_json(path: Path) -> Any:

@@ -4,19 +4,25 @@ One schema (settings.Schema) says which columns a data file has; this module tur
 bodies and frames into typed, validated tables the same way everywhere:
 
 - `read_csv` reads a path or bytes as CSV with the contract's options, and maps every pandas and
-  decoding failure to one DataError (the one CSV-error mapping of the project);
+  decoding failure to one DataError (the one CSV-error mapping of the project); `read_header` and
+  `read_chunks` read a file of any size the same way, a chunk of rows at a time;
 - `parse_rows` parses each schema column and gives the reason of every invalid row (ingestion
   quarantines those rows; `validate_frame` refuses the whole table);
 - `read_master` and `typed` give the master dataset the types every stage relies on. Typing is one
   function on purpose: held-out rows are matched to master rows by hashing (`row_hashes`), which
-  only works when both were typed the same way.
+  only works when both were typed the same way. `RowHashes` keeps such hashes to tell, chunk by
+  chunk, which rows were seen before.
 """
 
 from __future__ import annotations
 
+import csv
 import io
+import re
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -36,6 +42,13 @@ TARGET_LABELS = {
 MAX_COUNT = 2**53
 # Below this many cells a plain loop beats pandas' fixed cost per call (an API request is one row).
 SMALL_COLUMN = 1000
+# A data line may hold this many fields more than the header and still be read: empty ones (a line
+# ending in a comma) are dropped, others make the row invalid. A longer line makes the file
+# unreadable. Their columns' names hold a NUL, which no header can (csv refuses it).
+EXTRA_FIELDS = 3
+EXTRA_FIELD_NAMES = tuple(f"\0extra{number}" for number in range(EXTRA_FIELDS))
+# Values longer than this are cut short in messages, so that a reason stays one readable line.
+SHOWN_VALUE_CHARS = 40
 
 
 def read_csv(source: Path | bytes | IO[bytes], schema: Schema, *, name: str) -> pd.DataFrame:
@@ -47,12 +60,114 @@ def read_csv(source: Path | bytes | IO[bytes], schema: Schema, *, name: str) -> 
     if isinstance(source, bytes):
         source = io.BytesIO(source)
     try:
-        return pd.read_csv(source, **csv_read_options(schema))
+        with warnings.catch_warnings():
+            # pandas warns, and drops the fields, when the first data line is longer than the
+            # header; as an error the table is refused instead of silently losing cells.
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            return pd.read_csv(source, **csv_read_options(schema))
     except pd.errors.EmptyDataError:
         raise DataError(f"{name} is empty") from None
+    except pd.errors.ParserWarning:
+        raise DataError(
+            f"{name} cannot be read as CSV: a data line holds more fields than the header"
+        ) from None
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        raise DataError(f"{name} cannot be read as CSV: {first_line}") from None
+        raise DataError(f"{name} cannot be read as CSV: {_first_line(error)}") from None
+
+
+def read_header(stream: IO[bytes], *, name: str) -> list[str]:
+    """The column names of a data file's header, read from `stream`, left at the first data line.
+
+    Names are stripped; an empty one is called "Unnamed: <position>", as pandas calls it.
+    """
+    try:
+        line = stream.readline()
+        while line and not line.strip():  # blank lines before the header, as pandas skips them
+            line = stream.readline()
+        if not line:
+            raise DataError(f"{name} is empty")
+        [names] = csv.reader([line.decode("utf-8-sig")])
+    except (UnicodeDecodeError, csv.Error, ValueError, OSError) as error:
+        raise DataError(f"{name} cannot be read as CSV: {_first_line(error)}") from None
+    return [name.strip() or f"Unnamed: {position}" for position, name in enumerate(names)]
+
+
+class Chunk(NamedTuple):
+    """Some consecutive rows of a data file, as read, and the reason of each row whose line held
+    fields beyond the header (indexed like the rows)."""
+
+    frame: pd.DataFrame
+    extra_fields: pd.Series
+
+
+def read_chunks(
+    stream: IO[bytes], columns: list[str], schema: Schema, *, name: str, chunk_rows: int
+) -> Iterator[Chunk]:
+    """Read the data lines of `stream` (after read_header) `chunk_rows` rows at a time.
+
+    Rows are indexed by their position among the data lines (0 for the first), over all chunks.
+    A failure in any chunk is a DataError naming `name`; the chunks before it were good.
+    """
+    options = csv_read_options(schema)
+    options["dtype"] = {**options["dtype"], **dict.fromkeys(EXTRA_FIELD_NAMES, "str")}
+    options.update(header=None, names=[*columns, *EXTRA_FIELD_NAMES], chunksize=chunk_rows)
+    try:
+        reader = pd.read_csv(stream, **options)
+    except pd.errors.EmptyDataError:
+        return
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as error:
+        raise DataError(f"{name} cannot be read as CSV: {_first_line(error)}") from None
+    with reader:
+        while True:
+            try:
+                with warnings.catch_warnings():
+                    # A line too long for even the extra fields: pandas warns and drops its cells.
+                    warnings.simplefilter("error", pd.errors.ParserWarning)
+                    frame = next(reader)
+            except StopIteration:
+                return
+            except pd.errors.ParserWarning:
+                raise DataError(
+                    f"{name} cannot be read as CSV: a line has more than {len(columns)} + "
+                    f"{EXTRA_FIELDS} fields (the header has {len(columns)})"
+                ) from None
+            except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as error:
+                raise DataError(
+                    f"{name} cannot be read as CSV: {_field_count_message(error, len(columns))}"
+                ) from None
+            yield Chunk(frame[columns], _extra_field_reasons(frame[list(EXTRA_FIELD_NAMES)]))
+
+
+def _extra_field_reasons(extra: pd.DataFrame) -> pd.Series:
+    filled = extra.notna().to_numpy()
+    if filled.any():  # nearly always not: no line had a field beyond the header
+        filled &= (extra != "").to_numpy()
+    rows = np.flatnonzero(filled.any(axis=1))
+    reasons = [
+        "the line has more fields than the header ("
+        + ", ".join(_shown(value) for value in extra.iloc[row][filled[row]]) + ")"
+        for row in rows
+    ]
+    return pd.Series(reasons, index=extra.index[rows], dtype="str")
+
+
+def _field_count_message(error: Exception, header_fields: int) -> str:
+    """pandas counts lines from where it started reading (after the header): say it as a person
+    counts them in an editor, the header being line 1."""
+    text = _first_line(error)
+    found = re.search(r"Expected \d+ fields in line (\d+), saw (\d+)", text)
+    if not found:
+        return text
+    line, fields = int(found.group(1)) + 1, int(found.group(2))
+    return (
+        f"line {line} has {fields} fields, the header {header_fields} (at most "
+        f"{EXTRA_FIELDS} more are read, and quarantined)"
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else repr(error)
 
 
 def read_master(settings: Settings) -> pd.DataFrame:
@@ -69,6 +184,25 @@ def read_master(settings: Settings) -> pd.DataFrame:
             "schema; move it away and ingest again"
         )
     return typed(frame[list(schema.columns)], schema)
+
+
+def read_master_chunks(settings: Settings, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    """The master dataset `chunk_rows` rows at a time, typed as read_master types it."""
+    schema = settings.schema
+    path = settings.finaldata_path
+    if not path.exists():
+        return
+    name = f"master dataset {path}"
+    with open(path, "rb") as stream:
+        columns = read_header(stream, name=name)
+        missing = [c for c in schema.columns if c not in columns]
+        if missing:
+            raise DataError(
+                f"master dataset {path} lacks column(s) {', '.join(missing)}: it was made with "
+                "another schema; move it away and ingest again"
+            )
+        for chunk in read_chunks(stream, columns, schema, name=name, chunk_rows=chunk_rows):
+            yield typed(chunk.frame[list(schema.columns)], schema)
 
 
 def empty_frame(schema: Schema) -> pd.DataFrame:
@@ -98,6 +232,9 @@ def csv_read_options(schema: Schema) -> dict:
         "keep_default_na": False,
         "na_values": na_values,
         "skipinitialspace": True,
+        # Never take a data column for the index: pandas does when the data lines have one field
+        # more than the header (a trailing comma), and every column shifts by one.
+        "index_col": False,
     }
 
 
@@ -171,7 +308,11 @@ def parse_rows(
         raw = cells[column]
         numbers = values[column] = as_numbers(raw)
         check(~pd.isna(raw) & np.isnan(numbers), raw, f"{column} {{value}} is not a number")
-        check(np.isinf(numbers), raw, f"{column} {{value}} is not finite")
+        infinite = np.isinf(numbers)
+        if infinite.any():
+            spelled = _spells_infinity(raw, infinite)
+            check(spelled, raw, f"{column} {{value}} is not finite")
+            check(infinite & ~spelled, raw, f"{column} {{value}} is too large")
         if column in schema.count_columns:
             finite = np.isfinite(numbers)
             with np.errstate(invalid="ignore"):
@@ -190,11 +331,34 @@ def parse_rows(
     reasons: dict[int, list[str]] = {}
     for rows, raw, message in failures:
         for row in rows:
-            reasons.setdefault(int(row), []).append(message.format(value=f"'{raw[row]}'"))
+            reasons.setdefault(int(row), []).append(message.format(value=_shown(raw[row])))
     ordered = sorted(reasons)
     return values, pd.Series(
         ["; ".join(reasons[row]) for row in ordered], index=index[ordered], dtype="str"
     )
+
+
+def _shown(value: object) -> str:
+    """A cell as a message quotes it: in quotes, cut short if long, and a whole number read as a
+    float (its column had a blank) without the ".0" the file never had."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < MAX_COUNT:
+        value = int(value)
+    text = str(value)
+    if len(text) > SHOWN_VALUE_CHARS:
+        text = f"{text[:SHOWN_VALUE_CHARS]}... ({len(text)} characters)"
+    return f"'{text}'"
+
+
+def _spells_infinity(raw: np.ndarray, infinite: np.ndarray) -> np.ndarray:
+    """Which of the `infinite` cells say infinity ("inf", "-Infinity"), rather than a number too
+    large for a float (a 400-digit integer, 1e400)."""
+    spelled = np.zeros(len(raw), dtype=bool)
+    for row in np.flatnonzero(infinite):
+        cell = raw[row]
+        spelled[row] = isinstance(cell, float) or str(cell).strip().lstrip("+-").lower() in (
+            "inf", "infinity"
+        )
+    return spelled
 
 
 def _stripped(cells: np.ndarray) -> np.ndarray:
@@ -213,10 +377,20 @@ def _stripped_text(cell: object) -> object:
 
 
 def as_numbers(cells: np.ndarray) -> np.ndarray:
-    """float64 values, NaN where a cell is missing or not a number."""
+    """float64 values, NaN where a cell is missing or not a number, infinite beyond float range."""
     if cells.dtype.kind in "iuf":
         return cells.astype("float64")
-    numbers = pd.to_numeric(pd.Series(cells, copy=False), errors="coerce")
+    if cells.dtype.kind == "b":  # a column of true/false: words, not counts
+        return np.full(len(cells), np.nan)
+    try:
+        numbers = pd.to_numeric(pd.Series(cells, copy=False), errors="coerce")
+    except OverflowError:
+        # The CSV parser keeps an integer too long for 64 bits as a Python int, which pandas cannot
+        # make a float; as text it becomes an infinity, which parse_rows calls too large.
+        as_text = np.array(
+            [str(cell) if isinstance(cell, int) else cell for cell in cells], dtype=object
+        )
+        numbers = pd.to_numeric(pd.Series(as_text, copy=False), errors="coerce")
     return numbers.to_numpy(dtype="float64", na_value=np.nan)
 
 
@@ -258,6 +432,82 @@ def row_hashes(frame: pd.DataFrame, schema: Schema) -> pd.Series:
     """A 64-bit hash of each row's schema columns, to match rows between tables cheaply.
 
     Both tables must have been typed by this module (typed or frame_of): the same row read twice
-    hashes the same only when its cells have the same types.
+    hashes the same only when its cells have the same types. Each cell is hashed as it is, without
+    factorizing first: client ids are nearly all distinct, and it is twice as fast.
     """
-    return pd.util.hash_pandas_object(frame[list(schema.columns)], index=False)
+    return pd.util.hash_pandas_object(frame[list(schema.columns)], index=False, categorize=False)
+
+
+def read_ids(path: Path, schema: Schema, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    """The id columns of a dataset we wrote (the master dataset, the rosters), as text, a chunk
+    at a time; nothing if the file does not exist."""
+    if not Path(path).exists():
+        return
+    ids = list(schema.id_columns)
+    yield from pd.read_csv(
+        path, usecols=ids, dtype=dict.fromkeys(ids, "str"), keep_default_na=False,
+        na_values=dict.fromkeys(ids, [""]), chunksize=chunk_rows,
+    )
+
+
+def id_hashes(frame: pd.DataFrame, schema: Schema) -> np.ndarray:
+    """A 64-bit hash of each row's client id (all id columns), the same whatever the columns'
+    string type, to tell which clients were seen before (RowHashes)."""
+    ids = pd.DataFrame({c: frame[c].to_numpy(dtype=object) for c in schema.id_columns})
+    return pd.util.hash_pandas_object(ids, index=False, categorize=False).to_numpy()
+
+
+class RowHashes:
+    """Hashes of rows (row_hashes) that answer "seen before?" for a whole chunk of rows at once.
+
+    One sorted array: 8 bytes a row, looked up by binary search, grown by merging sorted runs (a
+    linear pass), so that a file of any length is checked against the master dataset in bounded
+    memory. Two different rows share a 64-bit hash with a chance of about n²/2⁶⁵, three in a
+    hundred million for a million rows: the price of not keeping the rows themselves.
+    """
+
+    def __init__(self) -> None:
+        self._sorted = np.empty(0, dtype=np.uint64)
+
+    def __len__(self) -> int:
+        return len(self._sorted)
+
+    def contains(self, hashes: np.ndarray) -> np.ndarray:
+        """Which of `hashes` were added before."""
+        order = np.argsort(hashes)
+        found = np.empty(len(hashes), dtype=bool)
+        found[order] = self._contains_sorted(hashes[order])
+        return found
+
+    def _contains_sorted(self, hashes: np.ndarray) -> np.ndarray:
+        # Sorted keys make the binary searches walk the array in order: twice as fast.
+        if not len(self._sorted):
+            return np.zeros(len(hashes), dtype=bool)
+        positions = np.searchsorted(self._sorted, hashes)
+        np.minimum(positions, len(self._sorted) - 1, out=positions)
+        return self._sorted[positions] == hashes
+
+    def add(self, hashes: np.ndarray) -> None:
+        merged = np.concatenate([self._sorted, np.sort(np.asarray(hashes, dtype=np.uint64))])
+        merged.sort(kind="stable")  # two sorted runs: timsort merges them in one pass
+        self._sorted = merged
+
+    def update(self, other: RowHashes) -> None:
+        if not len(self):  # nothing to merge: share the sorted array, which is never changed
+            self._sorted = other._sorted
+        else:
+            self.add(other._sorted)
+
+
+def first_sightings(hashes: np.ndarray, *seen: RowHashes) -> np.ndarray:
+    """Which rows are seen for the first time: in none of the `seen` sets, and not repeating an
+    earlier row of `hashes` itself."""
+    order = np.argsort(hashes, kind="stable")  # equal hashes stay in row order: the first is first
+    ordered = hashes[order]
+    first = np.ones(len(hashes), dtype=bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    for hash_set in seen:
+        first &= ~hash_set._contains_sorted(ordered)
+    in_row_order = np.empty(len(hashes), dtype=bool)
+    in_row_order[order] = first
+    return in_row_order

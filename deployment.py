@@ -5,6 +5,12 @@ place whole. production_deployment/manifest.json names the current release and i
 one atomic rename, so a reader that follows the manifest sees the old release or the new one, never a
 mix. Earlier releases are kept for --rollback; loading a deployed model checks its checksum.
 
+Deploying and rolling back hold the pipeline lock, and each starts by tidying after runs that were
+killed: staging folders and temporary files are removed, and a switch of the manifest that was
+never recorded is recorded. Running either again after a crash ends as an uninterrupted run would.
+The report, risk list and diagnostics made from a release say which one (outputs.json), so that any
+cycle can notice, cheaply, when they describe another release than the one served.
+
 Importing this module is cheap (no pandas or scikit-learn), because fullprocess.py asks it whether
 anything is deployed on its every-10-minutes fast path.
 """
@@ -21,6 +27,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import atomicio
 import records
 from errors import DataError, DeploymentError, ModelNotDeployedError, run_cli
+from locks import held_since, pipeline_lock
 from settings import Settings, add_config_argument, load_settings
 
 if TYPE_CHECKING:
@@ -36,6 +43,10 @@ METADATA_FILE = "trainedmodel.json"
 SCORE_FILE = "latestscore.txt"
 INGESTED_FILE = "ingestedfiles.txt"
 TRAINING_SAMPLE_FILE = "trainingsample.csv"
+OUTPUTS_FILE = "outputs.json"
+# Release folders being filled or being removed; hidden, so no listing takes them for releases.
+STAGING_PREFIX = ".staging-"
+REMOVING_PREFIX = ".removing-"
 
 
 class Release(NamedTuple):
@@ -145,6 +156,12 @@ def _release_from_manifest(folder: Path, is_current: bool = False) -> Release:
 
 def deploy(settings: Settings) -> Release:
     """Make the trained model, its score and the ingest record the current production release."""
+    with pipeline_lock(settings, "deployment"):
+        _tidy(settings)
+        return _deploy(settings)
+
+
+def _deploy(settings: Settings) -> Release:
     started = time.perf_counter()
     sources = {
         MODEL_FILE: settings.model_path,
@@ -195,7 +212,7 @@ def _stage_release(
         final = folder / version
     import shutil  # here, not at the top: this module is on the cron fast path
 
-    staging = folder / f".staging-{version}-{os.urandom(3).hex()}"
+    staging = folder / f"{STAGING_PREFIX}{version}-{os.urandom(3).hex()}"
     staging.mkdir()
     try:
         for name, path in sources.items():
@@ -221,6 +238,10 @@ def _switch_to(settings: Settings, release: Release, action: str) -> None:
     """Point production at `release` (the manifest is the one file readers follow) and record it."""
     manifest = read_manifest(settings) or {"history": []}
     previous = manifest.get("current")
+    if previous == release.version and manifest.get("files") == release.files:
+        log.info("%s: release %s is current already", action, release.version)
+        _prune(settings, manifest.get("history", []))
+        return
     now = records.utc_now()
     history = manifest.get("history", []) + [
         {"version": release.version, "time": now, "action": action}
@@ -258,12 +279,73 @@ def _prune(settings: Settings, history: list[dict[str, Any]]) -> None:
         if entry["version"] not in recent:
             recent.append(entry["version"])
     kept = set(recent[:keep])
-    import shutil
-
     for release in list_releases(settings):
         if release.version not in kept and not release.is_current:
-            shutil.rmtree(release.folder)
+            _remove_release_folder(release.folder)
             log.info("removed old release %s", release.version)
+
+
+def _remove_release_folder(folder: Path) -> None:
+    """Hide the folder in one rename, then delete it: a run killed halfway leaves a hidden folder
+    for the next one to finish, never a release that lacks files."""
+    import shutil
+
+    hidden = folder.with_name(f"{REMOVING_PREFIX}{folder.name}-{os.urandom(3).hex()}")
+    os.rename(folder, hidden)
+    shutil.rmtree(hidden)
+
+
+def _tidy(settings: Settings) -> None:
+    """Clear up after deployments and rollbacks that were killed (the caller holds the lock).
+
+    Staging folders, half-removed releases and temporary files go when older than this run's hold
+    of the lock; a manifest switch that was never recorded is recorded.
+    """
+    import shutil
+
+    since = held_since(settings) or 0.0
+    folder = releases_folder(settings)
+    if folder.is_dir():
+        for leftover in folder.iterdir():
+            if (
+                leftover.name.startswith((STAGING_PREFIX, REMOVING_PREFIX))
+                and leftover.stat().st_mtime < since
+            ):
+                shutil.rmtree(leftover)
+                log.info("removed %s, left by a deployment that was stopped", leftover.name)
+    if settings.deployment_folder.is_dir():
+        for leftover in atomicio.remove_leftovers(settings.deployment_folder, since):
+            log.info("removed %s, left by a run that was stopped", leftover.name)
+    _record_unrecorded_switch(settings)
+
+
+def _record_unrecorded_switch(settings: Settings) -> None:
+    """Record the manifest's last switch if a run was stopped between making and recording it."""
+    manifest = read_manifest(settings)
+    if manifest is None or not manifest.get("history"):
+        return
+    last = records.query(
+        settings.records_path, "SELECT version FROM deployments ORDER BY id DESC LIMIT 1"
+    )
+    if last and last[0]["version"] == manifest["current"]:
+        return
+    history = manifest["history"]
+    switch = history[-1]
+    records.add(
+        settings.records_path,
+        "deployments",
+        {
+            "time": switch["time"],
+            "action": switch["action"],
+            "version": switch["version"],
+            "previous_version": history[-2]["version"] if len(history) > 1 else None,
+            "f1": manifest.get("f1"),
+        },
+    )
+    log.warning(
+        "recorded the %s of release %s: the run that made it was stopped before recording it",
+        switch["action"], switch["version"],
+    )
 
 
 def list_releases(settings: Settings) -> list[Release]:
@@ -283,6 +365,12 @@ def list_releases(settings: Settings) -> list[Release]:
 
 def rollback(settings: Settings, version: str | None = None) -> Release:
     """Make an earlier release current again: `version`, or the one served before the current."""
+    with pipeline_lock(settings, "rollback"):
+        _tidy(settings)
+        return _rollback(settings, version)
+
+
+def _rollback(settings: Settings, version: str | None) -> Release:
     manifest = read_manifest(settings)
     if manifest is None:
         raise ModelNotDeployedError("nothing is deployed, so there is nothing to roll back")
@@ -304,6 +392,60 @@ def rollback(settings: Settings, version: str | None = None) -> Release:
     verify_release(release)
     _switch_to(settings, release, action="rollback")
     return release
+
+
+def served_version(settings: Settings) -> str | None:
+    """The version production serves, or None when nothing is deployed."""
+    manifest = read_manifest(settings)
+    return None if manifest is None else manifest["current"]
+
+
+def derived_outputs(settings: Settings) -> dict[str, Path | None]:
+    """What is made from the served release, by name: reporting.py's files, and the recorded
+    diagnostics (no file) that the report includes."""
+    return {
+        settings.report_path.name: settings.report_path,
+        settings.confusion_matrix_path.name: settings.confusion_matrix_path,
+        settings.risk_scores_path.name: settings.risk_scores_path,
+        "diagnostics": None,
+    }
+
+
+def record_outputs(settings: Settings, version: str) -> None:
+    """Note that the derived outputs now describe release `version` (reporting.py, once it has
+    written them all)."""
+    atomicio.write_json(
+        settings.deployment_folder / OUTPUTS_FILE,
+        {
+            "release": version,
+            "time": records.utc_now(),
+            "outputs": dict.fromkeys(derived_outputs(settings), version),
+        },
+    )
+
+
+def outputs_out_of_step(settings: Settings) -> dict[str, str | None]:
+    """The derived outputs that do not describe the served release, each with the release it
+    describes (None: missing, or unknown). Empty when all match, or when nothing is deployed.
+
+    A stat of each output and two small JSON reads: cheap enough for the cron no-op cycle.
+    """
+    if not is_deployed(settings):
+        return {}
+    served = served_version(settings)
+    try:
+        described = atomicio.read_json(settings.deployment_folder / OUTPUTS_FILE)["outputs"]
+    except FileNotFoundError:
+        described = {}
+    except (ValueError, KeyError, TypeError) as error:
+        log.warning("%s is unreadable (%s): every output is out of step", OUTPUTS_FILE, error)
+        described = {}
+    out_of_step = {}
+    for name, path in derived_outputs(settings).items():
+        version = described.get(name) if path is None or path.exists() else None
+        if version != served:
+            out_of_step[name] = version
+    return out_of_step
 
 
 def describe_releases(releases: list[Release]) -> str:
@@ -338,11 +480,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         print(describe_releases(list_releases(settings)))
     elif args.rollback is not None:
-        release = rollback(settings, args.rollback or None)
-        print(f"Rolled back: production now serves release {release.version} (F1 {release.f1})")
         import reporting  # the risk list and the report follow the release served
 
-        print(reporting.build_report(settings).summary())
+        with pipeline_lock(settings, "rollback"):  # one hold: no cycle runs between the two
+            release = rollback(settings, args.rollback or None)
+            print(
+                f"Rolled back: production now serves release {release.version} (F1 {release.f1})"
+            )
+            print(reporting.build_report(settings).summary())
     else:
         release = deploy(settings)
         print(

@@ -13,6 +13,9 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 
 EXIT_USER_ERROR = 2
+# Another run holds the pipeline lock: nothing was done, and the same command can be run again
+# later. 75 is EX_TEMPFAIL of sysexits.h, "a temporary failure; try again".
+EXIT_BUSY = 75
 
 
 class PipelineError(Exception):
@@ -44,7 +47,11 @@ class DeploymentError(PipelineError):
 
 
 class CycleBusyError(PipelineError):
-    """Another pipeline cycle holds the lock."""
+    """Another cycle or stage holds the pipeline lock; nothing was done (exit code EXIT_BUSY)."""
+
+
+class StorageError(PipelineError):
+    """The disk is full or the records database is locked: the message names what to free."""
 
 
 class DataNotReady(PipelineError):
@@ -76,10 +83,14 @@ def configure_logging(verbose: bool = False) -> None:
 
 
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Run a command's main(): known errors become one line on stderr and exit code 2."""
+    """Run a command's main(): known errors become one line on stderr and exit code 2, or
+    EXIT_BUSY when another run holds the pipeline lock."""
     configure_logging()
     try:
         return main(argv)
+    except CycleBusyError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BUSY
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR

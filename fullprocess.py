@@ -12,7 +12,6 @@ without argparse.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import math
 import os
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import deployment
 import ingestion
+import locks
 import records
 from errors import CycleBusyError, PipelineError, run_cli
 from settings import DriftSettings, Settings, add_config_argument, load_settings
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fullprocess")
 
-LOCK_NAME = ".fullprocess.lock"
+LOCK_NAME = locks.LOCK_NAME
 # On drift, this share of the new rows is kept out of retraining to judge the retrained model.
 HELD_OUT_SHARE = 0.3
 MIN_HELD_OUT_ROWS = 20
@@ -93,10 +93,17 @@ class CycleOutcome(NamedTuple):
         return "\n".join(lines)
 
 
+class Trouble(str):
+    """A step that went wrong without stopping the cycle ("report failed: ...; will retry"): a
+    warning, which the cycle's message repeats, so that the record says what really happened."""
+
+    __slots__ = ()
+
+
 class Journal:
     """The steps a cycle took and the numbers behind its decisions, in the order they happened."""
 
-    __slots__ = ("new_files", "steps", "details", "warnings", "alerts")
+    __slots__ = ("new_files", "steps", "details", "warnings", "alerts", "troubles")
 
     def __init__(self, new_files: list[str]) -> None:
         self.new_files = new_files
@@ -104,10 +111,15 @@ class Journal:
         self.details: dict[str, Any] = {}
         self.warnings: list[str] = []
         self.alerts: list[Alert] = []
+        self.troubles: list[str] = []
 
     def add(self, step: str, **details: Any) -> None:
-        self.steps.append(step)
         self.details.update(details)
+        if isinstance(step, Trouble):
+            self.troubles.append(step)
+            self.warn(step)
+        else:
+            self.steps.append(step)
 
     def warn(self, warning: str) -> None:
         self.warnings.append(warning)
@@ -118,8 +130,8 @@ class Journal:
 
     def outcome(self, decision: str, message: str, release: str | None = None) -> CycleOutcome:
         return CycleOutcome(
-            decision, message, self.new_files, release, dict(self.details), tuple(self.steps),
-            tuple(self.warnings), tuple(self.alerts),
+            decision, "; ".join([message, *self.troubles]), self.new_files, release,
+            dict(self.details), tuple(self.steps), tuple(self.warnings), tuple(self.alerts),
         )
 
 
@@ -383,7 +395,8 @@ def run_cycle(settings: Settings, *, force: bool = False) -> CycleOutcome:
     if not deployment.is_deployed(settings):
         return first_deployment(settings, new_files)
     if not new_files and not force:
-        return CycleOutcome("nothing-new", "no new data files", new_files)
+        nothing_new = CycleOutcome("nothing-new", "no new data files", new_files)
+        return refresh_outputs(settings, nothing_new)
     import alerts  # past the no-op return, which nearly every cycle takes: it imports nothing more
 
     journal = Journal(new_files)
@@ -808,16 +821,25 @@ def check_after_deployment(
         journal.alert(alerts.api_check_failed(api.base_url, api.warning, api.failing))
 
 
-def after_deployment(settings: Settings, deciding_cycle: dict[str, Any]) -> list[str]:
-    """Diagnose and report the new release; say what was done."""
+def after_deployment(settings: Settings, deciding_cycle: dict[str, Any] | None) -> list[str]:
+    """Diagnose and report the served release; say what was done.
+
+    The release serves already, so a failure is a Trouble step, not an error: the next cycle sees
+    the outputs out of step with the release and builds them again (refresh_outputs).
+    """
     import diagnostics
     import reporting
 
-    steps = []
-    diagnostics.run_diagnostics(settings)
-    steps.append("recorded diagnostics")
-    report = reporting.build_report(settings, deciding_cycle=deciding_cycle)
-    steps.append(f"wrote the report and risk list ({report.report_path.name})")
+    steps: list[str] = []
+    try:
+        diagnostics.run_diagnostics(settings)
+        steps.append("recorded diagnostics")
+        report = reporting.build_report(settings, deciding_cycle=deciding_cycle)
+        steps.append(f"wrote the report and risk list ({report.report_path.name})")
+    except Exception as error:  # the release is served whatever happens here; retried next cycle
+        failed = "report" if steps else "diagnostics"
+        log.error("%s of the served release failed", failed, exc_info=True)
+        steps.append(Trouble(f"{failed} failed: {str(error) or repr(error)}; will retry"))
     return steps
 
 
@@ -865,34 +887,52 @@ def check_api(settings: Settings, release: str) -> ApiCheck:
     return ApiCheck(base_url, f"{step}; it serves release {release}")
 
 
+def refresh_outputs(settings: Settings, outcome: CycleOutcome) -> CycleOutcome:
+    """Build the diagnostics, report and risk list again if they describe another release than
+    the served one (after a deployment or rollback whose report failed or was killed).
+
+    Costs a few stats and two small JSON reads when they are in step, which they nearly always are.
+    """
+    out_of_step = deployment.outputs_out_of_step(settings)
+    if not out_of_step:
+        return outcome
+    served = deployment.served_version(settings)
+    journal = Journal(outcome.new_files)
+    for step in outcome.steps:
+        journal.add(step)
+    described = ", ".join(f"{name} {version or 'missing'}" for name, version in out_of_step.items())
+    journal.add(
+        f"outputs out of step with the served release {served} ({described})",
+        outputs_out_of_step=out_of_step,
+    )
+    for step in after_deployment(settings, None):  # the records say why the release is served
+        journal.add(step)
+    if journal.troubles:
+        import alerts
+
+        journal.alert(alerts.outputs_out_of_step(served, out_of_step))
+    repaired = "brought" if not journal.troubles else "could not bring"
+    return journal.outcome(
+        outcome.decision,
+        f"{outcome.message}; {repaired} the report, risk list and diagnostics in line with the "
+        f"served release {served}",
+        served,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Lock, records, command line.
 
 
 @contextlib.contextmanager
 def cycle_lock(settings: Settings) -> Iterator[None]:
-    """Hold the cycle lock, or raise CycleBusyError at once if another cycle holds it.
+    """Hold the pipeline lock for a cycle, or raise CycleBusyError at once if anyone holds it.
 
-    An flock is released by the kernel when its holder dies, so a crashed cycle never blocks the
-    next one.
+    The stages the cycle calls take the same lock and join the cycle's hold; a stage run by hand
+    meanwhile waits or says the cycle is running (locks.py).
     """
-    settings.output_folder.mkdir(parents=True, exist_ok=True)
-    lock_path = settings.output_folder / LOCK_NAME
-    with open(lock_path, "a+") as lock_file:
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock_file.seek(0)
-            holder = lock_file.read().strip() or "unknown"
-            raise CycleBusyError(f"another cycle is still running ({holder}); exiting") from None
-        lock_file.seek(0)
-        lock_file.truncate()
-        lock_file.write(f"pid {os.getpid()} since {records.utc_now()}\n")
-        lock_file.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
+    with locks.pipeline_lock(settings, "a cycle", wait_seconds=0, nested=False):
+        yield
 
 
 def describe_plan(settings: Settings, force: bool) -> str:
@@ -944,7 +984,7 @@ def cycle_log(settings: Settings, max_bytes: int = 1_000_000, backups: int = 5) 
 
 def record_cycle(
     settings: Settings, started: float, started_at: str, outcome: CycleOutcome | None,
-    status: str, message: str,
+    status: str, message: str, release: str | None = None,
 ) -> None:
     seconds = time.monotonic() - started
     records.add(
@@ -959,7 +999,7 @@ def record_cycle(
             "details": {**(outcome.details or {}), "steps": list(outcome.steps),
                         "warnings": list(outcome.warnings)}
             if outcome else {},
-            "release": outcome.release if outcome else None,
+            "release": outcome.release if outcome else release,
             "outcome": status,
             "message": message,
         },
@@ -1019,16 +1059,26 @@ def run_locked_cycle(settings: Settings, force: bool, quiet: bool = False) -> in
     try:
         with cycle_lock(settings):
             outcome = None
+            served_before = _served_version(settings)
             try:
                 outcome = run_cycle(settings, force=force)
             except BaseException as error:
                 message = str(error) if isinstance(error, PipelineError) else repr(error)
-                record_cycle(settings, started, started_at, outcome, "failed", message)
-                log.error("cycle failed; the previous deployment keeps serving: %s", message)
+                served = _served_version(settings)
+                if served != served_before:
+                    message = (
+                        f"deployed {served}, then failed: {message}; the next cycle builds its "
+                        "report, risk list and diagnostics"
+                    )
+                record_cycle(settings, started, started_at, outcome, "failed", message, served)
+                serving = f"release {served} is serving" if served else "nothing is deployed"
+                log.error("cycle failed; %s: %s", serving, message)
                 if not isinstance(error, KeyboardInterrupt):
                     import alerts
 
-                    alerts.notify(settings, [alerts.cycle_failed(error)])
+                    alerts.notify(settings, [alerts.cycle_failed(
+                        message if served != served_before else error
+                    )])
                 raise
             record_cycle(settings, started, started_at, outcome, outcome.status, outcome.message)
             if outcome.alerts:
@@ -1045,6 +1095,14 @@ def run_locked_cycle(settings: Settings, force: bool, quiet: bool = False) -> in
     elif outcome.warnings:
         print(outcome.summary(), file=sys.stderr)
     return 0
+
+
+def _served_version(settings: Settings) -> str | None:
+    """The served release, for the failure message: a manifest that cannot be read is None here."""
+    try:
+        return deployment.served_version(settings)
+    except PipelineError:
+        return None
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from errors import StorageError
+
 # Stored in the database's user_version once its tables exist; raise it when SCHEMA gains a table.
 SCHEMA_VERSION = 6
 
@@ -237,21 +239,48 @@ def utc_now() -> str:
 
 @contextlib.contextmanager
 def connect(database: Path) -> Iterator[sqlite3.Connection]:
-    """Open the records database, creating its tables; commit on success, roll back on error."""
+    """Open the records database, creating its tables; commit on success, roll back on error.
+
+    A full disk or a database another process keeps locked is a StorageError naming what to free.
+    """
     database = Path(database)
     database.parent.mkdir(parents=True, exist_ok=True)
-    connection = sqlite3.connect(database, timeout=30)
-    connection.row_factory = sqlite3.Row
     try:
-        # WAL lets the API read while a cycle writes; in WAL mode NORMAL sync cannot corrupt the
-        # database and spares an fsync per record, which the 10-minute no-op cycle would pay.
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA synchronous=NORMAL")
-        _create_tables(connection)
-        with connection:
-            yield connection
-    finally:
-        connection.close()
+        connection = sqlite3.connect(database, timeout=30)
+        connection.row_factory = sqlite3.Row
+        try:
+            # WAL lets the API read while a cycle writes; in WAL mode NORMAL sync cannot corrupt the
+            # database and spares an fsync per record, which the 10-minute no-op cycle would pay.
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=NORMAL")
+            _create_tables(connection)
+            with connection:
+                yield connection
+        finally:
+            connection.close()
+    except sqlite3.OperationalError as error:
+        storage_error = _storage_error(database, error)
+        if storage_error is None:
+            raise
+        raise storage_error from error
+
+
+def _storage_error(database: Path, error: sqlite3.OperationalError) -> StorageError | None:
+    """The actionable form of a full disk or a held lock; None for any other database error."""
+    text = str(error).lower()
+    if "disk is full" in text:  # SQLITE_FULL: "database or disk is full"
+        return StorageError(
+            f"the records database {database} cannot grow: the disk holding {database.parent} is "
+            "full; free space there (old logs, source files already ingested, releases beyond "
+            "deployment.keep_releases) and run again"
+        )
+    if "database is locked" in text:
+        return StorageError(
+            f"the records database {database} stayed locked for 30 s: another process holds a "
+            "write transaction open (an `sqlite3` shell with an unfinished transaction?); end it "
+            "and run again"
+        )
+    return None
 
 
 def _create_tables(connection: sqlite3.Connection) -> None:
@@ -297,6 +326,23 @@ def add_many(
     )
     with connect(database) as connection:
         connection.executemany(sql, rows)
+
+
+def add_all(database: Path, rows_by_table: Mapping[str, list[Mapping[str, Any]]]) -> None:
+    """Insert records into several tables in one transaction: all of them are stored, or none."""
+    unknown = sorted(set(rows_by_table) - set(SCHEMA))
+    if unknown:
+        raise ValueError(f"no table {', '.join(unknown)} in the records database")
+    with connect(database) as connection:
+        for table, rows in rows_by_table.items():
+            if not rows:
+                continue
+            columns = list(rows[0])
+            sql = (
+                f"INSERT INTO {table} ({', '.join(columns)}) "
+                f"VALUES ({', '.join('?' for _ in columns)})"
+            )
+            connection.executemany(sql, [[_to_column(row[c]) for c in columns] for row in rows])
 
 
 def update(database: Path, table: str, record_id: int, values: Mapping[str, Any]) -> None:

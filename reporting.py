@@ -35,9 +35,10 @@ from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_curve
 import atomicio
 import calllist
 import records
-from deployment import Release, list_releases, load_deployed_model, read_manifest
+from deployment import Release, list_releases, load_deployed_model, read_manifest, record_outputs
 from diagnostics import estimate_history, latest_diagnostics, run_diagnostics, section_texts
 from errors import run_cli
+from locks import pipeline_lock
 from scoring import Evaluation, client_ids, evaluate, read_test_data
 from settings import Settings, add_config_argument, load_settings
 
@@ -211,6 +212,7 @@ def build_report(
             deciding_cycle,
         ),
     )
+    record_outputs(settings, release.version)
     records.add_stage_run(
         settings.records_path, "reporting", time.perf_counter() - started, call_list.ranked
     )
@@ -801,7 +803,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = load_settings(args.config)
-    result = build_report(settings)
+    with pipeline_lock(settings, "reporting"):
+        result = build_report(settings)
     print(result.summary())
     return 0
 

@@ -36,6 +36,7 @@ import atomicio
 import records
 from dataset import read_dataset
 from errors import DataError, DeploymentError, ModelNotFoundError, run_cli
+from locks import pipeline_lock
 from settings import Schema, ScoringSettings, Settings, add_config_argument, load_settings
 
 log = logging.getLogger(__name__)
@@ -961,7 +962,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = load_settings(args.config)
-    report = score(settings, model_path=args.model, data_path=args.data)
+    with pipeline_lock(settings, "scoring"):  # latestscore.txt is what a cycle's deployment copies
+        report = score(settings, model_path=args.model, data_path=args.data)
     print(report.summary())
     return 0
 

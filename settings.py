@@ -110,6 +110,26 @@ class DeploymentSettings(NamedTuple):
     keep_releases: int = 10
 
 
+class IngestionSettings(NamedTuple):
+    """How ingestion reads source files (ingestion.py, README).
+
+    chunk_rows: a file is read, checked and written this many rows at a time, so that a file of any
+    size is ingested in bounded memory.
+    settle_seconds: a file modified less than this long ago may still be being written (an upload,
+    a copy); it is left for the next run. A file that changes while it is read is left too.
+    """
+
+    chunk_rows: int = 200_000
+    settle_seconds: float = 5.0
+
+
+class LockSettings(NamedTuple):
+    """The pipeline lock (locks.py): how long a stage run by hand waits for a running cycle or stage
+    before it gives up with exit code 75. A cron cycle never waits: it exits and runs next time."""
+
+    wait_seconds: float = 10.0
+
+
 class DriftSettings(NamedTuple):
     """When a fall of F1 on newly arrived data counts as model drift (fullprocess.py, README).
 
@@ -226,6 +246,8 @@ class RetrainSettings(NamedTuple):
 
 
 SECTIONS: dict[str, type] = {
+    "ingestion": IngestionSettings,
+    "lock": LockSettings,
     "model": ModelSettings,
     "scoring": ScoringSettings,
     "deployment": DeploymentSettings,
@@ -248,6 +270,8 @@ class Settings(NamedTuple):
     deployment_folder: Path
     log_path: Path
     schema: Schema = Schema()
+    ingestion: IngestionSettings = IngestionSettings()
+    lock: LockSettings = LockSettings()
     model: ModelSettings = ModelSettings()
     scoring: ScoringSettings = ScoringSettings()
     deployment: DeploymentSettings = DeploymentSettings()
@@ -384,6 +408,7 @@ def settings_from_mapping(raw: Any, config_path: Path) -> Settings:
     sections = {name: _section(raw.get(name, {}), cls, name, where) for name, cls in SECTIONS.items()}
     _check_drift(sections["drift"], where)
     _check_calibration(sections["model"], sections["scoring"], where)
+    _check_ingestion(sections["ingestion"], sections["lock"], where)
     _check_alerts(sections["alerts"], where)
     _check_api(sections["api"], where)
     return Settings(
@@ -474,6 +499,22 @@ def _check_calibration(model: ModelSettings, scoring: ScoringSettings, where: st
     for name in ("calibration_bins", "estimate_draws"):
         if not getattr(scoring, name) >= 1:
             raise ConfigError(f"scoring.{name} must be at least 1, got {getattr(scoring, name)} {where}")
+
+
+def _check_ingestion(ingestion: IngestionSettings, lock: LockSettings, where: str) -> None:
+    if ingestion.chunk_rows < 1:
+        raise ConfigError(
+            f"ingestion.chunk_rows must be at least 1, got {ingestion.chunk_rows} {where}"
+        )
+    # Written as `not (...)` so that NaN, which JSON allows, fails the checks.
+    if not ingestion.settle_seconds >= 0:
+        raise ConfigError(
+            f"ingestion.settle_seconds must not be negative, got {ingestion.settle_seconds} {where}"
+        )
+    if not lock.wait_seconds >= 0:
+        raise ConfigError(
+            f"lock.wait_seconds must not be negative, got {lock.wait_seconds} {where}"
+        )
 
 
 def _check_alerts(alerts: AlertSettings, where: str) -> None:

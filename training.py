@@ -40,6 +40,7 @@ import atomicio
 import records
 from errors import InsufficientDataError, run_cli
 from dataset import read_master, row_hashes
+from locks import pipeline_lock
 from scoring import calibration
 from settings import ModelSettings, Schema, Settings, add_config_argument, load_settings
 
@@ -568,7 +569,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = load_settings(args.config)
-    result = train(settings)
+    with pipeline_lock(settings, "training"):  # the model folder is shared with a running cycle
+        result = train(settings)
     print(result.summary())
     return 0
 

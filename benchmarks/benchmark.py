@@ -149,6 +149,8 @@ def make_workspace(root: Path, rows: int, api_url: str = "http://127.0.0.1:9") -
         "prod_deployment_path": "production_deployment",
         "log_path": "logs/fullprocess.log",
         "api": {"base_url": api_url},
+        # Each file is written whole before any run reads it: nothing to wait for.
+        "ingestion": {"settle_seconds": 0},
     }
     (root / "config.json").write_text(json.dumps(config, indent=2))
     return root

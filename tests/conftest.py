@@ -27,13 +27,17 @@ TEST_ROWS = 400
 
 
 def write_config(root: Path, **overrides) -> Path:
-    """A config.json in `root` in the original format, plus any optional sections given."""
+    """A config.json in `root` in the original format, plus any optional sections given.
+
+    Tests write a source file and ingest it at once, so no file is left to settle.
+    """
     config = {
         "input_folder_path": "sourcedata",
         "output_folder_path": "ingesteddata",
         "test_data_path": "testdata",
         "output_model_path": "models",
         "prod_deployment_path": "production_deployment",
+        "ingestion": {"settle_seconds": 0},
         **overrides,
     }
     path = root / "config.json"
@@ -107,6 +111,32 @@ def deployed(_deployed_template: Path, tmp_path: Path) -> Settings:
     """A workspace whose data is ingested and whose model is trained, scored and deployed."""
     root = tmp_path / "workspace"
     shutil.copytree(_deployed_template, root)
+    return load_settings(root / "config.json")
+
+
+@pytest.fixture(scope="session")
+def _reported_template(_deployed_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import diagnostics
+    import records
+    from reporting import build_report
+
+    def offline_index(name: str, timeout: float) -> dict:
+        return {"latest": None, "error": "offline in tests", "checked_at": records.utc_now()}
+
+    root = tmp_path_factory.mktemp("reported") / "workspace"
+    shutil.copytree(_deployed_template, root)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(diagnostics, "ask_index", offline_index)
+        build_report(load_settings(root / "config.json"))
+    return root
+
+
+@pytest.fixture
+def reported(_reported_template: Path, tmp_path: Path) -> Settings:
+    """A deployed workspace whose diagnostics, report and risk list describe the deployed release,
+    as the first cycle leaves it."""
+    root = tmp_path / "workspace"
+    shutil.copytree(_reported_template, root)
     return load_settings(root / "config.json")
 
 

@@ -129,3 +129,80 @@ def test_list_and_rollback_from_the_command_line(deployed, capsys):
     assert deployment.main(["--config", str(deployed.config_path), "--rollback"]) == 0
     assert f"production now serves release {version}" in capsys.readouterr().out
     assert current_release(deployed).version == version
+
+
+# ---------------------------------------------------------------------------------------------
+# After runs that were killed (issue 12)
+
+
+def test_deploy_removes_staging_folders_and_temporary_files_of_killed_runs(deployed):
+    import os
+
+    staging = deployment.releases_folder(deployed) / ".staging-20260101T000000Z-abc-123456"
+    staging.mkdir()
+    (staging / "trainedmodel.pkl").write_bytes(b"half a model")
+    manifest_temp = deployed.deployment_folder / ".manifest.json.0123456789ab.tmp"
+    manifest_temp.write_text('{"current": ')
+    for leftover in (staging / "trainedmodel.pkl", staging, manifest_temp):
+        os.utime(leftover, (0, 0))  # last written long before this run took the lock
+
+    deploy(deployed)
+
+    assert not staging.exists() and not manifest_temp.exists()
+
+
+def test_deploying_the_current_release_again_changes_nothing(deployed):
+    manifest = deployment.read_manifest(deployed)
+
+    release = deploy(deployed)
+
+    assert release.version == manifest["current"]
+    assert deployment.read_manifest(deployed) == manifest
+    assert len(records.query(deployed.records_path, "SELECT * FROM deployments")) == 1
+
+
+def test_a_switch_that_was_never_recorded_is_recorded_by_the_next_deployment(deployed, monkeypatch):
+    first = current_release(deployed).version
+    train(deployed)
+    score(deployed)
+    with monkeypatch.context() as patch:
+        patch.setattr(deployment.records, "add", lambda *args, **kwargs: None)  # the lost write
+        second = deploy(deployed).version
+
+    deploy(deployed)
+
+    rows = records.query(deployed.records_path, "SELECT action, version, previous_version "
+                         "FROM deployments ORDER BY id")
+    assert [tuple(row.values()) for row in rows] == [
+        ("deploy", first, None), ("deploy", second, first)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs made from a release say which one
+
+
+def test_outputs_of_the_served_release_are_in_step(reported):
+    assert deployment.outputs_out_of_step(reported) == {}
+
+
+def test_a_new_release_puts_every_output_out_of_step(reported):
+    reported_version = current_release(reported).version
+
+    retrain_and_deploy(reported)
+
+    assert deployment.outputs_out_of_step(reported) == {
+        "report.pdf": reported_version, "confusionmatrix.png": reported_version,
+        "riskscores.csv": reported_version, "diagnostics": reported_version,
+    }
+
+
+def test_a_missing_output_is_out_of_step(reported):
+    reported.risk_scores_path.unlink()
+
+    assert deployment.outputs_out_of_step(reported) == {"riskscores.csv": None}
+
+
+def test_nothing_deployed_has_no_outputs_to_keep_in_step(workspace):
+    assert deployment.outputs_out_of_step(workspace) == {}
+

@@ -30,11 +30,11 @@ def offline_pip(monkeypatch):
 
 
 @pytest.fixture
-def cycle_settings(deployed):
-    """A deployed workspace whose config points apicalls at a port where no API runs."""
-    config = json.loads(deployed.config_path.read_text())
-    write_config(deployed.base_dir, **{**config, "api": UNREACHABLE_API})
-    return load_settings(deployed.config_path)
+def cycle_settings(reported):
+    """A deployed, reported workspace whose config points apicalls at a port where no API runs."""
+    config = json.loads(reported.config_path.read_text())
+    write_config(reported.base_dir, **{**config, "api": UNREACHABLE_API})
+    return load_settings(reported.config_path)
 
 
 def run(settings, *flags):
@@ -237,7 +237,7 @@ def test_second_cycle_started_while_one_runs_exits_at_once(cycle_settings, capsy
     with cycle_lock(cycle_settings):
         assert run(cycle_settings) == 0
 
-    assert "another cycle is still running" in capsys.readouterr().out
+    assert "skipped: a cycle is running" in capsys.readouterr().out
     assert [f.path.name for f in fullprocess.ingestion.find_new_files(cycle_settings)] == ["fresh.csv"]
 
 

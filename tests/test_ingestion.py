@@ -146,8 +146,12 @@ def test_quarantine_gives_a_reason_and_line_for_each_bad_row(workspace):
         (b"corporation,exited\nabc,1\n", "missing required column(s) lastmonth_activity"),
         (b"\xff\xfe\x00garbage\x00\xff", "cannot be read"),
         (HEADER.encode() + b'abc,"1,2\n', "cannot be read"),
+        (HEADER.encode() + b"abc,1,2,3,1\nabc,1,2,3,1,x,x,x,x\n", "line 3 has 9 fields, the header 5"),
+        (HEADER.encode() + b"abc,1,2,3,1,x,x,x,x\n", "more than 5 + 3 fields"),
+        (b"corporation,corporation," + HEADER.encode() + b"a,b,abc,1,2,3,1\n", "more than once"),
     ],
-    ids=["empty", "header-only", "missing-columns", "binary", "broken-quotes"],
+    ids=["empty", "header-only", "missing-columns", "binary", "broken-quotes", "far-too-long",
+         "far-too-long-first", "repeated-column"],
 )
 def test_unusable_file_is_rejected_whole_and_others_still_go_in(workspace, content, reason):
     (workspace.input_folder / "bad.csv").write_bytes(content)
@@ -257,6 +261,215 @@ def test_text_cells_are_stripped_alike_in_small_and_large_columns():
     assert small_result.isna().tolist() == [False, True, True, True, True, False, False]
     assert small_result.equals(large_result)
     assert small_result.dropna().tolist() == ["abc", "x", "42"]
+
+
+# ---------------------------------------------------------------------------------------------
+# One bad file never stops the others (issue 12, defect 1)
+
+
+def quarantine_of(settings):
+    return pd.read_csv(settings.quarantine_path, dtype=str, keep_default_na=False)
+
+
+def test_file_whose_lines_end_in_a_comma_is_read_without_shifting_columns(workspace):
+    (workspace.input_folder / "commas.csv").write_text(HEADER + "zzz,1,2,3,1,\nyyy,4,5,6,0,\n")
+
+    outcome = next(f for f in ingest(workspace).files if f.file == "commas.csv")
+
+    assert (outcome.status, outcome.accepted, outcome.quarantined) == ("ingested", 2, 0)
+    master = read_master(workspace).set_index("corporation")
+    assert master.loc["zzz"].tolist() == [1, 2, 3, 1]
+    assert master.loc["yyy"].tolist() == [4, 5, 6, 0]
+
+
+@pytest.mark.parametrize("extra", ["junk", ",more", "7,8,9"], ids=["one", "two", "three"])
+def test_fields_beyond_the_header_quarantine_only_their_row(workspace, extra):
+    (workspace.input_folder / "ragged.csv").write_text(
+        HEADER + f"zzz,1,2,3,1\nyyy,4,5,6,0,{extra}\nxxx,7,8,9,1\n"
+    )
+
+    outcome = next(f for f in ingest(workspace).files if f.file == "ragged.csv")
+
+    assert (outcome.accepted, outcome.quarantined) == (2, 1)
+    [reason] = quarantine_of(workspace)["reason"]
+    assert reason.startswith("the line has more fields than the header")
+
+
+@pytest.mark.parametrize(
+    ("cell", "reason"),
+    [("9" * 400, "is too large"), ("-" + "9" * 400, "is too large"), ("1e400", "is not finite")],
+    ids=["400-digit", "negative-400-digit", "beyond-float"],
+)
+def test_numbers_beyond_float_range_are_quarantined_with_a_reason(workspace, cell, reason):
+    (workspace.input_folder / "huge.csv").write_text(HEADER + f"zzz,{cell},2,3,1\nyyy,1,2,3,0\n")
+
+    outcome = next(f for f in ingest(workspace).files if f.file == "huge.csv")
+
+    assert (outcome.accepted, outcome.quarantined) == (1, 1)
+    assert reason in quarantine_of(workspace)["reason"].iloc[0]
+
+
+def test_quarantine_reason_cuts_a_long_cell_short(workspace):
+    (workspace.input_folder / "long.csv").write_text(HEADER + f"zzz,{'x' * 5000},2,3,1\n")
+
+    ingest(workspace)
+
+    [reason] = quarantine_of(workspace)["reason"]
+    assert len(reason) < 120 and "(5000 characters)" in reason
+
+
+@pytest.fixture
+def unreadable(workspace, monkeypatch):
+    """batch2.csv cannot be opened (as for a file of another user; tests may run as root)."""
+    import atomicio
+
+    hash_file = atomicio.sha256_of
+    state = {"readable": False}
+
+    def sha256_of(path):
+        if path.name == "batch2.csv" and not state["readable"]:
+            raise PermissionError(13, "Permission denied", str(path))
+        return hash_file(path)
+
+    monkeypatch.setattr(atomicio, "sha256_of", sha256_of)
+    return state
+
+
+def test_file_that_cannot_be_read_is_rejected_and_the_others_go_in(workspace, unreadable):
+    report = ingest(workspace)
+
+    assert [f.file for f in report.ingested] == ["batch1.csv"]
+    [rejected] = report.rejected
+    assert rejected.file == "batch2.csv" and "Permission denied" in rejected.reason
+    assert len(read_master(workspace)) == 600
+
+
+def test_file_that_cannot_be_read_is_not_retried_until_it_can_be(workspace, unreadable):
+    ingest(workspace)
+    assert find_new_files(workspace) == []
+
+    unreadable["readable"] = True
+
+    assert [f.path.name for f in find_new_files(workspace)] == ["batch2.csv"]
+    assert ingest(workspace).accepted_rows == 600
+
+
+@pytest.mark.parametrize(
+    "step", ["read_chunks", "parse_rows", "frame_of", "row_hashes"],
+    ids=["reading", "parsing", "converting", "hashing"],
+)
+def test_any_failure_with_one_file_rejects_that_file_alone(workspace, monkeypatch, step):
+    import dataset
+
+    (workspace.input_folder / "poison.csv").write_text(HEADER + "poison,1,2,3,1\n")
+    original = getattr(dataset, step)
+
+    def failing_on_poison(*args, **kwargs):
+        if "poison" in repr(args):  # the file's stream, cells, values or rows
+            raise TypeError(f"unexpected trouble in {step}")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(dataset, step, failing_on_poison)
+    report = ingest(workspace)
+
+    assert {f.file: f.reason for f in report.rejected} == {
+        "poison.csv": f"TypeError: unexpected trouble in {step}"
+    }
+    assert len(read_master(workspace)) == 1200
+    statuses = {row["file"].rsplit("/", 1)[-1]: row["status"] for row in ingestion_rows(workspace)}
+    assert statuses["poison.csv"] == "rejected"
+
+
+# ---------------------------------------------------------------------------------------------
+# Large and growing files (defects 6 and 8)
+
+
+def test_a_file_is_read_in_chunks_with_the_result_of_reading_it_whole(workspace, monkeypatch):
+    import dataset
+
+    dirty = generate_data.make_dirty(500, seed=3, id_offset=700_000)
+    dirty.to_csv(workspace.input_folder / "dirty.csv", index=False)
+    whole = workspace
+    chunked = workspace._replace(
+        output_folder=workspace.output_folder.with_name("chunked"),
+        ingestion=workspace.ingestion._replace(chunk_rows=37),
+    )
+    chunk_sizes = []
+    read_chunks = dataset.read_chunks
+
+    def counted(stream, *args, **kwargs):
+        for chunk in read_chunks(stream, *args, **kwargs):
+            if stream.name.endswith("dirty.csv"):
+                chunk_sizes.append(len(chunk.frame))
+            yield chunk
+
+    ingest(whole)
+    monkeypatch.setattr(dataset, "read_chunks", counted)
+    ingest(chunked)
+
+    assert chunk_sizes == [37] * 13 + [19]
+    for name in ("finaldata.csv", "quarantine.csv", "latestbatch.csv"):
+        written = (chunked.output_folder / name).read_bytes()
+        assert written == (whole.output_folder / name).read_bytes()
+    counts = "SELECT rows_read, accepted, duplicate, quarantined, missing_cells FROM ingestions"
+    assert records.query(chunked.records_path, counts) == records.query(whole.records_path, counts)
+
+
+def test_a_long_file_logs_its_progress(workspace, monkeypatch, caplog):
+    import ingestion
+
+    monkeypatch.setattr(ingestion, "PROGRESS_SECONDS", 0.0)
+    settings = workspace._replace(ingestion=workspace.ingestion._replace(chunk_rows=200))
+
+    with caplog.at_level("INFO", logger="ingestion"):
+        ingest(settings)
+
+    progress = [r.getMessage() for r in caplog.records if "rows read" in r.getMessage()]
+    assert [line.split(",")[0] for line in progress] == [
+        f"batch{file}.csv: {rows} rows read" for file in (1, 2) for rows in (200, 400, 600)
+    ]
+
+
+def test_file_modified_within_the_settle_time_is_left_for_the_next_run(workspace):
+    settling = workspace._replace(ingestion=workspace.ingestion._replace(settle_seconds=3600))
+
+    report = ingest(settling)
+
+    assert [f.file for f in report.waiting] == ["batch1.csv", "batch2.csv"]
+    assert "may still be being written" in report.summary()
+    assert find_new_files(settling) == [] and ingestion_rows(workspace) == []
+    assert [f.file for f in ingest(workspace).ingested] == ["batch1.csv", "batch2.csv"]
+
+
+def test_file_that_grows_while_it_is_read_is_left_whole_for_the_next_run(workspace, monkeypatch):
+    import dataset
+
+    ingest(workspace)
+    growing = workspace.input_folder / "growing.csv"
+    generate_data.write_csv(generate_data.make_clients(100, seed=8, id_offset=900_000), growing)
+    settings = workspace._replace(ingestion=workspace.ingestion._replace(chunk_rows=30))
+    read_chunks = dataset.read_chunks
+
+    def still_being_written(stream, *args, **kwargs):
+        for number, chunk in enumerate(read_chunks(stream, *args, **kwargs)):
+            if stream.name == str(growing) and number == 1:  # a writer appends half a line
+                with open(growing, "a") as writer:
+                    writer.write("abc,1,")
+            yield chunk
+
+    monkeypatch.setattr(dataset, "read_chunks", still_being_written)
+    report = ingest(settings)
+    monkeypatch.undo()
+
+    assert [(f.file, f.status) for f in report.files] == [("growing.csv", "waiting")]
+    assert not workspace.quarantine_path.exists()
+    assert len(ingestion_rows(workspace)) == 2
+    with open(growing, "a") as stream:
+        stream.write("2,3,1\n")
+    outcome = ingest(settings).files[0]
+    assert (outcome.status, outcome.accepted, outcome.duplicate, outcome.quarantined) == (
+        "ingested", 101, 0, 0
+    )
 
 
 # --- Rosters: current clients, outcome unknown ---------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 
 import ingestion
 from errors import ConfigError
-from settings import api_token, load_settings
+from settings import IngestionSettings, api_token, load_settings
 from conftest import build_workspace, write_config
 
 
@@ -113,6 +113,35 @@ def test_missing_config_file_names_the_path(tmp_path, capsys):
 
     assert exit_code == 2
     assert "absent.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("section", "expected_words"),
+    [({"ingestion": {"chunk_rows": 0}}, "ingestion.chunk_rows must be at least 1"),
+     ({"ingestion": {"settle_seconds": -1}}, "ingestion.settle_seconds must not be negative"),
+     ({"lock": {"wait_seconds": -0.5}}, "lock.wait_seconds must not be negative")],
+    ids=["no-rows-a-chunk", "negative-settle-time", "negative-lock-wait"],
+)
+def test_bad_ingestion_and_lock_settings_are_a_clear_config_error(
+    tmp_path, section, expected_words
+):
+    build_workspace(tmp_path)
+
+    with pytest.raises(ConfigError, match=expected_words):
+        load_settings(write_config(tmp_path, **section))
+
+
+def test_ingestion_and_lock_settings_have_small_defaults(tmp_path):
+    build_workspace(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({
+        key: value for key, value in json.loads((tmp_path / "config.json").read_text()).items()
+        if key != "ingestion"
+    }))
+
+    settings = load_settings(tmp_path / "config.json")
+
+    assert settings.ingestion == IngestionSettings(chunk_rows=200_000, settle_seconds=5.0)
+    assert settings.lock.wait_seconds == 10.0
 
 
 def test_unknown_top_level_key_unlike_any_section_is_ignored(tmp_path, caplog):

@@ -1,0 +1,127 @@
+"""Properties of the data contract, over inputs nobody thought to write down (Hypothesis).
+
+Every input row ends as an accepted row or as a quarantined row with a reason: never an exception,
+never lost, never both.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import numpy as np
+import pandas as pd
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dataset import (
+    MAX_COUNT,
+    MISSING_MARKERS,
+    RowHashes,
+    first_sightings,
+    frame_of,
+    parse_rows,
+    read_chunks,
+    read_header,
+)
+from ingestion import split_rows
+from settings import Schema
+
+SCHEMA = Schema()
+# No example database in the repository; a slow first example (pandas warming up) is no failure.
+CHECKS = settings(
+    max_examples=80, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+# Cells as files bring them: numbers of every shape and size, the spellings of a missing value and
+# of a label, and any text at all (but NUL and lone surrogates, which no UTF-8 text file holds).
+any_text = st.text(
+    st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=12
+)
+number_text = st.one_of(
+    st.integers(-(10**6), 10**6).map(str),
+    st.integers(-(10**400), 10**400).map(str),
+    st.floats().map(repr),
+    st.sampled_from(
+        ["inf", "-Infinity", "1e400", "1e20", "2.5", " 7 ", "0x10", "1_000", "٣", "+3"]
+    ),
+)
+label_text = st.sampled_from(
+    ["0", "1", "yes", "No", "y", "TRUE", "false", "1.0", "maybe", "2", " 1 "]
+)
+cell = st.one_of(number_text, label_text, st.sampled_from(MISSING_MARKERS), any_text)
+row = st.fixed_dictionaries({column: st.one_of(st.none(), cell) for column in SCHEMA.columns})
+
+
+@CHECKS
+@given(st.lists(row, min_size=1, max_size=40))
+def test_every_row_is_valid_or_has_a_reason(rows):
+    cells = {c: np.array([r[c] for r in rows], dtype=object) for c in SCHEMA.columns}
+
+    values, reasons = parse_rows(cells, pd.RangeIndex(len(rows)), SCHEMA)
+
+    assert reasons.index.is_unique and (reasons.str.len() > 0).all()
+    valid = np.setdiff1d(np.arange(len(rows)), reasons.index)
+    typed = frame_of({c: v[valid] for c, v in values.items()}, SCHEMA.columns, SCHEMA, valid)
+    assert typed["corporation"].notna().all()
+    assert typed["exited"].isin([0, 1]).all()
+    for column in SCHEMA.count_columns:
+        counts = typed[column].dropna()
+        assert ((counts >= 0) & (counts <= MAX_COUNT)).all()
+
+
+@settings(CHECKS, max_examples=50)  # each example reads a file with pandas, chunk by chunk
+@given(
+    st.lists(
+        st.tuples(row, st.lists(st.one_of(st.just(""), any_text), max_size=3)),
+        min_size=1, max_size=25,
+    ),
+    st.integers(4, 16),
+)
+def test_every_line_of_a_file_is_accepted_or_quarantined_with_a_reason(lines, chunk_rows):
+    text = io.StringIO()
+    writer = csv.writer(text)  # quotes a field holding \r or \n, which would end its line
+    writer.writerow(SCHEMA.columns)
+    for cells, extra_fields in lines:
+        writer.writerow([cells[c] if cells[c] is not None else "" for c in SCHEMA.columns]
+                        + extra_fields)
+    stream = io.BytesIO(text.getvalue().encode())
+
+    columns = read_header(stream, name="the file")
+    accepted = quarantined = 0
+    for chunk in read_chunks(stream, columns, SCHEMA, name="the file", chunk_rows=chunk_rows):
+        valid, bad = split_rows(chunk, SCHEMA, "the file")
+        accepted += len(valid)
+        if bad is not None:
+            quarantined += len(bad)
+            assert (bad["reason"].str.len() > 0).all()
+            assert not set(bad.index) & set(valid.index)
+
+    assert accepted + quarantined == len(lines)
+
+
+@CHECKS
+@given(st.lists(st.integers(0, 2**64 - 1)), st.lists(st.integers(0, 2**64 - 1)))
+def test_row_hashes_know_exactly_the_hashes_added(added, asked):
+    hashes = RowHashes()
+    for half in (added[: len(added) // 2], added[len(added) // 2 :]):
+        hashes.add(np.array(half, dtype=np.uint64))
+
+    found = hashes.contains(np.array(asked, dtype=np.uint64))
+
+    assert found.tolist() == [value in set(added) for value in asked]
+
+
+@CHECKS
+@given(st.lists(st.integers(0, 20)), st.lists(st.integers(0, 20)))
+def test_first_sightings_are_rows_neither_seen_before_nor_repeated(seen_before, rows):
+    seen = RowHashes()
+    seen.add(np.array(seen_before, dtype=np.uint64))
+
+    first = first_sightings(np.array(rows, dtype=np.uint64), seen)
+
+    expected = [
+        value not in seen_before and value not in rows[:position]
+        for position, value in enumerate(rows)
+    ]
+    assert first.tolist() == expected
