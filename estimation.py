@@ -105,7 +105,8 @@ def _master_rows(settings: Settings) -> int:
     if not path.is_file():
         return 0
     with path.open("rb") as file:
-        return max(0, sum(chunk.count(b"\n") for chunk in iter(lambda: file.read(1 << 20), b"")) - 1)
+        lines = sum(chunk.count(b"\n") for chunk in iter(lambda: file.read(1 << 20), b""))
+    return max(0, lines - 1)  # less the header
 
 
 def record_warning(

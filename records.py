@@ -125,7 +125,7 @@ SCHEMA = {
         CREATE TABLE IF NOT EXISTS calibrations (
             id INTEGER PRIMARY KEY,
             time TEXT NOT NULL,
-            purpose TEXT NOT NULL,         -- as in scores: test (the release's own) | drift-check | ...
+            purpose TEXT NOT NULL,         -- as in scores: test (the release's own) | ...
             model_version TEXT,
             data_path TEXT NOT NULL,
             rows INTEGER NOT NULL,
@@ -151,7 +151,7 @@ SCHEMA = {
             release_f1 REAL, release_f1_low REAL, release_f1_high REAL,
             allowed_drop REAL,
             estimated_drop INTEGER,        -- 1: the estimated F1 fell beyond noise
-            covariate_drift INTEGER,       -- 1: the roster's features drifted from the training sample
+            covariate_drift INTEGER,       -- 1: its features drifted from the training sample
             warning INTEGER,               -- 1: an early warning was raised
             drift TEXT,                    -- JSON: per-feature drift against the training sample
             realised_time TEXT,            -- filled in when outcomes of its clients arrive

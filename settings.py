@@ -498,7 +498,9 @@ def _check_calibration(model: ModelSettings, scoring: ScoringSettings, where: st
         )
     for name in ("calibration_bins", "estimate_draws"):
         if not getattr(scoring, name) >= 1:
-            raise ConfigError(f"scoring.{name} must be at least 1, got {getattr(scoring, name)} {where}")
+            raise ConfigError(
+                f"scoring.{name} must be at least 1, got {getattr(scoring, name)} {where}"
+            )
 
 
 def _check_ingestion(ingestion: IngestionSettings, lock: LockSettings, where: str) -> None:

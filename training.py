@@ -25,7 +25,7 @@ import sklearn
 from scipy.special import expit
 from sklearn.base import ClassifierMixin
 from sklearn.calibration import CalibratedClassifierCV
-# Platt's sigmoid as CalibratedClassifierCV fits it; choosing between the two methods needs it alone.
+# Platt's sigmoid as CalibratedClassifierCV fits it: choosing between methods needs it alone.
 from sklearn.calibration import _SigmoidCalibration
 from sklearn.compose import ColumnTransformer
 from sklearn.impute import SimpleImputer
