@@ -196,7 +196,7 @@ def cycle_failed(error: BaseException | str) -> Alert:
     # news at once.
     return _alert(
         CYCLE_FAILED, f"{CYCLE_FAILED}:{message[:200]}",
-        f"the cycle failed — {message}; the previous deployment keeps serving",
+        f"the cycle failed — {message}; see the cycle log for what was done before it failed",
         error=message, error_type=error_type,
     )
 

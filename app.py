@@ -161,9 +161,12 @@ def health() -> Response:
 @bp.get("/ready")
 def ready() -> Response:
     release = state().models.get().release
+    score = deployment.release_score(state().settings, release.version) or {}
     return jsonify(
         status="ready", model_version=release.version, deployed_at=release.created_at,
         f1=release.f1,
+        f1_measured_on=deployment.MEASURED_ON.get(score.get("purpose"), "unknown"),
+        f1_interval=[score.get("f1_low"), score.get("f1_high")], f1_rows=score.get("rows"),
     )
 
 
@@ -877,8 +880,13 @@ def score_deployed(settings: Settings, loaded: LoadedModel, test_files: list[Pat
     return {
         "model_version": loaded.release.version,
         "test_data": [relative_name(p, settings) for p in test_files],
+        "measured_on": "the test data",
         **metrics.as_dict(),
         "f1_at_deployment": loaded.release.f1,
+        "f1_at_deployment_measured_on": deployment.MEASURED_ON.get(
+            (deployment.release_score(settings, loaded.release.version) or {}).get("purpose"),
+            "unknown",
+        ),
     }
 
 

@@ -35,7 +35,15 @@ from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_curve
 import atomicio
 import calllist
 import records
-from deployment import Release, list_releases, load_deployed_model, read_manifest, record_outputs
+from deployment import (
+    Release,
+    describe_release_score,
+    list_releases,
+    load_deployed_model,
+    read_manifest,
+    record_outputs,
+    release_score,
+)
 from diagnostics import estimate_history, latest_diagnostics, run_diagnostics, section_texts
 from errors import run_cli
 from locks import pipeline_lock
@@ -410,36 +418,12 @@ def _estimate_trend_lines(settings: Settings) -> list[str]:
     return lines
 
 
-# What each recorded score purpose was measured on, in the words the report uses.
-MEASURED_ON = {
-    "test": "the test data",
-    "drift-holdout": "held-out new rows",
-    "drift-check": "the new batch",
-    "candidate": "the test data",
-}
 DEPLOYING_DECISIONS = ("first-deployment", "drift-redeployed", "forced-redeploy")
 
 
 def release_score_text(settings: Settings, release: Release) -> str:
     """The release's own F1 with what it was measured on and its interval."""
-    score = release_score(settings, release.version)
-    if score is None:
-        return "-" if release.f1 is None else f"{release.f1:.3f}"
-    return (
-        f"{score['f1']:.3f} on {MEASURED_ON.get(score['purpose'], score['purpose'])} "
-        f"({score['rows']:,} rows; interval {score['f1_low']:.3f} to {score['f1_high']:.3f})"
-    )
-
-
-def release_score(settings: Settings, version: str) -> dict[str, Any] | None:
-    """The score a release was deployed with: its held-out figure, or else its test data one."""
-    rows = records.query(
-        settings.records_path,
-        "SELECT * FROM scores WHERE model_version = ? AND purpose IN ('test', 'drift-holdout') "
-        "ORDER BY purpose = 'drift-holdout' DESC, id DESC LIMIT 1",
-        (version,),
-    )
-    return rows[0] if rows else None
+    return describe_release_score(release_score(settings, release.version), release.f1)
 
 
 def decision_lines(

@@ -110,8 +110,8 @@ def test_a_multi_line_error_becomes_one_line_of_text():
     alert = alerts.cycle_failed(RuntimeError("first line\nsecond line"))
 
     assert alert.text == (
-        "Risk model: the cycle failed — first line second line; the previous deployment keeps "
-        "serving"
+        "Risk model: the cycle failed — first line second line; see the cycle log for what was "
+        "done before it failed"
     )
     assert alert.fields["error_type"] == "RuntimeError"
 

@@ -804,3 +804,11 @@ def test_gunicorn_serves_every_endpoint_and_a_new_release_without_restart(
         for _ in range(6)
     }
     assert versions == {second}
+
+
+def test_ready_says_what_the_release_f1_was_measured_on(client):
+    answer = client.get("/ready").get_json()
+
+    assert answer["f1_measured_on"] == "the test data"
+    assert answer["f1_interval"][0] <= answer["f1"] <= answer["f1_interval"][1]
+    assert answer["f1_rows"] == TEST_ROWS
