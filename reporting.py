@@ -42,7 +42,7 @@ from deployment import (
     record_outputs,
     release_score,
 )
-from diagnostics import latest_diagnostics, run_diagnostics, section_texts
+from diagnostics import estimate_history, latest_diagnostics, run_diagnostics, section_texts
 from errors import run_cli
 from locks import pipeline_lock
 from scoring import (
@@ -411,11 +411,34 @@ def _overview_sections(
         f"  leavers          {m.leaver_share:.1%} of rows, "
         f"{m.predicted_leaver_share:.1%} predicted",
     ]
+    texts = section_texts(diagnostics)
     return [
         ("Deployed release", release_lines),
         ("Model metrics on the test data", metric_lines),
+        ("Calibration on the test data", texts["Calibration on the test data"]),
+        ("Estimated and realised F1 on rosters", _estimate_trend_lines(settings)),
         ("Files ingested", _ingested_lines(settings, release)),
     ]
+
+
+def _estimate_trend_lines(settings: Settings) -> list[str]:
+    """Each roster's estimated F1 beside the F1 its predictions realised once outcomes arrived."""
+    history = estimate_history(settings)
+    if not history:
+        return ["  no roster estimated yet"]
+    lines = ["  roster                   time                  clients  estimated F1 (interval)"
+             "    realised F1 (clients)  warning"]
+    for row in history[-15:]:
+        realised = "-" if row["realised_f1"] is None else (
+            f"{row['realised_f1']:.3f} ({row['realised_rows']:,}; est. "
+            f"{row['estimated_f1_known']:.3f})"
+        )
+        lines.append(
+            f"  {row['roster'][:24]:<24} {row['time']:<21} {row['rows']:>8,}  {row['f1']:.3f} "
+            f"({row['f1_low']:.3f}-{row['f1_high']:.3f})  {realised:<22} "
+            f"{'yes' if row['warning'] else 'no'}"
+        )
+    return lines
 
 
 DEPLOYING_DECISIONS = ("first-deployment", "drift-redeployed", "forced-redeploy")
