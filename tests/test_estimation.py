@@ -14,7 +14,7 @@ from scoring import (
     calibration,
     compute_metrics,
     estimate_performance,
-    _model_input as model_input,
+    model_input,
 )
 from settings import ModelSettings, Schema, ScoringSettings
 from training import build_pipeline, fit_model, linear_model_params
