@@ -69,9 +69,11 @@ from errors import (
 )
 from scoring import (
     LinearScorer,
+    ServedModel,
     evaluate,
     explain,
     linear_scorer,
+    load_deployed,
     predict_frame,
     read_test_data,
 )
@@ -790,9 +792,9 @@ def known_categories(model: Any) -> dict[str, set[str]]:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """The current release and its unpickled model."""
+    """The current release and its model, as plain data scored by numpy (model.json)."""
 
-    model: Any
+    model: ServedModel
     release: deployment.Release
 
 
@@ -832,8 +834,11 @@ def file_key(path: Path) -> tuple[int, int, int] | None:
 class DeployedModel:
     """The current release's model, loaded once per release, reloaded when the manifest changes.
 
-    Deployment writes a release folder completely before it renames the manifest over the old
-    one, so a changed manifest always names a whole release; loading checks every file's checksum.
+    The model is the release's model.json, plain data that numpy scores: a worker never unpickles
+    a file (a pickle runs code when loaded) nor imports scikit-learn. A release without one is
+    refused (503) like a broken one. Deployment writes a release folder completely before it
+    renames the manifest over the old one, so a changed manifest always names a whole release;
+    loading checks every file's checksum.
     A release that fails that check is refused (503) until the manifest changes again (redeploy or
     roll back): the previous model is not served in its place, as clients would take it for the
     current one.
@@ -855,7 +860,7 @@ class DeployedModel:
         return loaded
 
     def _load(self) -> LoadedModel:
-        model, release = deployment.load_deployed_model(self._settings)
+        model, release = load_deployed(self._settings, allow_pickle=False)
         log.info("serving release %s", release.version)
         return LoadedModel(model, release)
 

@@ -39,6 +39,8 @@ MANIFEST_NAME = "manifest.json"
 RELEASE_MANIFEST_NAME = "release.json"
 RELEASES_FOLDER = "releases"
 MODEL_FILE = "trainedmodel.pkl"
+# The same model as plain data; absent for a model that is not linear.
+MODEL_JSON_FILE = "model.json"
 METADATA_FILE = "trainedmodel.json"
 SCORE_FILE = "latestscore.txt"
 INGESTED_FILE = "ingestedfiles.txt"
@@ -170,6 +172,8 @@ def _deploy(settings: Settings) -> Release:
         INGESTED_FILE: settings.ingested_files_path,
         TRAINING_SAMPLE_FILE: settings.training_sample_path,
     }
+    if settings.model_json_path.is_file():
+        sources[MODEL_JSON_FILE] = settings.model_json_path
     absent = [str(path) for path in sources.values() if not path.is_file()]
     if absent:
         raise DeploymentError(

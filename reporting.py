@@ -29,8 +29,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
-from sklearn.base import ClassifierMixin
-from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_curve
+from matplotlib.ticker import MaxNLocator
 
 import atomicio
 import calllist
@@ -39,15 +38,21 @@ from deployment import (
     Release,
     describe_release_score,
     list_releases,
-    load_deployed_model,
     read_manifest,
     record_outputs,
     release_score,
 )
-from diagnostics import latest_diagnostics, run_diagnostics, section_texts
+from diagnostics import estimate_history, latest_diagnostics, run_diagnostics, section_texts
 from errors import run_cli
 from locks import pipeline_lock
-from scoring import Evaluation, client_ids, evaluate, read_test_data
+from scoring import (
+    Evaluation,
+    ServedModel,
+    client_ids,
+    evaluate,
+    load_deployed,
+    read_test_data,
+)
 from settings import Settings, add_config_argument, load_settings
 
 log = logging.getLogger(__name__)
@@ -62,6 +67,24 @@ A4_PORTRAIT = (8.27, 11.69)  # inches
 TEXT_SIZE = 7.5
 LINE_HEIGHT = 0.0125  # of the page height, for TEXT_SIZE monospace lines
 CLASS_LABELS = ("stayed (0)", "left (1)")
+HEADING_SIZE = 11
+TITLE_SIZE = 15
+# The PDF's 14 standard fonts need no glyphs embedded: text pages render several times faster and
+# every PDF reader has them. Few sizes: matplotlib looks a font up anew (a few hundredths of a
+# second) for every combination of family, weight and size it meets.
+PDF_STYLE = {
+    "pdf.use14corefonts": True,
+    "font.size": TEXT_SIZE,
+    "axes.titlesize": 10,
+    "axes.labelsize": TEXT_SIZE,
+    "xtick.labelsize": TEXT_SIZE,
+    "ytick.labelsize": TEXT_SIZE,
+    "legend.fontsize": TEXT_SIZE,
+    "figure.titlesize": TITLE_SIZE,
+    "figure.titleweight": "bold",
+    # The core fonts have no Unicode minus sign: axis labels use the ASCII hyphen-minus instead.
+    "axes.unicode_minus": False,
+}
 
 
 # --- The risk list -----------------------------------------------------------------------------
@@ -69,7 +92,7 @@ CLASS_LABELS = ("stayed (0)", "left (1)")
 
 def risk_scores(settings: Settings) -> pd.DataFrame:
     """Every current client, highest attrition risk first, with its reasons; not written."""
-    model, release = load_deployed_model(settings)
+    model, release = load_deployed(settings)
     return calllist.rank_current_clients(settings, model, release.version)
 
 
@@ -190,7 +213,7 @@ def build_report(
     when it ends); otherwise the records say why the release is served.
     """
     started = time.perf_counter()
-    model, release = load_deployed_model(settings)
+    model, release = load_deployed(settings)
     metadata = release.metadata()
     test = _score_test_data(settings, model, release, metadata)
 
@@ -239,7 +262,7 @@ def build_report(
 
 
 def _score_test_data(
-    settings: Settings, model: ClassifierMixin, release: Release, metadata: dict[str, Any]
+    settings: Settings, model: ServedModel, release: Release, metadata: dict[str, Any]
 ) -> _TestResults:
     """The deployed model on the test data, without recording a score (the report only reads)."""
     return _TestResults(
@@ -266,13 +289,12 @@ def _write_pdf(
         # Dated by the release, not by the clock, so that an unchanged report has unchanged bytes.
         "CreationDate": datetime.fromisoformat(release.created_at),
     }
-    # The PDF's 14 standard fonts need no glyphs embedded: text pages render several times faster
-    # and every PDF reader has them. Their metrics name the regular weight "medium", which makes
-    # matplotlib's font lookup warn on every line; the fallback it takes is the right font.
+    # The standard fonts' metrics name the regular weight "medium", which makes matplotlib's font
+    # lookup warn on every line; the fallback it takes is the right font.
     logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
-    # The core fonts have no Unicode minus sign: axis labels use the ASCII hyphen-minus instead.
-    with matplotlib.rc_context({"pdf.use14corefonts": True, "axes.unicode_minus": False}), \
-            PdfPages(path, metadata=pdf_metadata) as pdf:
+    with matplotlib.rc_context(PDF_STYLE), PdfPages(
+        path, metadata=pdf_metadata
+    ) as pdf:
         _TextPages(pdf, "Attrition risk report").write(
             [("Why this release is served", decision_lines(settings, release, deciding_cycle)),
              *_overview_sections(settings, release, metadata, test, diagnostics)]
@@ -318,7 +340,8 @@ class _TextPages:
         for heading, lines in sections:
             # A heading never ends a page alone.
             self._make_room(3 * LINE_HEIGHT)
-            self._put(heading, size=11, weight="bold", family="sans-serif", height=2 * LINE_HEIGHT)
+            self._put(heading, size=HEADING_SIZE, weight="bold", family="sans-serif",
+                      height=2 * LINE_HEIGHT)
             for line in lines:
                 self._make_room(LINE_HEIGHT)
                 self._put(line, size=TEXT_SIZE, weight="normal", family="monospace",
@@ -332,7 +355,7 @@ class _TextPages:
             self.figure = Figure(figsize=A4_PORTRAIT)
             self.pages += 1
             title = self.title if self.pages == 1 else f"{self.title} (continued)"
-            self.figure.text(self.LEFT, 0.965, title, fontsize=15, weight="bold", va="top")
+            self.figure.text(self.LEFT, 0.965, title, fontsize=TITLE_SIZE, weight="bold", va="top")
             self.y = self.TOP
 
     def _put(self, text: str, *, size: float, weight: str, family: str, height: float) -> None:
@@ -388,11 +411,34 @@ def _overview_sections(
         f"  leavers          {m.leaver_share:.1%} of rows, "
         f"{m.predicted_leaver_share:.1%} predicted",
     ]
+    texts = section_texts(diagnostics)
     return [
         ("Deployed release", release_lines),
         ("Model metrics on the test data", metric_lines),
+        ("Calibration on the test data", texts["Calibration on the test data"]),
+        ("Estimated and realised F1 on rosters", _estimate_trend_lines(settings)),
         ("Files ingested", _ingested_lines(settings, release)),
     ]
+
+
+def _estimate_trend_lines(settings: Settings) -> list[str]:
+    """Each roster's estimated F1 beside the F1 its predictions realised once outcomes arrived."""
+    history = estimate_history(settings)
+    if not history:
+        return ["  no roster estimated yet"]
+    lines = ["  roster                   time                  clients  estimated F1 (interval)"
+             "    realised F1 (clients)  warning"]
+    for row in history[-15:]:
+        realised = "-" if row["realised_f1"] is None else (
+            f"{row['realised_f1']:.3f} ({row['realised_rows']:,}; est. "
+            f"{row['estimated_f1_known']:.3f})"
+        )
+        lines.append(
+            f"  {row['roster'][:24]:<24} {row['time']:<21} {row['rows']:>8,}  {row['f1']:.3f} "
+            f"({row['f1_low']:.3f}-{row['f1_high']:.3f})  {realised:<22} "
+            f"{'yes' if row['warning'] else 'no'}"
+        )
+    return lines
 
 
 DEPLOYING_DECISIONS = ("first-deployment", "drift-redeployed", "forced-redeploy")
@@ -558,54 +604,92 @@ def _wrapped(label: str, names: list[str], width: int = 96) -> list[str]:
 # --- Figures -----------------------------------------------------------------------------------
 
 
+def _confusion_matrix(test: _TestResults) -> np.ndarray:
+    """Counts of [actual][predicted], class 0 (stayed) first."""
+    cells = np.bincount(2 * test.truth.astype(int) + test.predictions.astype(int), minlength=4)
+    return cells.reshape(2, 2)
+
+
+def _confusion_matrix_title(test: _TestResults, version: str) -> str:
+    threshold = "" if test.threshold is None else f", threshold {test.threshold:.3f}"
+    return (
+        f"Confusion matrix on the test data ({len(test.truth):,} rows{threshold})\n"
+        f"model {version}"
+    )
+
+
 def _confusion_matrix_figure(test: _TestResults, version: str) -> Figure:
-    figure = Figure(figsize=(5.5, 4.8), layout="constrained")
-    _draw_confusion_matrix(figure.add_subplot(), test, version)
-    return figure
-
-
-def _draw_confusion_matrix(ax: Axes, test: _TestResults, version: str) -> None:
-    matrix = confusion_matrix(test.truth, test.predictions, labels=[0, 1])
+    # Fixed positions rather than a layout engine: constrained layout doubles the drawing time.
+    figure = Figure(figsize=(5.5, 4.8))
+    ax = figure.add_axes((0.27, 0.13, 0.66, 0.72))
+    matrix = _confusion_matrix(test)
     ax.imshow(matrix, cmap="Blues", vmin=0)
     for (actual, predicted), count in np.ndenumerate(matrix):
-        row_total = matrix[actual].sum()
-        share = f"{count / row_total:.0%} of actual" if row_total else ""
         ax.text(
-            predicted, actual, f"{count:,}\n{share}", ha="center", va="center", fontsize=11,
+            predicted, actual, f"{count:,}\n{_share_of_actual(matrix, actual, predicted)}",
+            ha="center", va="center", fontsize=11,
             color="white" if count > matrix.max() / 2 else "black",
         )
     ax.set_xticks([0, 1], labels=CLASS_LABELS)
     ax.set_yticks([0, 1], labels=CLASS_LABELS)
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")
-    threshold = "" if test.threshold is None else f", threshold {test.threshold:.3f}"
-    ax.set_title(
-        f"Confusion matrix on the test data ({len(test.truth):,} rows{threshold})\n"
-        f"model {version}",
-        fontsize=9,
-    )
+    ax.set_title(_confusion_matrix_title(test, version), fontsize=9)
+    return figure
+
+
+def _share_of_actual(matrix: np.ndarray, actual: int, predicted: int) -> str:
+    row_total = matrix[actual].sum()
+    return f"{matrix[actual, predicted] / row_total:.0%} of actual" if row_total else ""
+
+
+def _confusion_matrix_lines(test: _TestResults) -> list[str]:
+    """The confusion matrix as a table of text (the PNG beside the report draws it)."""
+    matrix = _confusion_matrix(test)
+    width = max(len(label) for label in CLASS_LABELS) + 2
+    lines = [f"{'actual / predicted':<20}" + "".join(f"{c:>{width + 16}}" for c in CLASS_LABELS)]
+    for actual, label in enumerate(CLASS_LABELS):
+        cells = "".join(
+            f"{f'{matrix[actual, p]:,} ({_share_of_actual(matrix, actual, p)})':>{width + 16}}"
+            for p in (0, 1)
+        )
+        lines.append(f"{label:<20}{cells}")
+    return lines
 
 
 def _curves_figure(test: _TestResults, version: str) -> Figure:
-    # Fixed positions rather than a layout engine: the report is drawn every cycle, and
-    # constrained layout would double the time it takes.
+    """The confusion matrix as a table, and the ROC and precision-recall curves.
+
+    The matrix is printed, not drawn: confusionmatrix.png draws it, and every axes drawn costs the
+    report about a tenth of a second. Fixed positions rather than a layout engine, which would
+    double the drawing time.
+    """
     figure = Figure(figsize=A4_PORTRAIT)
-    figure.suptitle("Confusion matrix, ROC and precision-recall curves", fontsize=15,
-                    weight="bold", y=0.975)
-    _draw_confusion_matrix(figure.add_axes((0.22, 0.53, 0.6, 0.36)), test, version)
-    roc_ax = figure.add_axes((0.09, 0.08, 0.37, 0.33))
-    pr_ax = figure.add_axes((0.59, 0.08, 0.37, 0.33))
+    figure.suptitle("Confusion matrix, ROC and precision-recall curves", y=0.975)
+    y = 0.92
+    for line in _confusion_matrix_title(test, version).splitlines():
+        figure.text(0.09, y, line, fontsize=10, va="top")
+        y -= 2 * LINE_HEIGHT
+    for line in _confusion_matrix_lines(test):
+        y -= LINE_HEIGHT
+        figure.text(0.09, y, line, family="monospace", va="top")
+    roc_ax = figure.add_axes((0.09, 0.4, 0.37, 0.3))
+    pr_ax = figure.add_axes((0.59, 0.4, 0.37, 0.3))
+    for ax in (roc_ax, pr_ax):  # few ticks: each is several objects to lay out and draw
+        ax.set_xticks([0, 0.25, 0.5, 0.75, 1])
+        ax.set_yticks([0, 0.25, 0.5, 0.75, 1])
     if test.metrics.roc_auc is None:
         for ax in (roc_ax, pr_ax):
             ax.text(0.5, 0.5, "the test data holds one class only", ha="center", va="center")
             ax.set_axis_off()
         return figure
-    false_positive_rate, true_positive_rate, _ = roc_curve(test.truth, test.probabilities)
+    false_positive_rate, true_positive_rate, precision, recall = _curve_points(
+        test.truth, test.probabilities
+    )
     roc_ax.plot(false_positive_rate, true_positive_rate, label=f"AUC {test.metrics.roc_auc:.3f}")
     roc_ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")
     roc_ax.set(title="ROC curve", xlabel="false positive rate", ylabel="true positive rate")
-    roc_ax.legend(loc="lower right", fontsize=8)
-    precision, recall, _ = precision_recall_curve(test.truth, test.probabilities)
+    roc_ax.legend(loc="lower right")
     pr_ax.plot(recall, precision, label="model")
     pr_ax.axhline(test.metrics.leaver_share, linestyle="--", color="grey", label="chance")
     pr_ax.plot(
@@ -613,8 +697,35 @@ def _curves_figure(test: _TestResults, version: str) -> Figure:
         label=f"threshold (F1 {test.metrics.f1:.3f})",
     )
     pr_ax.set(title="Precision-recall curve", xlabel="recall", ylabel="precision", ylim=(0, 1.02))
-    pr_ax.legend(loc="upper right", fontsize=8)
+    pr_ax.legend(loc="upper right")
     return figure
+
+
+# A curve drawn at more points than this looks the same on a page and takes longer to draw.
+CURVE_POINTS = 1000
+
+
+def _curve_points(
+    truth: np.ndarray, probabilities: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """False and true positive rates, precision and recall, with each distinct probability taken
+    as the threshold (highest first), as scikit-learn's roc_curve and precision_recall_curve
+    give them; at most CURVE_POINTS of them, evenly spread."""
+    order = np.argsort(-np.asarray(probabilities, dtype="float64"), kind="stable")
+    ranked_truth = np.asarray(truth, dtype=int)[order]
+    ranked = np.asarray(probabilities, dtype="float64")[order]
+    # The last row of each run of equal probabilities: one threshold per distinct value.
+    ends = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]
+    if len(ends) > CURVE_POINTS:
+        ends = ends[np.unique(np.linspace(0, len(ends) - 1, CURVE_POINTS).round().astype(int))]
+    true_positives = np.cumsum(ranked_truth)[ends]
+    false_positives = ends + 1 - true_positives
+    positives, negatives = ranked_truth.sum(), len(ranked_truth) - ranked_truth.sum()
+    false_positive_rate = np.r_[0.0, false_positives / negatives]
+    true_positive_rate = np.r_[0.0, true_positives / positives]
+    precision = np.r_[1.0, true_positives / (true_positives + false_positives)]
+    recall = np.r_[0.0, true_positives / positives]
+    return false_positive_rate, true_positive_rate, precision, recall
 
 
 def _track_record_figure(track_records: list[dict[str, Any]], confidence: float) -> Figure:
@@ -663,17 +774,25 @@ def _track_record_figure(track_records: list[dict[str, Any]], confidence: float)
 
 
 def _trends_figure(settings: Settings) -> Figure:
+    """Two panels over earlier runs: measures and shares (all between 0 and 1), and stage timings.
+
+    The trends share panels because each panel drawn costs the report about a tenth of a second.
+    """
     trends = _trend_series(settings)
     figure = Figure(figsize=A4_PORTRAIT)
-    figure.suptitle("Trends over earlier runs", fontsize=15, weight="bold", y=0.975)
-    axes = figure.subplots(5, 1, gridspec_kw={
-        "left": 0.1, "right": 0.96, "top": 0.92, "bottom": 0.05, "hspace": 0.55,
+    figure.suptitle("Trends over earlier runs", y=0.975)
+    axes = figure.subplots(2, 1, gridspec_kw={
+        "left": 0.1, "right": 0.96, "top": 0.92, "bottom": 0.05, "hspace": 0.2,
     })
     plots = [
-        ("F1 of recorded scores, by purpose", "F1", trends["f1"]),
-        ("ROC AUC of recorded scores, by purpose", "ROC AUC", trends["roc_auc"]),
-        ("Share of leavers", "share", trends["leavers"]),
-        ("Missing data (mean over columns)", "% of cells", trends["missing"]),
+        ("F1 and ROC AUC of recorded scores, by purpose; share of leavers and of missing data "
+         "(mean over columns)", "F1, ROC AUC, share", {
+            **{f"F1 {purpose}": points for purpose, points in trends["f1"].items()},
+            **{f"ROC AUC {purpose}": points for purpose, points in trends["roc_auc"].items()},
+            **{f"share of leavers, {label}": points for label, points in trends["leavers"].items()},
+            **{f"share of {label}": [(time, percent / 100) for time, percent in points]
+               for label, points in trends["missing"].items()},
+        }),
         ("Stage timings", "seconds", trends["timings"]),
     ]
     for ax, (title, unit, series) in zip(axes, plots, strict=True):
@@ -729,7 +848,7 @@ def _trend_series(settings: Settings) -> dict[str, Series]:
 
 
 def _draw_trend(ax: Axes, title: str, unit: str, series: Series) -> None:
-    ax.set_title(title, fontsize=10, loc="left")
+    ax.set_title(title, loc="left")
     if not series:
         ax.text(0.5, 0.5, "no runs recorded yet", ha="center", va="center", transform=ax.transAxes)
         ax.set_xticks([])
@@ -743,12 +862,14 @@ def _draw_trend(ax: Axes, title: str, unit: str, series: Series) -> None:
     # The axis spans the data, with a margin; a single run gets a minute either side.
     margin = max((max(times) - min(times)) * 0.05, timedelta(minutes=1))
     ax.set_xlim(min(times) - margin, max(times) + margin)
+    # A fixed legend: loc="best" tries every position against every point. (Fewer date ticks than
+    # AutoDateLocator's own choice leave some spans of time without an interval to tick them by.)
     locator = mdates.AutoDateLocator()
     ax.xaxis.set_major_locator(locator)
     ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
-    ax.set_ylabel(unit, fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.legend(fontsize=7, loc="best")
+    ax.yaxis.set_major_locator(MaxNLocator(5))
+    ax.set_ylabel(unit)
+    ax.legend(loc="upper left", ncols=3, framealpha=0.7)
     ax.grid(alpha=0.3)
 
 

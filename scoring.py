@@ -3,9 +3,14 @@
 Everything that turns a fitted model and rows into answers lives here, so the API, the report, the
 cycle and this command agree by construction:
 
+- `load_deployed` and `load_served_model` give the deployed release's model as a `ServedModel`:
+  its model.json (the fitted arithmetic as plain data, written by training) scored by
+  `LinearScorer` in numpy, so that nothing here imports scikit-learn or unpickles a file; only a
+  release without model.json (trained before it existed, or not linear) falls back to the pickle,
+  and the API never does;
 - `load_model` unpickles a model this project saved, after checking its checksum;
-- `predict_frame` gives each row's class and probability of leaving, through `LinearScorer` (the
-  model's arithmetic in numpy, from `training.linear_model_params`) when the model is ours;
+- `predict_frame` gives each row's class and probability of leaving, for a ServedModel or a
+  scikit-learn model (through its LinearScorer when the model is ours);
 - `explain` gives the reasons of each row's risk: every feature's exact term of the log-odds
   against the typical client, and the three that raise it most, in words;
 - `evaluate` measures a model on a labelled frame (F1 with a bootstrap interval, precision, recall,
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import math
 import pickle
@@ -35,6 +41,7 @@ import pandas as pd
 import atomicio
 import records
 from dataset import read_dataset
+from deployment import MODEL_FILE, MODEL_JSON_FILE, Release, current_release, verify_release
 from errors import DataError, DeploymentError, ModelNotFoundError, run_cli
 from locks import pipeline_lock
 from settings import Schema, ScoringSettings, Settings, add_config_argument, load_settings
@@ -47,20 +54,106 @@ log = logging.getLogger(__name__)
 
 def load_model(model_path: Path, expected_sha256: str | None = None) -> Any:
     """Unpickle a model this project saved; with a checksum, refuse a file that differs from it."""
-    model_path = Path(model_path)
-    if not model_path.is_file():
-        raise ModelNotFoundError(f"no model at {model_path}: run training.py first")
-    data = model_path.read_bytes()
+    data = _checked_bytes(Path(model_path), expected_sha256)
+    # Only ever our own, checksummed files reach this point: a pickle runs code when loaded.
+    return pickle.loads(data)  # noqa: S301
+
+
+def read_plain_model(path: Path, expected_sha256: str | None = None) -> LinearScorer:
+    """The LinearScorer of a model.json training wrote; with a checksum, only of that very file."""
+    params = json.loads(_checked_bytes(Path(path), expected_sha256))
+    if not isinstance(params, dict) or params.get("format") != 1:
+        raise DeploymentError(
+            f"{path} is not a model.json this version reads (format {params.get('format')!r}): "
+            "train and deploy again"
+        )
+    try:
+        return LinearScorer(params)
+    except (KeyError, TypeError, ValueError) as error:
+        raise DeploymentError(f"{path} does not describe a model: {error!r}") from None
+
+
+def _checked_bytes(path: Path, expected_sha256: str | None) -> bytes:
+    if not path.is_file():
+        raise ModelNotFoundError(f"no model at {path}: run training.py first")
+    data = path.read_bytes()
     if expected_sha256 is not None:
         actual = hashlib.sha256(data).hexdigest()
         if actual != expected_sha256:
             raise DeploymentError(
-                f"model {model_path} does not match its recorded checksum "
+                f"model {path} does not match its recorded checksum "
                 f"(expected {expected_sha256[:12]}…, found {actual[:12]}…): refusing to load it; "
                 "redeploy or roll back"
             )
-    # Only ever our own, checksummed files reach this point: a pickle runs code when loaded.
-    return pickle.loads(data)  # noqa: S301
+    return data
+
+
+@dataclass(frozen=True, eq=False)
+class ServedModel:
+    """A model as the system uses it: its plain-data arithmetic when it has one, else its pickle.
+
+    `scorer` is set for our linear models (model.json), `model` (the unpickled object) only for a
+    model without one; predict_frame and evaluate take either, as they take a scikit-learn model.
+    """
+
+    version: str | None
+    scorer: LinearScorer | None = None
+    model: Any = None
+
+    @property
+    def threshold(self) -> float | None:
+        """The probability from which a client is predicted to leave."""
+        if self.scorer is not None:
+            return self.scorer.threshold
+        return _decision_threshold(self.model)
+
+
+def load_served_model(release: Release, *, allow_pickle: bool = True) -> ServedModel:
+    """A release's model: its model.json, or (`allow_pickle`, for older releases) its pickle.
+
+    Checksums are those the release recorded; the caller has checked the release as a whole
+    (deployment.verify_release) or trusts its folder.
+    """
+    if MODEL_JSON_FILE in release.files:
+        scorer = read_plain_model(release.folder / MODEL_JSON_FILE, release.files[MODEL_JSON_FILE])
+        if scorer.params.get("model_sha256") != release.files.get(MODEL_FILE):
+            raise DeploymentError(
+                f"the {MODEL_JSON_FILE} of release {release.version} was made from another "
+                f"model than its {MODEL_FILE}: redeploy or roll back"
+            )
+        return ServedModel(release.version, scorer=scorer)
+    if not allow_pickle:
+        raise DeploymentError(
+            f"release {release.version} has no {MODEL_JSON_FILE} (it was trained before models "
+            "were saved as plain data, or its model is not linear) and a pickle is never loaded "
+            "here: train and deploy again (fullprocess.py --force)"
+        )
+    return ServedModel(
+        release.version, model=load_model(release.model_path, release.files[MODEL_FILE])
+    )
+
+
+def load_deployed(settings: Settings, *, allow_pickle: bool = True) -> tuple[ServedModel, Release]:
+    """The current release's model and the release, after checking every file's checksum."""
+    release = current_release(settings)
+    verify_release(release)
+    return load_served_model(release, allow_pickle=allow_pickle), release
+
+
+def load_trained_model(model_path: Path, metadata: dict[str, Any]) -> ServedModel:
+    """The model saved at `model_path` (a model folder's or a release's) with its `metadata`.
+
+    Its model.json when training wrote one beside it and both match the metadata; else the pickle.
+    """
+    model_path = Path(model_path)
+    plain_path = model_path.with_name(MODEL_JSON_FILE)
+    checksum = metadata.get("model_json_sha256")
+    version = metadata.get("version")
+    if checksum and plain_path.is_file():
+        scorer = read_plain_model(plain_path, checksum)
+        if scorer.params.get("model_sha256") == metadata.get("model_sha256"):
+            return ServedModel(version, scorer=scorer)
+    return ServedModel(version, model=load_model(model_path, metadata.get("model_sha256")))
 
 
 # A client manager prepares a call from a few reasons, not from every feature.
@@ -86,6 +179,11 @@ class LinearScorer:
         self.intercept = float(params["intercept"])
         self.numeric = params["numeric"]
         self.categorical = params["categorical"]
+        self.calibration = params.get("calibration")
+        if self.calibration is not None and self.calibration.get("method") not in (
+            "sigmoid", "isotonic"
+        ):
+            raise ValueError(f"unknown calibration {self.calibration.get('method')!r}")
 
     @property
     def features(self) -> tuple[str, ...]:
@@ -133,7 +231,7 @@ class LinearScorer:
 
     def probabilities(self, frame: pd.DataFrame) -> np.ndarray:
         """The probability of leaving for each row, as model.predict_proba(frame)[:, 1] gives it."""
-        return probabilities_of(self.logits(frame))
+        return calibrated_probabilities(self.logits(frame), self.calibration)
 
     def explain(self, frame: pd.DataFrame, reasons: int = REASONS_PER_CLIENT) -> Explanation:
         """Every feature's term of each row's log-odds, and the `reasons` that raise it most."""
@@ -177,6 +275,23 @@ def typical_value(term: dict[str, Any]) -> float:
     (count + 1), less one. Below it and above it the feature pushes the risk opposite ways.
     """
     return float(np.expm1(term["mean"])) if term["log1p"] else float(term["mean"])
+
+
+def calibrated_probabilities(logits: np.ndarray, calibrator: dict[str, Any] | None) -> np.ndarray:
+    """The probabilities a model gives for its log-odds, through its calibration if it has one.
+
+    The calibration is scikit-learn's CalibratedClassifierCV as training fits it, which calibrates
+    the logistic regression's decision function (the log-odds): "sigmoid" is Platt's
+    1 / (1 + e^(a x + b)) (sklearn's _SigmoidCalibration), "isotonic" the fitted step points,
+    interpolated linearly and clipped at both ends (IsotonicRegression(out_of_bounds="clip")).
+    """
+    if calibrator is None:
+        return probabilities_of(logits)
+    if calibrator["method"] == "sigmoid":
+        return probabilities_of(-(calibrator["a"] * logits + calibrator["b"]))
+    points = np.asarray(calibrator["x"], dtype="float64")
+    values = np.asarray(calibrator["y"], dtype="float64")
+    return np.interp(np.clip(logits, points[0], points[-1]), points, values)
 
 
 _scorers: weakref.WeakKeyDictionary[Any, LinearScorer | None] = weakref.WeakKeyDictionary()
@@ -293,6 +408,9 @@ def _json_value(value: Any) -> Any:
 
 def linear_scorer(model: Any) -> LinearScorer | None:
     """The model's LinearScorer, made once per model object; None for a model of another shape."""
+    if isinstance(model, ServedModel):
+        # An older release's pickle, when it is our linear pipeline, still has its arithmetic.
+        return model.scorer if model.model is None else linear_scorer(model.model)
     if model not in _scorers:
         from training import linear_model_params  # the model is a scikit-learn object already
 
@@ -340,7 +458,9 @@ def predict_frame(
             predictions=(probabilities >= scorer.threshold).astype(int).tolist(),
             probabilities=probabilities.tolist(),
         )
-    features = _model_input(frame, schema)
+    if isinstance(model, ServedModel):
+        model = model.model
+    features = model_input(frame, schema)
     probabilities = model.predict_proba(features)[:, 1]
     threshold = _decision_threshold(model)
     if threshold is None:
@@ -355,9 +475,12 @@ def predict_frame(
     )
 
 
-def _model_input(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
-    # Nullable Int64 columns take a slow path through scikit-learn's input checks; plain float64
-    # (missing as NaN) gives the model the same numbers faster.
+def model_input(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
+    """The feature columns as a scikit-learn model takes them fastest: numbers as float64 with NaN.
+
+    Nullable Int64 columns take a slow path through scikit-learn's input checks; plain float64
+    gives the model the same numbers faster.
+    """
     columns = {
         column: (
             frame[column].to_numpy(dtype="float64", na_value=np.nan)
@@ -367,6 +490,15 @@ def _model_input(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
         for column in schema.features
     }
     return pd.DataFrame(columns, index=frame.index, copy=False)
+
+
+def decision_threshold(model: Any) -> float:
+    """The probability from which `model` predicts that a client leaves (0.5 when it keeps none)."""
+    scorer = linear_scorer(model)
+    if scorer is not None:
+        return scorer.threshold
+    threshold = _decision_threshold(model)
+    return 0.5 if threshold is None else threshold
 
 
 def _decision_threshold(model: Any) -> float | None:
@@ -575,6 +707,147 @@ def _bootstrap_f1_interval(cell_counts: np.ndarray, options: ScoringSettings) ->
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """How far a model's probabilities are from the shares that come true, on labelled rows.
+
+    `curve` is the reliability curve: per bin of predicted probability (equal widths on [0, 1]) its
+    edges, rows, mean predicted probability and observed share of leavers (None for an empty bin).
+    The Brier score is the mean squared difference of probability and outcome; the expected
+    calibration error (ECE) the rows-weighted mean of |observed share - mean predicted| over bins.
+    """
+
+    rows: int
+    brier: float
+    ece: float
+    curve: list[dict[str, Any]]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def calibration(truth: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> Calibration:
+    """The reliability curve, Brier score and expected calibration error of `probabilities`."""
+    truth = np.asarray(truth, dtype="float64")
+    probabilities = np.asarray(probabilities, dtype="float64")
+    rows = len(truth)
+    if rows == 0:
+        raise DataError("cannot measure calibration on an empty dataset")
+    # Bin b holds [b/bins, (b+1)/bins); the last bin also holds 1.
+    index = np.minimum((probabilities * bins).astype(int), bins - 1)
+    counts = np.bincount(index, minlength=bins)
+    predicted = np.bincount(index, weights=probabilities, minlength=bins)
+    observed = np.bincount(index, weights=truth, minlength=bins)
+    present = counts > 0
+    mean_predicted = np.divide(predicted, counts, out=np.zeros(bins), where=present)
+    observed_share = np.divide(observed, counts, out=np.zeros(bins), where=present)
+    curve = [
+        {
+            "low": b / bins,
+            "high": (b + 1) / bins,
+            "rows": int(counts[b]),
+            "mean_predicted": float(mean_predicted[b]) if present[b] else None,
+            "observed_share": float(observed_share[b]) if present[b] else None,
+        }
+        for b in range(bins)
+    ]
+    return Calibration(
+        rows=rows,
+        brier=float(np.mean((probabilities - truth) ** 2)),
+        ece=float(np.sum(counts * np.abs(observed_share - mean_predicted)) / rows),
+        curve=curve,
+    )
+
+
+@dataclass(frozen=True)
+class PerformanceEstimate:
+    """The performance a calibrated model should have on rows whose outcomes are not known yet.
+
+    Point estimates come from the expected confusion matrix (a row predicted to leave counts p of a
+    true positive and 1 - p of a false positive, one predicted to stay p of a false negative);
+    intervals from outcomes simulated as Bernoulli(p): the spread the realised figures will have
+    around the estimate when the probabilities are right (NannyML's CBPE, with sampling noise).
+    """
+
+    rows: int
+    f1: float
+    f1_low: float
+    f1_high: float
+    precision: float
+    precision_low: float
+    precision_high: float
+    recall: float
+    recall_low: float
+    recall_high: float
+    leaver_share: float
+    leaver_share_low: float
+    leaver_share_high: float
+    predicted_leaver_share: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Simulated outcomes are drawn this many rows x draws at a time, to bound memory at any size.
+_SIMULATION_CELLS = 2_000_000
+
+
+def estimate_performance(
+    probabilities: np.ndarray, threshold: float, options: ScoringSettings
+) -> PerformanceEstimate:
+    """Expected F1, precision, recall and share of leavers of a model's predictions, with intervals.
+
+    Sound when the probabilities are calibrated (training calibrates a model that is not).
+    """
+    probabilities = np.asarray(probabilities, dtype="float64")
+    rows = len(probabilities)
+    if rows == 0:
+        raise DataError("cannot estimate performance on an empty dataset")
+    chosen = probabilities >= threshold
+    flagged, others = probabilities[chosen], probabilities[~chosen]
+    tp, fp, fn = flagged.sum(), (1.0 - flagged).sum(), others.sum()
+
+    rng = np.random.default_rng(options.random_state)
+    draws = options.estimate_draws
+    hits_flagged = np.empty(draws)
+    hits_others = np.empty(draws)
+    chunk = max(1, _SIMULATION_CELLS // max(rows, 1))
+    for start in range(0, draws, chunk):
+        size = min(chunk, draws - start)
+        hits_flagged[start:start + size] = (rng.random((size, len(flagged))) < flagged).sum(axis=1)
+        hits_others[start:start + size] = (rng.random((size, len(others))) < others).sum(axis=1)
+    drawn_f1 = f1_from_counts(hits_flagged, len(flagged) - hits_flagged, hits_others)
+    drawn_precision = hits_flagged / len(flagged) if len(flagged) else np.zeros(draws)
+    leavers = hits_flagged + hits_others
+    drawn_recall = np.divide(hits_flagged, leavers, out=np.zeros(draws), where=leavers > 0)
+    tail = (1 - options.confidence) / 2 * 100
+
+    def interval(values: np.ndarray) -> tuple[float, float]:
+        low, high = np.percentile(values, [tail, 100 - tail])
+        return float(low), float(high)
+
+    f1_low, f1_high = interval(drawn_f1)
+    precision_low, precision_high = interval(drawn_precision)
+    recall_low, recall_high = interval(drawn_recall)
+    share_low, share_high = interval(leavers / rows)
+    return PerformanceEstimate(
+        rows=rows,
+        f1=float(f1_from_counts(np.array(tp), np.array(fp), np.array(fn))),
+        f1_low=f1_low,
+        f1_high=f1_high,
+        precision=float(tp / len(flagged)) if len(flagged) else 0.0,
+        precision_low=precision_low,
+        precision_high=precision_high,
+        recall=float(tp / (tp + fn)) if tp + fn else 0.0,
+        recall_low=recall_low,
+        recall_high=recall_high,
+        leaver_share=float(probabilities.mean()),
+        leaver_share_low=share_low,
+        leaver_share_high=share_high,
+        predicted_leaver_share=float(chosen.mean()),
+    )
+
+
+@dataclass(frozen=True)
 class ModelComparison:
     """Two models' F1 on the same rows, and a paired bootstrap interval of their difference."""
 
@@ -685,26 +958,44 @@ def score(
     latestscore.txt is written only for the trained model on the test data, so that scoring some
     other model or dataset by hand never changes what deployment will ship. `model` is the object
     saved at `model_path` when the caller already holds it (the cycle's fresh candidate), which
-    spares unpickling it again.
+    spares loading it again; otherwise its model.json is scored, when training wrote one.
     """
     started = time.perf_counter()
     writes_score = model_path is None and data_path is None
     model_path = Path(model_path) if model_path else settings.model_path
     metadata = model_metadata(model_path)
     if model is None:
-        model = load_model(model_path, metadata.get("model_sha256"))
+        model = load_trained_model(model_path, metadata)
     if data_path is None:
         frame = read_test_data(settings)
         data_label = ", ".join(str(p) for p in settings.test_data_files())
     else:
         frame = read_dataset(Path(data_path), settings.schema)
         data_label = str(data_path)
-    metrics = evaluate(model, frame, settings).metrics
+    evaluation = evaluate(model, frame, settings)
+    metrics = evaluation.metrics
     score_path = None
     if writes_score:
         score_path = settings.score_path
         write_score_file(score_path, metrics.f1)
     record_score(settings, metrics, purpose, metadata, model_path, data_label)
+    measured = calibration(
+        evaluation.truth, evaluation.probabilities, settings.scoring.calibration_bins
+    )
+    records.add(
+        settings.records_path,
+        "calibrations",
+        {
+            "time": records.utc_now(),
+            "purpose": purpose,
+            "model_version": metadata.get("version"),
+            "data_path": data_label,
+            "rows": measured.rows,
+            "brier": measured.brier,
+            "ece": measured.ece,
+            "curve": measured.curve,
+        },
+    )
     records.add_stage_run(settings.records_path, "scoring", time.perf_counter() - started, len(frame))
     return ScoreReport(
         metrics=metrics,

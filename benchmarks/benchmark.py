@@ -3,12 +3,13 @@
     .venv/bin/python benchmarks/benchmark.py [--sizes 10000,100000,1000000] [--runs 5] [--no-api]
 
 Each stage runs as a whole process, the way a user runs it (`python ingestion.py --config ...`), on
-data made by generate_data.py in a scratch folder; wall seconds are the median of several runs and
-peak memory is the child's maximum resident set (wait4). Since these machines are shared and absolute
-times drift, the floors are measured in the same run (`python -c pass`, and a process that only
-imports what a stage imports) and every figure is also printed as a ratio to its floor. The API is
-served by gunicorn with 2 workers on 127.0.0.1. Prints a table and writes the same figures to
-benchmarks/results/benchmark.json. Not part of the test suite.
+data made by generate_data.py in a scratch folder; peak memory is the child's maximum resident set
+(wait4). These machines are shared and their speed drifts from minute to minute, so every figure is
+paired with its floor, measured alternately with it (A B A B ...): a process that only imports
+what the stage or cycle uses (`python -c pass` for the no-op cycle), or the API's /health for a
+request. Each pair gives a ratio; the table shows the median figure, the median ratio and the
+ratios' range. The API is served by gunicorn with 2 workers on 127.0.0.1. Prints a table and writes
+the same figures to benchmarks/results/benchmark.json. Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -37,15 +38,41 @@ import generate_data  # noqa: E402
 PYTHON = sys.executable
 RESULTS_PATH = PROJECT_DIR / "benchmarks" / "results" / "benchmark.json"
 STAGES = ("ingestion", "training", "scoring", "deployment", "diagnostics", "reporting")
-# What each stage's process imports before it does any work (ingestion imports pandas inside its
-# functions, so that the cron check stays light; its floor includes it all the same).
-STAGE_IMPORTS = {stage: stage for stage in STAGES} | {"ingestion": "ingestion, pandas"}
-CYCLE_MODULES = "fullprocess, ingestion, training, scoring, deployment, diagnostics, reporting, apicalls"
+# Writing a PNG loads these Pillow plugins, and pandas.to_csv its writer.
+PNG_AND_CSV = (
+    "PIL.PngImagePlugin, PIL.BmpImagePlugin, PIL.GifImagePlugin, PIL.JpegImagePlugin, "
+    "PIL.PpmImagePlugin, pandas.io.formats.csvs"
+)
+# What a drift cycle uses: our modules, scikit-learn (retraining; narwhals is how it reads a
+# pandas frame), scipy.stats (the drift tests) and matplotlib's PDF and PNG back ends.
+CYCLE_IMPORTS = (
+    "fullprocess, ingestion, training, scoring, deployment, diagnostics, reporting, apicalls, "
+    "alerts, scipy.stats, scipy.spatial.distance, statistics, narwhals._pandas_like.dataframe, "
+    "narwhals._pandas_like.namespace, narwhals._interchange.dataframe, "
+    "narwhals.stable.v2._namespace, matplotlib.backends.backend_pdf, "
+    f"matplotlib.backends.backend_agg, {PNG_AND_CSV}"
+)
+# Each stage's floor: a process importing what the stage uses, its own module and the libraries
+# it loads while it works (several load them inside functions, to keep other paths light).
+# scoring's floor is pandas and numpy alone: it scores model.json without scikit-learn.
+STAGE_IMPORTS = {stage: stage for stage in STAGES} | {
+    "ingestion": "ingestion, pandas",
+    "scoring": "pandas, numpy",
+    "deployment": "deployment, scoring",  # scoring reads latestscore.txt
+    "diagnostics": "diagnostics",  # scipy only for samples of at most 1,000 rows
+    "reporting": f"reporting, matplotlib.backends.backend_agg, {PNG_AND_CSV}",
+}
+# A worker runs inside gunicorn, and the app counts requests with prometheus_client.
+API_WORKER_IMPORTS = "flask, pandas, numpy, gunicorn.app.base, prometheus_client"
 TARGETS = {
     "noop_cycle_ratio": 5.0,
-    "drift_cycle_ratio": 1.5,
+    "drift_cycle_ratio": 1.3,
+    "scoring_10000_ratio": 1.3,
     "million_pipeline_seconds": 15.0,
     "million_pipeline_peak_mb": 1536.0,
+    "million_diagnostics_seconds": 3.0,
+    "million_reporting_seconds": 3.0,
+    "api_worker_ready_seconds": 0.5,
     "api_predict_1_p50_ms": 5.0,
     "api_predict_10000_p50_ms": 150.0,
     "api_diagnostics_p50_ms": 50.0,
@@ -55,24 +82,40 @@ TARGETS = {
 
 @dataclass
 class Measurement:
-    """Wall seconds of each run, their median, and the largest peak memory of any run."""
+    """Wall seconds of each run and of the floor run after it; the largest peak memory of any."""
 
     label: str
     seconds: list[float] = field(default_factory=list)
     peak_mb: float = 0.0
     floor: str | None = None
-    floor_seconds: float | None = None
+    floor_runs: list[float] = field(default_factory=list)
 
     @property
     def median(self) -> float:
         return statistics.median(self.seconds)
 
     @property
+    def floor_seconds(self) -> float | None:
+        return statistics.median(self.floor_runs) if self.floor_runs else None
+
+    @property
+    def ratios(self) -> list[float]:
+        """Each run against the floor run paired with it."""
+        return [run / floor for run, floor in zip(self.seconds, self.floor_runs, strict=False)]
+
+    @property
     def ratio(self) -> float | None:
-        return self.median / self.floor_seconds if self.floor_seconds else None
+        return statistics.median(self.ratios) if self.floor_runs else None
+
+    def ratio_text(self) -> str:
+        if not self.floor_runs:
+            return ""
+        ratios = self.ratios
+        return f"{self.ratio:.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "median": self.median, "ratio": self.ratio}
+        return {**asdict(self), "median": self.median, "floor_seconds": self.floor_seconds,
+                "ratios": self.ratios, "ratio": self.ratio}
 
 
 # Times one command and reads its peak memory. Linux carries a process's peak resident size across
@@ -105,19 +148,29 @@ def run_process(argv: list[str], env: dict[str, str] | None = None) -> tuple[flo
     return float(seconds), int(peak_kib) / 1024  # ru_maxrss is in KiB on Linux
 
 
-def measure(label: str, argv: list[str], runs: int, reset=None, env=None) -> Measurement:
-    result = Measurement(label)
+def measure(
+    label: str, argv: list[str], runs: int, reset=None, env=None, floor: str | None = None
+) -> Measurement:
+    """Run `argv` `runs` times; with a floor (Python code), run it after each run: A B A B ..."""
+    result = Measurement(label, floor=floor and _floor_label(floor))
     for _ in range(runs):
         if reset:
             reset()
         seconds, peak = run_process(argv, env)
         result.seconds.append(seconds)
         result.peak_mb = max(result.peak_mb, peak)
+        if floor is not None:
+            result.floor_runs.append(run_process([PYTHON, "-c", floor], env)[0])
     return result
 
 
-def floor(label: str, code: str, runs: int) -> Measurement:
-    return measure(label, [PYTHON, "-c", code], runs)
+def importing(modules: str) -> str:
+    """The floor of a process that uses `modules`: one that imports them and does nothing else."""
+    return f"import {modules}"
+
+
+def _floor_label(code: str) -> str:
+    return "python -c pass" if code == "pass" else code
 
 
 def benchmark_env(workspace: Path) -> dict[str, str]:
@@ -160,7 +213,7 @@ def stage_argv(stage: str, workspace: Path) -> list[str]:
     return [PYTHON, str(PROJECT_DIR / f"{stage}.py"), "--config", str(workspace / "config.json")]
 
 
-def bench_stages(rows: int, runs: int, scratch: Path, floors: dict[str, Measurement]) -> dict:
+def bench_stages(rows: int, runs: int, scratch: Path) -> dict:
     """Every stage as a process on `rows` clients, and ingestion + training + scoring together."""
     workspace = make_workspace(scratch / f"stages-{rows}", rows)
     env = benchmark_env(workspace)
@@ -172,17 +225,16 @@ def bench_stages(rows: int, runs: int, scratch: Path, floors: dict[str, Measurem
     stage_runs = runs if rows <= 100_000 else max(1, min(runs, 3))
     results: dict[str, Measurement] = {}
     results["ingestion"] = measure(
-        "ingestion", stage_argv("ingestion", workspace), stage_runs, clean_outputs, env
+        "ingestion", stage_argv("ingestion", workspace), stage_runs, clean_outputs, env,
+        floor=importing(STAGE_IMPORTS["ingestion"]),
     )
     for stage in STAGES[1:]:
         if stage == "diagnostics":
             run_process(stage_argv("diagnostics", workspace), env)  # fill the cache
         results[stage] = measure(
-            stage, stage_argv(stage, workspace), stage_runs, env=env
+            stage, stage_argv(stage, workspace), stage_runs, env=env,
+            floor=importing(STAGE_IMPORTS[stage]),
         )
-    for stage, result in results.items():
-        result.floor = f"import {STAGE_IMPORTS[stage]}"
-        result.floor_seconds = floors[stage].median
     pipeline_seconds = sum(results[s].median for s in ("ingestion", "training", "scoring"))
     pipeline_peak = max(results[s].peak_mb for s in ("ingestion", "training", "scoring"))
     return {
@@ -193,15 +245,14 @@ def bench_stages(rows: int, runs: int, scratch: Path, floors: dict[str, Measurem
     }
 
 
-def bench_cycles(runs: int, scratch: Path, floors: dict[str, Measurement]) -> dict:
+def bench_cycles(runs: int, scratch: Path) -> dict:
     """The cron no-op cycle and a full drift cycle on 10,000 clients, each as a whole process."""
     template = make_workspace(scratch / "cycle-template", 10_000)
     env = benchmark_env(template)
     # As cronjob.txt runs it: `-m` uses the compiled module, a script path would be compiled anew.
     cycle = [PYTHON, "-m", "fullprocess", "--config", str(template / "config.json")]
     run_process(cycle, env)  # first deployment, report, dependency cache
-    noop = measure("cron no-op cycle", cycle, max(runs * 8, 20), env=env)
-    noop.floor, noop.floor_seconds = "python -c pass", floors["pass"].median
+    noop = measure("cron no-op cycle", cycle, max(runs * 6, 30), env=env, floor="pass")
 
     work = scratch / "cycle-run"
     work_cycle = [PYTHON, "-m", "fullprocess", "--config", str(work / "config.json")]
@@ -212,9 +263,8 @@ def bench_cycles(runs: int, scratch: Path, floors: dict[str, Measurement]) -> di
         shutil.copytree(template, work)
         generate_data.write_csv(drifted, work / "sourcedata" / "drifted.csv")
 
-    drift = measure("full drift cycle (10,000 clients)", work_cycle, runs,
-                    fresh_drifted_workspace, benchmark_env(work))
-    drift.floor, drift.floor_seconds = "import pandas, scikit-learn, matplotlib", floors["cycle"].median
+    drift = measure("full drift cycle (10,000 clients)", work_cycle, max(runs, 7),
+                    fresh_drifted_workspace, benchmark_env(work), floor=importing(CYCLE_IMPORTS))
     decision = _last_cycle_decision(work)
     return {"noop": noop.as_dict(), "drift": drift.as_dict(), "drift_decision": decision}
 
@@ -249,19 +299,29 @@ def request(port: int, method: str, path: str, body: bytes | None = None,
         connection.close()
 
 
+def timed_request(port: int, method: str, path: str, body: bytes | None) -> float:
+    """Milliseconds one request takes, from connecting to the last byte of the answer."""
+    started = time.perf_counter()
+    status, payload = request(port, method, path, body)
+    elapsed = (time.perf_counter() - started) * 1000
+    if status != 200:
+        raise RuntimeError(f"{method} {path} answered {status}: {payload[:300]!r}")
+    return elapsed
+
+
 def latency(port: int, method: str, path: str, body: bytes | None, count: int) -> dict[str, float]:
-    timings = []
+    """p50 and p95 of `count` requests, each followed by GET /health: the floor of any answer."""
+    timings, floors = [], []
     for _ in range(count):
-        started = time.perf_counter()
-        status, payload = request(port, method, path, body)
-        timings.append((time.perf_counter() - started) * 1000)
-        if status != 200:
-            raise RuntimeError(f"{method} {path} answered {status}: {payload[:300]!r}")
-    timings.sort()
+        timings.append(timed_request(port, method, path, body))
+        floors.append(timed_request(port, "GET", "/health", None))
+    ratios = [t / f for t, f in zip(timings, floors, strict=True)]
     return {
         "requests": count,
         "p50_ms": statistics.median(timings),
-        "p95_ms": timings[min(len(timings) - 1, int(0.95 * len(timings)))],
+        "p95_ms": statistics.quantiles(timings, n=20)[18],
+        "floor_p50_ms": statistics.median(floors),
+        "ratio": statistics.median(ratios),
     }
 
 
@@ -282,7 +342,14 @@ def throughput(port: int, body: bytes, clients: int, seconds: float) -> dict[str
         counts = pool.map(_throughput_client, [(port, body, seconds)] * clients)
         elapsed = time.perf_counter() - started
     return {"clients": clients, "seconds": elapsed, "requests": sum(counts),
-            "per_second": sum(counts) / seconds}
+            "per_second": sum(counts) / elapsed}
+
+
+# A gunicorn worker is ready once it has imported the app, built it and loaded the model.
+WORKER_READY = (
+    "from wsgi import app\n"
+    "assert app.test_client().get('/ready').status_code == 200\n"
+)
 
 
 def bench_api(scratch: Path, quick: bool) -> dict:
@@ -290,6 +357,8 @@ def bench_api(scratch: Path, quick: bool) -> dict:
     workspace = make_workspace(scratch / "api", 10_000)
     env = benchmark_env(workspace)
     run_process([PYTHON, str(PROJECT_DIR / "fullprocess.py")], env)
+    worker = measure("API worker ready", [PYTHON, "-c", WORKER_READY], 10, env=env,
+                     floor=importing(API_WORKER_IMPORTS))
     port = free_port()
     server = subprocess.Popen(
         [PYTHON, "-m", "gunicorn", "--workers", "2", "--bind", f"127.0.0.1:{port}",
@@ -305,16 +374,23 @@ def bench_api(scratch: Path, quick: bool) -> dict:
             return json.dumps({"records": records[:n]}).encode()
 
         scale = 0.2 if quick else 1.0
-        results = {
-            "prediction_1": latency(port, "POST", "/prediction", body(1), int(300 * scale)),
-            "prediction_1000": latency(port, "POST", "/prediction", body(1000), int(60 * scale)),
-            "prediction_10000": latency(port, "POST", "/prediction", body(10_000), int(30 * scale)),
-            "scoring": latency(port, "GET", "/scoring", None, int(100 * scale)),
-            "summarystats": latency(port, "GET", "/summarystats", None, int(100 * scale)),
-            "diagnostics": latency(port, "GET", "/diagnostics", None, int(100 * scale)),
+        results: dict[str, Any] = {"worker_ready": worker.as_dict()}
+        results |= {
+            "prediction_1": latency(port, "POST", "/prediction", body(1), int(1000 * scale)),
+            "prediction_1000": latency(port, "POST", "/prediction", body(1000), int(100 * scale)),
+            "prediction_10000": latency(port, "POST", "/prediction", body(10_000), int(40 * scale)),
+            "scoring": latency(port, "GET", "/scoring", None, int(200 * scale)),
+            "summarystats": latency(port, "GET", "/summarystats", None, int(200 * scale)),
+            "diagnostics": latency(port, "GET", "/diagnostics", None, int(200 * scale)),
         }
-        results["throughput_1_record"] = throughput(port, body(1), clients=4,
-                                                    seconds=2.0 if quick else 5.0)
+        # Three rounds, so that a busy moment on the shared machine shows as a spread, not a figure.
+        rounds = [throughput(port, body(1), clients=4, seconds=2.0 if quick else 5.0)
+                  for _ in range(3)]
+        rates = sorted(r["per_second"] for r in rounds)
+        results["throughput_1_record"] = {
+            "clients": 4, "rounds": rounds, "per_second": statistics.median(rates),
+            "low": rates[0], "high": rates[-1],
+        }
         return results
     finally:
         server.terminate()
@@ -344,36 +420,47 @@ def _wait_until_ready(port: int, server: subprocess.Popen, attempts: int = 300) 
 
 
 def print_table(results: dict) -> None:
-    floors = results["floors"]
-    print("\nFloors (median wall seconds of a process that does only this):")
-    for name, m in floors.items():
-        print(f"  {m['label']:<58} {m['median']:8.3f} s")
+    machine = results["machine"]
+    print(f"\n{results['date']} on {machine['cpus']} cores ({machine['cpu']}), "
+          f"Python {machine['python']}")
+    print("Median wall seconds; each run paired with its floor run (A B A B ...): median ratio "
+          "(range of the pairs' ratios)")
     for size in results["sizes"]:
-        print(f"\nStages on {size['rows']:,} clients (median s, ratio to the stage's import floor, "
-              "peak MB):")
+        print(f"\nStages on {size['rows']:,} clients:")
         for name, m in size["stages"].items():
-            print(f"  {name:<14} {m['median']:8.3f} s  {m['ratio']:6.2f}x  {m['peak_mb']:8.0f} MB")
+            print(f"  {name:<12} {m['median']:7.3f} s  {_ratio(m):<20} {m['peak_mb']:6.0f} MB   "
+                  f"floor {m['floor_seconds']:.3f} s: {m['floor']}")
         print(f"  ingestion + training + scoring: {size['ingest_train_score_seconds']:.2f} s, "
               f"peak {size['ingest_train_score_peak_mb']:.0f} MB")
     if "cycles" in results:
         cycles = results["cycles"]
         for key in ("noop", "drift"):
             m = cycles[key]
-            print(f"\n{m['label']}: {m['median']:.3f} s = {m['ratio']:.2f}x {m['floor']} "
-                  f"({m['floor_seconds']:.3f} s), peak {m['peak_mb']:.0f} MB")
+            print(f"\n{m['label']}: {m['median']:.3f} s = {_ratio(m)}, peak {m['peak_mb']:.0f} MB;"
+                  f" floor {m['floor_seconds']:.3f} s: {m['floor']}")
         print(f"  drift cycle decision: {cycles['drift_decision']}")
     if "api" in results:
-        print("\nAPI (gunicorn, 2 workers, 127.0.0.1):")
+        print("\nAPI (gunicorn, 2 workers, 127.0.0.1; each request followed by GET /health):")
         for name, figures in results["api"].items():
-            if "p50_ms" in figures:
+            if name == "worker_ready":
+                print(f"  {'worker ready':<18} {figures['median']:.3f} s = {_ratio(figures)}; "
+                      f"floor {figures['floor_seconds']:.3f} s: {figures['floor']}")
+            elif "p50_ms" in figures:
                 print(f"  {name:<18} p50 {figures['p50_ms']:8.2f} ms   p95 {figures['p95_ms']:8.2f} ms"
-                      f"   ({figures['requests']} requests)")
+                      f"   ({figures['requests']} requests; /health p50 "
+                      f"{figures['floor_p50_ms']:.2f} ms)")
             else:
                 print(f"  {name:<18} {figures['per_second']:8.0f} requests/s with "
-                      f"{figures['clients']} concurrent clients")
+                      f"{figures['clients']} concurrent clients (3 rounds: {figures['low']:.0f}-"
+                      f"{figures['high']:.0f})")
     print("\nTargets:")
     for name, verdict in results["targets"].items():
         print(f"  {name:<30} {verdict}")
+
+
+def _ratio(m: dict) -> str:
+    ratios = m["ratios"]
+    return f"{m['ratio']:.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
 def check_targets(results: dict) -> dict[str, str]:
@@ -391,12 +478,18 @@ def check_targets(results: dict) -> dict[str, str]:
     if cycles:
         judge("noop_cycle_ratio", cycles["noop"]["ratio"])
         judge("drift_cycle_ratio", cycles["drift"]["ratio"])
-    million = next((s for s in results["sizes"] if s["rows"] == 1_000_000), None)
+    sizes = {size["rows"]: size for size in results["sizes"]}
+    if 10_000 in sizes:
+        judge("scoring_10000_ratio", sizes[10_000]["stages"]["scoring"]["ratio"])
+    million = sizes.get(1_000_000)
     if million:
         judge("million_pipeline_seconds", million["ingest_train_score_seconds"])
         judge("million_pipeline_peak_mb", million["ingest_train_score_peak_mb"])
+        judge("million_diagnostics_seconds", million["stages"]["diagnostics"]["median"])
+        judge("million_reporting_seconds", million["stages"]["reporting"]["median"])
     api = results.get("api")
     if api:
+        judge("api_worker_ready_seconds", api["worker_ready"]["median"])
         judge("api_predict_1_p50_ms", api["prediction_1"]["p50_ms"])
         judge("api_predict_10000_p50_ms", api["prediction_10000"]["p50_ms"])
         judge("api_diagnostics_p50_ms", api["diagnostics"]["p50_ms"])
@@ -416,6 +509,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def cpu_model() -> str:
+    """The processor's name as the kernel reports it."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown processor"
+
+
 def compile_project() -> None:
     """Write the project's bytecode, as a server that runs the scripts every 10 minutes has it.
 
@@ -431,25 +536,19 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(PROJECT_DIR)  # children inherit it: `-m fullprocess` and `gunicorn wsgi:app` need it
     compile_project()
     sizes = [int(s) for s in args.sizes.split(",") if s]
-    floor_runs = max(args.runs * 2, 10)
-    floors = {"pass": floor("python -c pass", "pass", floor_runs)}
-    for stage in STAGES:
-        floors[stage] = floor(f"import {STAGE_IMPORTS[stage]}", f"import {STAGE_IMPORTS[stage]}",
-                              args.runs)
-    floors["cycle"] = floor(f"import {CYCLE_MODULES}", f"import {CYCLE_MODULES}", args.runs)
     results: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
-        "floors": {name: m.as_dict() for name, m in floors.items()},
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": {"cpus": os.cpu_count(), "cpu": cpu_model(), "python": sys.version.split()[0]},
         "sizes": [],
     }
     with tempfile.TemporaryDirectory(prefix="risk-benchmark-") as scratch_name:
         scratch = Path(scratch_name)
         for rows in sizes:
             print(f"stages on {rows:,} clients ...", file=sys.stderr)
-            results["sizes"].append(bench_stages(rows, args.runs, scratch, floors))
+            results["sizes"].append(bench_stages(rows, args.runs, scratch))
         if not args.no_cycles:
             print("cron cycles ...", file=sys.stderr)
-            results["cycles"] = bench_cycles(args.runs, scratch, floors)
+            results["cycles"] = bench_cycles(args.runs, scratch)
         if not args.no_api:
             print("API ...", file=sys.stderr)
             results["api"] = bench_api(scratch, args.quick)

@@ -76,6 +76,18 @@ def deploy_workspace(settings: Settings) -> None:
     deploy(settings)
 
 
+def as_older_release(settings: Settings) -> None:
+    """Make the current release look like one deployed before releases held model.json."""
+    import atomicio
+    from deployment import RELEASE_MANIFEST_NAME, current_release
+
+    release = current_release(settings)
+    (release.folder / "model.json").unlink()
+    manifest = atomicio.read_json(release.folder / RELEASE_MANIFEST_NAME)
+    del manifest["files"]["model.json"]
+    atomicio.write_json(release.folder / RELEASE_MANIFEST_NAME, manifest)
+
+
 @pytest.fixture(autouse=True)
 def package_index_not_asked(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
     """Diagnostics never start pip processes in tests: each costs a second of CPU, and tests must

@@ -62,6 +62,9 @@ def one_alert_of_each_kind(settings) -> dict[str, alerts.Alert]:
         alerts.OUTPUTS_OUT_OF_STEP: alerts.outputs_out_of_step(
             "0004", {"report.pdf": "0003", "riskscores.csv": None}
         ),
+        alerts.ESTIMATED_DROP: alerts.estimated_drop(
+            "0004", "roster.csv", 0.70, 0.58, 0.06, ["number_of_employees"]
+        ),
     }
 
 

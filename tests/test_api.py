@@ -812,3 +812,29 @@ def test_ready_says_what_the_release_f1_was_measured_on(client):
     assert answer["f1_measured_on"] == "the test data"
     assert answer["f1_interval"][0] <= answer["f1"] <= answer["f1_interval"][1]
     assert answer["f1_rows"] == TEST_ROWS
+
+
+def test_the_api_serves_the_release_without_unpickling_it(make_client, deployed, monkeypatch):
+    import scoring
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the API unpickled a model")
+
+    monkeypatch.setattr(scoring.pickle, "loads", refuse)
+    client = make_client(deployed)
+
+    response = client.post("/prediction", json={"filepath": TEST_FILE})
+
+    assert response.status_code == 200
+    assert len(response.json["probabilities"]) == TEST_ROWS
+
+
+def test_a_release_without_model_json_is_refused_not_unpickled(make_client, deployed):
+    from conftest import as_older_release
+
+    as_older_release(deployed)
+
+    response = make_client(deployed).post("/prediction", json={"filepath": TEST_FILE})
+
+    assert response.status_code == 503
+    assert "model.json" in error_of(response) and "train and deploy again" in error_of(response)

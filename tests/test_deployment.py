@@ -25,8 +25,8 @@ def test_release_holds_every_file_with_matching_checksums(deployed):
     release = current_release(deployed)
 
     assert sorted(release.files) == sorted(
-        ["trainedmodel.pkl", "trainedmodel.json", "latestscore.txt", "ingestedfiles.txt",
-         "trainingsample.csv"]
+        ["trainedmodel.pkl", "model.json", "trainedmodel.json", "latestscore.txt",
+         "ingestedfiles.txt", "trainingsample.csv"]
     )
     deployment.verify_release(release)
     assert release.f1 == pytest.approx(float(deployed.score_path.read_text()))

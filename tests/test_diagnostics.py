@@ -455,3 +455,16 @@ def test_a_slow_package_index_does_not_hold_diagnostics_up(deployed, monkeypatch
     assert payload["dependencies"] is None
     assert "still being asked" in payload["unavailable"]["dependencies"]
     assert payload["summary_statistics"] is not None
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_wasserstein_distance_matches_scipy(seed):
+    from scipy import stats
+
+    rng = np.random.default_rng(seed)
+    reference = np.log1p(rng.poisson(30, 500)).astype(float)  # few distinct values: many ties
+    current = np.log1p(rng.poisson(25, 3000)).astype(float)
+
+    assert diagnostics.wasserstein_distance(reference, current) == pytest.approx(
+        stats.wasserstein_distance(reference, current), rel=1e-12
+    )

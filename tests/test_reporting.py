@@ -124,10 +124,10 @@ REPORT_SECTIONS = [
     "Track record of the risk lists",
     "Precision at the top and lift",
     "Trends over earlier runs",
-    "F1 of recorded scores",
+    "F1 and ROC AUC of recorded scores",
+    "share of leavers",
     "ROC AUC of recorded scores",
-    "Share of leavers",
-    "Missing data (mean over columns)",
+    "missing data (mean over columns)",
 ]
 
 

@@ -133,6 +133,72 @@ def test_evaluate_scores_known_rows_through_the_prediction_path(deployed):
     assert evaluation.metrics.rows == len(frame)
 
 
+# --- The model in use: model.json, numpy alone -------------------------------------------------
+
+
+def test_json_model_and_pickle_give_the_same_probabilities_on_the_test_data(deployed):
+    from deployment import current_release
+    from scoring import load_deployed, load_model, read_test_data
+
+    served, release = load_deployed(deployed)
+    pickled = load_model(release.model_path, release.files["trainedmodel.pkl"])
+    frame = read_test_data(deployed)
+
+    probabilities = served.scorer.probabilities(frame)
+
+    assert served.model is None and served.version == current_release(deployed).version
+    assert np.abs(probabilities - pickled.predict_proba(frame)[:, 1]).max() <= 1e-12
+    assert ((probabilities >= served.threshold) == pickled.predict(frame)).all()
+
+
+def test_scoring_and_the_api_import_neither_scikit_learn_nor_scipy():
+    import subprocess
+    import sys
+
+    from conftest import PROJECT_DIR
+
+    code = (
+        "import sys, scoring, app\n"
+        "print(' '.join(m for m in ('sklearn', 'scipy') if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=PROJECT_DIR, capture_output=True, text=True, check=True
+    )
+
+    assert done.stdout.strip() == ""
+
+
+def test_scoring_a_release_without_model_json_falls_back_to_its_pickle(deployed):
+    from conftest import as_older_release
+    from scoring import evaluate, load_deployed, read_test_data
+
+    as_older_release(deployed)
+
+    served, _ = load_deployed(deployed)
+
+    assert served.scorer is None and hasattr(served.model, "predict_proba")
+    f1 = evaluate(served, read_test_data(deployed), deployed).metrics.f1
+    assert f1 == pytest.approx(float(deployed.score_path.read_text()))
+
+
+def test_model_json_made_from_another_model_is_refused(deployed):
+    import json
+
+    import atomicio
+    from deployment import current_release
+    from errors import DeploymentError
+    from scoring import load_served_model
+
+    release = current_release(deployed)
+    path = release.folder / "model.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "model_sha256": "0" * 64}))
+    # Even with its checksum recorded, it must not stand for the release's pickle.
+    release = release._replace(files={**release.files, "model.json": atomicio.sha256_of(path)})
+
+    with pytest.raises(DeploymentError, match="another model"):
+        load_served_model(release)
+
+
 # --- Reasons -------------------------------------------------------------------------------------
 
 
@@ -142,7 +208,7 @@ def test_reasons_name_the_category_and_add_up_to_the_log_odds(tmp_path):
     from conftest import build_workspace, write_config
     from dataset import read_dataset
     from ingestion import ingest
-    from scoring import explain, linear_scorer
+    from scoring import calibrated_probabilities, explain, linear_scorer
     from settings import load_settings
     from training import train
 
@@ -166,8 +232,10 @@ def test_reasons_name_the_category_and_add_up_to_the_log_odds(tmp_path):
     assert why.contributions[1, region] == weights[frame["region"].iloc[1]]
     assert why.contributions[0, region] == 0.0  # a category unseen in training adds nothing
     probabilities = model.predict_proba(frame)[:, 1]
-    np.testing.assert_allclose(why.logits(), np.log(probabilities / (1 - probabilities)),
-                               rtol=1e-9)
+    np.testing.assert_allclose(
+        calibrated_probabilities(why.logits(), linear_scorer(model).calibration), probabilities,
+        rtol=1e-9,
+    )
     south = int(np.flatnonzero(frame["region"].to_numpy() == "south")[0])
     assert "region south: raises risk" in [reason["text"] for reason in why.as_records()[south]]
 

@@ -195,3 +195,39 @@ def test_a_model_of_another_shape_has_no_linear_scorer():
     from scoring import linear_scorer
 
     assert linear_scorer(DummyClassifier()) is None
+
+
+def test_model_json_holds_the_fitted_arithmetic_a_person_can_read(workspace):
+    ingest(workspace)
+
+    result = train(workspace)
+
+    plain = json.loads(workspace.model_json_path.read_text())
+    medians = pd.read_csv(workspace.finaldata_path)[list(workspace.schema.features)].median()
+    assert plain["version"] == result.version
+    assert plain["features"] == list(workspace.schema.features)
+    assert {term["column"]: term["fill"] for term in plain["numeric"]} == medians.to_dict()
+    assert {term["log1p"] for term in plain["numeric"]} == {"after-imputing"}
+    assert plain["threshold"] == result.metadata["threshold"]
+    assert plain["model_sha256"] == result.metadata["model_sha256"]
+    assert plain["library_versions"] == result.metadata["library_versions"]
+    assert plain["largest_difference_from_predict_proba"] <= 1e-12
+    assert result.metadata["model_json_sha256"]
+
+
+def test_training_stops_rather_than_write_a_model_json_that_differs_from_the_model(
+    workspace, monkeypatch
+):
+    import training
+
+    def shifted(model):
+        params = linear_model_params(model)
+        return {**params, "intercept": params["intercept"] + 1e-6}
+
+    linear_model_params = training.linear_model_params
+    monkeypatch.setattr(training, "linear_model_params", shifted)
+    ingest(workspace)
+
+    with pytest.raises(RuntimeError, match="differ from predict_proba"):
+        train(workspace)
+    assert not workspace.model_json_path.exists()
