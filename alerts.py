@@ -50,9 +50,10 @@ FILE_REJECTED = "file-rejected"
 QUARANTINE_SHARE = "quarantine-share"
 API_CHECK_FAILED = "api-check-failed"
 OUTPUTS_OUT_OF_STEP = "outputs-out-of-step"
+ESTIMATED_DROP = "estimated-drop"
 EVENTS = (
     DRIFT, DEPLOYED, RETRAIN_REFUSED, CYCLE_FAILED, FILE_REJECTED, QUARANTINE_SHARE,
-    API_CHECK_FAILED, OUTPUTS_OUT_OF_STEP,
+    API_CHECK_FAILED, OUTPUTS_OUT_OF_STEP, ESTIMATED_DROP,
 )
 
 # Delivery statuses. Only `sent` and `failed` are recorded: a suppressed repeat is not news.
@@ -128,6 +129,34 @@ def drift_found(
     )
 
 
+def estimated_drop(
+    release: str, roster: str, release_f1: float, estimated_f1: float, allowed_drop: float,
+    drifted_features: Iterable[str] = (),
+) -> Alert:
+    """Early warning: on a roster, before any outcome is known, the model looks likely to do worse.
+
+    Either the F1 estimated from its probabilities fell beyond noise, or the roster's features
+    moved away from the training data (so the estimate itself rests on extrapolation).
+    """
+    drifted = list(drifted_features)
+    reasons = []
+    if release_f1 - estimated_f1 > allowed_drop:
+        reasons.append(
+            f"estimated F1 {estimated_f1:.3f} against the release's {release_f1:.3f} "
+            f"(allowed drop {allowed_drop:.3f})"
+        )
+    if drifted:
+        reasons.append(f"features drifted: {', '.join(drifted)}")
+    return _alert(
+        ESTIMATED_DROP, f"{ESTIMATED_DROP}:{release}:{roster}",
+        f"early warning on roster {roster} (release {release}) — {'; '.join(reasons)}; "
+        "no retraining until outcomes arrive",
+        release=release, roster=roster, release_f1=float(release_f1),
+        estimated_f1=float(estimated_f1), allowed_drop=float(allowed_drop),
+        drifted_features=drifted,
+    )
+
+
 def release_deployed(
     release: str, previous: str | None = None, f1: float | None = None, reason: str = ""
 ) -> Alert:
@@ -167,7 +196,7 @@ def cycle_failed(error: BaseException | str) -> Alert:
     # news at once.
     return _alert(
         CYCLE_FAILED, f"{CYCLE_FAILED}:{message[:200]}",
-        f"the cycle failed — {message}; the previous deployment keeps serving",
+        f"the cycle failed — {message}; see the cycle log for what was done before it failed",
         error=message, error_type=error_type,
     )
 

@@ -94,7 +94,9 @@ ERROR_STATUS: dict[type[PipelineError], int] = {
     DeploymentError: 503,
 }
 EXTENSION = "risk"  # the app.extensions key of an app's ApiState
-OPEN_ENDPOINTS = {"api.health", "api.ping"}  # answered without the token
+# Answered without the token (static: the pages' stylesheet).
+OPEN_ENDPOINTS = {"api.health", "api.ping", "static"}
+PAGES = "pages"  # the pages' blueprint (pages.py) checks its own login session
 CSV_TYPES = ("text/csv", "application/csv")
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 # The names course clients give the data file, as a JSON key, form field or query parameter.
@@ -144,6 +146,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.before_request(require_token)
     app.after_request(count_request)
     app.register_blueprint(bp)
+    import pages  # imported here, as flaskr's factory imports its blueprints: pages imports app
+    app.register_blueprint(pages.bp)
     return app
 
 
@@ -163,9 +167,12 @@ def health() -> Response:
 @bp.get("/ready")
 def ready() -> Response:
     release = state().models.get().release
+    score = deployment.release_score(state().settings, release.version) or {}
     return jsonify(
         status="ready", model_version=release.version, deployed_at=release.created_at,
         f1=release.f1,
+        f1_measured_on=deployment.MEASURED_ON.get(score.get("purpose"), "unknown"),
+        f1_interval=[score.get("f1_low"), score.get("f1_high")], f1_rows=score.get("rows"),
     )
 
 
@@ -350,9 +357,15 @@ def public_message(message: str, settings: Settings) -> str:
 
 
 def require_token() -> None:
-    """When the server started with a token, every request but /health and /ping must bring it."""
+    """When the server started with a token, every request but /health and /ping must bring it.
+
+    The pages (pages.py) take the token once at their login and check their own session cookie.
+    """
     api = state()
-    if api.token and request.endpoint not in OPEN_ENDPOINTS and not bearer_token_matches(api.token):
+    if (
+        api.token and request.endpoint not in OPEN_ENDPOINTS and request.blueprint != PAGES
+        and not bearer_token_matches(api.token)
+    ):
         source = f"${api.settings.api.token_env_var}"
         if api.settings.api.token_file:
             source += " or api.token_file"
@@ -882,8 +895,13 @@ def score_deployed(settings: Settings, loaded: LoadedModel, test_files: list[Pat
     return {
         "model_version": loaded.release.version,
         "test_data": [relative_name(p, settings) for p in test_files],
+        "measured_on": "the test data",
         **metrics.as_dict(),
         "f1_at_deployment": loaded.release.f1,
+        "f1_at_deployment_measured_on": deployment.MEASURED_ON.get(
+            (deployment.release_score(settings, loaded.release.version) or {}).get("purpose"),
+            "unknown",
+        ),
     }
 
 

@@ -282,11 +282,12 @@ def _ranked(model: Any, version: str, current: CurrentClients, schema: Schema) -
     import numpy as np
     import pandas as pd
 
-    from scoring import explain, linear_scorer, probabilities_of
+    from scoring import calibrated_probabilities, explain, linear_scorer
 
     rows = current.rows
     why = explain(model, rows)
-    probabilities = probabilities_of(why.logits())
+    # Reasons are terms of the log-odds; the probability is the model's, through its calibration.
+    probabilities = calibrated_probabilities(why.logits(), linear_scorer(model).calibration)
     order = _risk_order(probabilities, client_keys(rows, schema))
     index = pd.RangeIndex(len(order))
     table = pd.DataFrame(

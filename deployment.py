@@ -452,14 +452,51 @@ def outputs_out_of_step(settings: Settings) -> dict[str, str | None]:
     return out_of_step
 
 
-def describe_releases(releases: list[Release]) -> str:
+# What each recorded score purpose was measured on, in the words people read.
+MEASURED_ON = {
+    "test": "the test data",
+    "drift-holdout": "held-out new rows",
+    "drift-check": "the new batch",
+}
+
+
+def release_score(settings: Settings, version: str) -> dict[str, Any] | None:
+    """The score a release was deployed with: its held-out figure, or else its test data one."""
+    rows = records.query(
+        settings.records_path,
+        "SELECT * FROM scores WHERE model_version = ? AND purpose IN ('test', 'drift-holdout') "
+        "ORDER BY purpose = 'drift-holdout' DESC, id DESC LIMIT 1",
+        (version,),
+    )
+    return rows[0] if rows else None
+
+
+def describe_release_score(score: dict[str, Any] | None, f1: float | None = None) -> str:
+    """'0.370 on held-out new rows (600 rows; interval 0.31 to 0.43)': F1 as people read it."""
+    if score is None:
+        return "-" if f1 is None else f"{f1:.3f}"
+    interval = (
+        "" if score.get("f1_low") is None
+        else f"; interval {score['f1_low']:.3f} to {score['f1_high']:.3f}"
+    )
+    return (
+        f"{score['f1']:.3f} on {MEASURED_ON.get(score['purpose'], score['purpose'])} "
+        f"({score['rows']:,} rows{interval})"
+    )
+
+
+def describe_releases(releases: list[Release], settings: Settings | None = None) -> str:
+    """The kept releases, one a line, each F1 with what it was measured on."""
     if not releases:
         return "No releases deployed yet."
-    lines = [f"{'':2}{'version':<28} {'created (UTC)':<26} {'F1':>7}"]
+    lines = [f"{'':2}{'version':<32} {'created (UTC)':<26} F1 at release"]
     for release in releases:
-        f1 = "-" if release.f1 is None else f"{release.f1:.4f}"
+        score = release_score(settings, release.version) if settings else None
         marker = "* " if release.is_current else "  "
-        lines.append(f"{marker}{release.version:<28} {release.created_at:<26} {f1:>7}")
+        lines.append(
+            f"{marker}{release.version:<32} {release.created_at:<26} "
+            f"{describe_release_score(score, release.f1)}"
+        )
     lines.append("(* = current)")
     return "\n".join(lines)
 
@@ -482,20 +519,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = load_settings(args.config)
     if args.list:
-        print(describe_releases(list_releases(settings)))
+        print(describe_releases(list_releases(settings), settings))
     elif args.rollback is not None:
         import reporting  # the risk list and the report follow the release served
 
         with pipeline_lock(settings, "rollback"):  # one hold: no cycle runs between the two
             release = rollback(settings, args.rollback or None)
             print(
-                f"Rolled back: production now serves release {release.version} (F1 {release.f1})"
+                f"Rolled back: production now serves release {release.version} (F1 "
+                f"{describe_release_score(release_score(settings, release.version), release.f1)})"
             )
             print(reporting.build_report(settings).summary())
     else:
         release = deploy(settings)
         print(
-            f"Deployed release {release.version} (F1 {release.f1}) to "
+            f"Deployed release {release.version} (F1 "
+            f"{describe_release_score(release_score(settings, release.version), release.f1)}) to "
             f"{release.folder}; manifest {manifest_path(settings)}"
         )
     return 0

@@ -450,7 +450,10 @@ def _read_ingested(path: Path, schema: Schema) -> pd.DataFrame:
 def compare_datasets(
     reference: pd.DataFrame, current: pd.DataFrame, schema: Schema, options: DiagnosticsSettings
 ) -> dict[str, Any]:
-    """Drift of each feature, the share of drifted features, the verdict and the leaver shares."""
+    """Drift of each feature, the share of drifted features, the verdict and the leaver shares.
+
+    `current` may be a roster, without the target: its leaver shares are then None.
+    """
     features = [
         _feature_drift(column, reference[column], current[column], schema, options)
         for column in schema.features
@@ -464,7 +467,9 @@ def compare_datasets(
         "drift_share": share,
         "drift_share_threshold": options.drift_share,
         "dataset_drift": share is not None and share >= options.drift_share,
-        "leavers": _leaver_change(reference[schema.target], current[schema.target], options),
+        # A roster has no target: its share of leavers is what nobody knows yet.
+        "leavers": _leaver_change(reference[schema.target], current[schema.target], options)
+        if schema.target in current.columns else None,
     }
 
 
@@ -644,6 +649,8 @@ def run_diagnostics(
             if pending_dependencies else "skipped on request"
         ),
         "data_drift": lambda: data_drift(settings),
+        "calibration": lambda: release_calibration(settings),
+        "roster_estimate": lambda: latest_roster_estimate(settings),
     }
     for name, compute in sections.items():
         if isinstance(compute, str):
@@ -665,6 +672,41 @@ def run_diagnostics(
         {"time": payload["time"], "model_version": payload["model_version"], "payload": payload},
     )
     return payload
+
+
+def release_calibration(settings: Settings) -> dict[str, Any] | None:
+    """The served release's calibration on the test data (reliability curve, Brier score, ECE)."""
+    version = _deployed_version(settings)
+    rows = records.query(
+        settings.records_path,
+        "SELECT time, model_version, data_path, rows, brier, ece, curve FROM calibrations "
+        "WHERE model_version = ? AND purpose = 'test' ORDER BY id DESC LIMIT 1",
+        (version,),
+    )
+    if not rows:
+        return None
+    return {**rows[0], "curve": json.loads(rows[0]["curve"])}
+
+
+def latest_roster_estimate(settings: Settings) -> dict[str, Any] | None:
+    """The newest estimate of performance on a roster, with its warning and drift verdict."""
+    rows = records.query(settings.records_path, "SELECT * FROM estimates ORDER BY id DESC LIMIT 1")
+    if not rows:
+        return None
+    row = rows[0]
+    drift = json.loads(row.pop("drift") or "null") or {}
+    row["drifted_features"] = drift.get("drifted_features", [])
+    row["drift_share"] = drift.get("drift_share")
+    return row
+
+
+def estimate_history(settings: Settings) -> list[dict[str, Any]]:
+    """Every roster estimate beside its realised F1 (None until outcomes arrive), oldest first."""
+    return records.query(
+        settings.records_path,
+        "SELECT id, time, roster, model_version, rows, f1, f1_low, f1_high, warning, "
+        "realised_rows, realised_f1, estimated_f1_known FROM estimates ORDER BY id",
+    )
 
 
 class _Background:
@@ -764,8 +806,41 @@ def section_texts(payload: dict[str, Any]) -> dict[str, list[str]]:
         "Missing data": text("missing_data", _missing_lines),
         "Stage timings": text("stage_timings", _timing_lines),
         "Data drift": text("data_drift", _drift_lines),
+        "Calibration on the test data": text("calibration", _calibration_lines),
+        "Estimated performance on the newest roster": text("roster_estimate", _estimate_lines),
         "Dependencies": text("dependencies", _dependency_lines),
     }
+
+
+def _calibration_lines(measured: dict[str, Any]) -> list[str]:
+    lines = [f"  {measured['rows']} rows: Brier score {measured['brier']:.4f}, expected "
+             f"calibration error {measured['ece']:.4f}",
+             "  predicted    rows  mean predicted  observed"]
+    for step in measured["curve"]:
+        lines.append(
+            f"  {step['low']:.1f}-{step['high']:.1f} {step['rows']:>8}  "
+            f"{_fmt(step['mean_predicted'], 3):>14}  {_fmt(step['observed_share'], 3):>8}"
+        )
+    return lines
+
+
+def _estimate_lines(estimate: dict[str, Any]) -> list[str]:
+    lines = [
+        f"  roster {estimate['roster']} ({estimate['rows']} clients), release "
+        f"{estimate['model_version']}, {estimate['time']}",
+        f"  F1 {estimate['f1']:.3f} ({estimate['f1_low']:.3f} to {estimate['f1_high']:.3f}), "
+        f"precision {estimate['precision']:.3f}, recall {estimate['recall']:.3f}",
+        f"  share of leavers {estimate['leaver_share']:.1%} ({estimate['leaver_share_low']:.1%} "
+        f"to {estimate['leaver_share_high']:.1%})",
+        f"  drifted features: {', '.join(estimate['drifted_features']) or 'none'}; early warning: "
+        f"{'yes' if estimate.get('warning') else 'no'}",
+    ]
+    if estimate.get("realised_f1") is not None:
+        lines.append(
+            f"  realised F1 {estimate['realised_f1']:.3f} for {estimate['realised_rows']} clients "
+            f"whose outcome arrived (estimated {estimate['estimated_f1_known']:.3f} for them)"
+        )
+    return lines
 
 
 def _fmt(value: Any, digits: int = 2) -> str:

@@ -204,6 +204,68 @@ def drift_decision(
     )
 
 
+class EarlyWarning(NamedTuple):
+    """Does a roster, whose outcomes nobody knows yet, suggest the model will do worse?"""
+
+    warned: bool
+    reason: str
+    numbers: dict[str, Any]
+
+
+def early_warning(
+    release_score: dict[str, Any],
+    estimate: dict[str, Any],
+    drifted_features: list[str],
+    covariate_drift: bool,
+    rule: DriftSettings,
+    z: float = 1.96,
+) -> EarlyWarning:
+    """Warn when the F1 estimated on a roster fell beyond noise, or its features drifted.
+
+    `release_score` is the release's recorded reference (F1 with its interval), `estimate` the
+    estimated F1 with its interval. The estimate assumes the relation the model learnt still holds;
+    a move of the features alone (a new kind of client) may leave the estimated F1 where it was
+    while the model is extrapolating, so covariate drift warns too. Never a reason to retrain:
+    that needs labels.
+    """
+    release_f1 = release_score.get("f1")
+    numbers: dict[str, Any] = {
+        "release_f1": release_f1,
+        "release_f1_low": release_score.get("f1_low"),
+        "release_f1_high": release_score.get("f1_high"),
+        "estimated_f1": estimate["f1"],
+        "covariate_drift": bool(covariate_drift),
+        "drifted_features": list(drifted_features),
+    }
+    reasons = []
+    if release_f1 is not None:
+        noise = z * math.hypot(
+            standard_error_from_interval(release_score.get("f1_low"), release_score.get("f1_high"),
+                                         z),
+            standard_error_from_interval(estimate["f1_low"], estimate["f1_high"], z),
+        )
+        numbers["allowed_drop"] = noise + rule.tolerance
+        numbers["drop"] = release_f1 - estimate["f1"]
+        numbers["estimated_drop"] = numbers["drop"] > numbers["allowed_drop"]
+        if numbers["estimated_drop"]:
+            reasons.append(
+                f"estimated drop beyond noise: F1 {estimate['f1']:.3f} estimated on the roster vs "
+                f"{release_f1:.3f} at release (allowed drop {numbers['allowed_drop']:.3f})"
+            )
+    if covariate_drift:
+        reasons.append(f"the roster's features drifted ({', '.join(drifted_features)})")
+    numbers["warning"] = bool(reasons)
+    if reasons:
+        return EarlyWarning(True, "; ".join(reasons), numbers)
+    return EarlyWarning(
+        False,
+        f"estimated F1 {estimate['f1']:.3f} on the roster, within noise of the release's "
+        + ("(not recorded)" if release_f1 is None else f"{release_f1:.3f}")
+        + "; no feature drift",
+        numbers,
+    )
+
+
 def _measure_check(measure: Measure, rule: DriftSettings, z: float) -> dict[str, Any]:
     """Did one measure fall by more than sampling noise (rule 'interval') or the tolerance?"""
     if measure.deployed is None or measure.new is None:
@@ -339,6 +401,10 @@ def run_cycle(settings: Settings, *, force: bool = False) -> CycleOutcome:
 
     journal = Journal(new_files)
     report = ingest_new_files(settings, journal) if new_files else None
+    if report is not None:
+        estimate_new_rosters(settings, report, journal)
+        if report.accepted_rows:
+            record_realised_performance(settings, journal)
     if report is not None and not report.accepted_rows and not force:
         refresh_risk_list(settings, journal)
         return journal.outcome("no-usable-rows", "new files added no labeled rows")
@@ -433,6 +499,56 @@ def ingest_new_files(settings: Settings, journal: Journal) -> IngestReport:
     )
     journal.alert(*alerts.quarantine_alerts(settings, report.files))
     return report
+
+
+def estimate_new_rosters(settings: Settings, report: IngestReport, journal: Journal) -> None:
+    """Estimate the served model's performance on each roster just ingested; warn, never retrain."""
+    import alerts
+    import estimation
+    from calllist import read_snapshots
+    from scoring import normal_quantile
+
+    arrived = records.query(
+        settings.records_path,
+        "SELECT file, snapshot, master_position FROM rosters WHERE run_id = ? ORDER BY snapshot",
+        (report.run_id,),
+    )
+    if not arrived:
+        return
+    snapshots = read_snapshots(settings)
+    release = deployment.current_release(settings)
+    reference = _recorded_release_score(settings, release.version)
+    z = normal_quantile(settings.scoring.confidence)
+    for roster in arrived:
+        clients = snapshots.loc[snapshots["snapshot"] == roster["snapshot"]].reset_index(drop=True)
+        estimate = estimation.estimate_roster(
+            settings, clients, roster["file"], master_rows=roster["master_position"]
+        )
+        warning = early_warning(
+            reference, estimate.estimate.as_dict(), estimate.drift["drifted_features"],
+            estimate.drift["dataset_drift"], settings.drift, z,
+        )
+        estimation.record_warning(settings, estimate, warning.numbers)
+        journal.add(estimate.describe(), roster_estimate={
+            "estimate_id": estimate.record_id, **warning.numbers,
+        })
+        if warning.warned:
+            journal.add(f"early warning: {warning.reason}; no retraining until outcomes arrive")
+            journal.alert(alerts.estimated_drop(
+                release.version, roster["file"], warning.numbers.get("release_f1") or 0.0,
+                estimate.estimate.f1, warning.numbers.get("allowed_drop", 0.0),
+                estimate.drift["drifted_features"],
+            ))
+        else:
+            journal.add(f"no early warning: {warning.reason}")
+
+
+def record_realised_performance(settings: Settings, journal: Journal) -> None:
+    """Labeled rows may bring the outcomes of estimated rosters: record the F1 they realised."""
+    import estimation
+
+    for result in estimation.record_realised(settings):
+        journal.add(result.describe())
 
 
 def refresh_risk_list(settings: Settings, journal: Journal) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from typing import Any
 from errors import StorageError
 
 # Stored in the database's user_version once its tables exist; raise it when SCHEMA gains a table.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 SCHEMA = {
     "ingestions": """
@@ -120,6 +120,53 @@ SCHEMA = {
             release TEXT,
             outcome TEXT NOT NULL,
             message TEXT
+        )""",
+    "calibrations": """
+        CREATE TABLE IF NOT EXISTS calibrations (
+            id INTEGER PRIMARY KEY,
+            time TEXT NOT NULL,
+            purpose TEXT NOT NULL,         -- as in scores: test (the release's own) | ...
+            model_version TEXT,
+            data_path TEXT NOT NULL,
+            rows INTEGER NOT NULL,
+            brier REAL NOT NULL,
+            ece REAL NOT NULL,             -- expected calibration error over the curve's bins
+            curve TEXT NOT NULL            -- JSON, per bin: low, high, rows, mean_predicted,
+                                           -- observed_share
+        )""",
+    "estimates": """
+        CREATE TABLE IF NOT EXISTS estimates (
+            id INTEGER PRIMARY KEY,
+            time TEXT NOT NULL,
+            roster TEXT NOT NULL,          -- the roster file estimated on
+            model_version TEXT NOT NULL,   -- the release whose predictions are estimated
+            master_rows INTEGER NOT NULL,  -- rows of finaldata.csv then: later rows bring outcomes
+            rows INTEGER NOT NULL,
+            threshold REAL NOT NULL,
+            f1 REAL NOT NULL, f1_low REAL, f1_high REAL,
+            precision REAL, precision_low REAL, precision_high REAL,
+            recall REAL, recall_low REAL, recall_high REAL,
+            leaver_share REAL, leaver_share_low REAL, leaver_share_high REAL,
+            predicted_leaver_share REAL,
+            release_f1 REAL, release_f1_low REAL, release_f1_high REAL,
+            allowed_drop REAL,
+            estimated_drop INTEGER,        -- 1: the estimated F1 fell beyond noise
+            covariate_drift INTEGER,       -- 1: its features drifted from the training sample
+            warning INTEGER,               -- 1: an early warning was raised
+            drift TEXT,                    -- JSON: per-feature drift against the training sample
+            realised_time TEXT,            -- filled in when outcomes of its clients arrive
+            realised_rows INTEGER,         -- clients whose outcome is known
+            realised_f1 REAL, realised_precision REAL, realised_recall REAL,
+            realised_leaver_share REAL,
+            estimated_f1_known REAL        -- the estimate for those same clients
+        )""",
+    "estimate_predictions": """
+        CREATE TABLE IF NOT EXISTS estimate_predictions (
+            id INTEGER PRIMARY KEY,
+            estimate_id INTEGER NOT NULL,  -- estimates.id
+            client TEXT NOT NULL,
+            probability REAL NOT NULL,
+            predicted INTEGER NOT NULL
         )""",
     "call_lists": """
         CREATE TABLE IF NOT EXISTS call_lists (
@@ -265,6 +312,20 @@ def add(database: Path, table: str, values: Mapping[str, Any]) -> int:
     )
     with connect(database) as connection:
         return int(connection.execute(sql, row).lastrowid)
+
+
+def add_many(
+    database: Path, table: str, columns: list[str], rows: Iterable[tuple[Any, ...]]
+) -> None:
+    """Insert many records of plain values into `table` in one transaction."""
+    if table not in SCHEMA:
+        raise ValueError(f"no table {table!r} in the records database")
+    sql = (
+        f"INSERT INTO {table} ({', '.join(columns)}) "
+        f"VALUES ({', '.join('?' for _ in columns)})"
+    )
+    with connect(database) as connection:
+        connection.executemany(sql, rows)
 
 
 def add_all(database: Path, rows_by_table: Mapping[str, list[Mapping[str, Any]]]) -> None:

@@ -34,8 +34,15 @@ from matplotlib.ticker import MaxNLocator
 import atomicio
 import calllist
 import records
-from deployment import Release, list_releases, read_manifest, record_outputs
-from diagnostics import latest_diagnostics, run_diagnostics, section_texts
+from deployment import (
+    Release,
+    describe_release_score,
+    list_releases,
+    read_manifest,
+    record_outputs,
+    release_score,
+)
+from diagnostics import estimate_history, latest_diagnostics, run_diagnostics, section_texts
 from errors import run_cli
 from locks import pipeline_lock
 from scoring import (
@@ -404,43 +411,42 @@ def _overview_sections(
         f"  leavers          {m.leaver_share:.1%} of rows, "
         f"{m.predicted_leaver_share:.1%} predicted",
     ]
+    texts = section_texts(diagnostics)
     return [
         ("Deployed release", release_lines),
         ("Model metrics on the test data", metric_lines),
+        ("Calibration on the test data", texts["Calibration on the test data"]),
+        ("Estimated and realised F1 on rosters", _estimate_trend_lines(settings)),
         ("Files ingested", _ingested_lines(settings, release)),
     ]
 
 
-# What each recorded score purpose was measured on, in the words the report uses.
-MEASURED_ON = {
-    "test": "the test data",
-    "drift-holdout": "held-out new rows",
-    "drift-check": "the new batch",
-    "candidate": "the test data",
-}
+def _estimate_trend_lines(settings: Settings) -> list[str]:
+    """Each roster's estimated F1 beside the F1 its predictions realised once outcomes arrived."""
+    history = estimate_history(settings)
+    if not history:
+        return ["  no roster estimated yet"]
+    lines = ["  roster                   time                  clients  estimated F1 (interval)"
+             "    realised F1 (clients)  warning"]
+    for row in history[-15:]:
+        realised = "-" if row["realised_f1"] is None else (
+            f"{row['realised_f1']:.3f} ({row['realised_rows']:,}; est. "
+            f"{row['estimated_f1_known']:.3f})"
+        )
+        lines.append(
+            f"  {row['roster'][:24]:<24} {row['time']:<21} {row['rows']:>8,}  {row['f1']:.3f} "
+            f"({row['f1_low']:.3f}-{row['f1_high']:.3f})  {realised:<22} "
+            f"{'yes' if row['warning'] else 'no'}"
+        )
+    return lines
+
+
 DEPLOYING_DECISIONS = ("first-deployment", "drift-redeployed", "forced-redeploy")
 
 
 def release_score_text(settings: Settings, release: Release) -> str:
     """The release's own F1 with what it was measured on and its interval."""
-    score = release_score(settings, release.version)
-    if score is None:
-        return "-" if release.f1 is None else f"{release.f1:.3f}"
-    return (
-        f"{score['f1']:.3f} on {MEASURED_ON.get(score['purpose'], score['purpose'])} "
-        f"({score['rows']:,} rows; interval {score['f1_low']:.3f} to {score['f1_high']:.3f})"
-    )
-
-
-def release_score(settings: Settings, version: str) -> dict[str, Any] | None:
-    """The score a release was deployed with: its held-out figure, or else its test data one."""
-    rows = records.query(
-        settings.records_path,
-        "SELECT * FROM scores WHERE model_version = ? AND purpose IN ('test', 'drift-holdout') "
-        "ORDER BY purpose = 'drift-holdout' DESC, id DESC LIMIT 1",
-        (version,),
-    )
-    return rows[0] if rows else None
+    return describe_release_score(release_score(settings, release.version), release.f1)
 
 
 def decision_lines(

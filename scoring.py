@@ -179,6 +179,11 @@ class LinearScorer:
         self.intercept = float(params["intercept"])
         self.numeric = params["numeric"]
         self.categorical = params["categorical"]
+        self.calibration = params.get("calibration")
+        if self.calibration is not None and self.calibration.get("method") not in (
+            "sigmoid", "isotonic"
+        ):
+            raise ValueError(f"unknown calibration {self.calibration.get('method')!r}")
 
     @property
     def features(self) -> tuple[str, ...]:
@@ -226,7 +231,7 @@ class LinearScorer:
 
     def probabilities(self, frame: pd.DataFrame) -> np.ndarray:
         """The probability of leaving for each row, as model.predict_proba(frame)[:, 1] gives it."""
-        return probabilities_of(self.logits(frame))
+        return calibrated_probabilities(self.logits(frame), self.calibration)
 
     def explain(self, frame: pd.DataFrame, reasons: int = REASONS_PER_CLIENT) -> Explanation:
         """Every feature's term of each row's log-odds, and the `reasons` that raise it most."""
@@ -270,6 +275,23 @@ def typical_value(term: dict[str, Any]) -> float:
     (count + 1), less one. Below it and above it the feature pushes the risk opposite ways.
     """
     return float(np.expm1(term["mean"])) if term["log1p"] else float(term["mean"])
+
+
+def calibrated_probabilities(logits: np.ndarray, calibrator: dict[str, Any] | None) -> np.ndarray:
+    """The probabilities a model gives for its log-odds, through its calibration if it has one.
+
+    The calibration is scikit-learn's CalibratedClassifierCV as training fits it, which calibrates
+    the logistic regression's decision function (the log-odds): "sigmoid" is Platt's
+    1 / (1 + e^(a x + b)) (sklearn's _SigmoidCalibration), "isotonic" the fitted step points,
+    interpolated linearly and clipped at both ends (IsotonicRegression(out_of_bounds="clip")).
+    """
+    if calibrator is None:
+        return probabilities_of(logits)
+    if calibrator["method"] == "sigmoid":
+        return probabilities_of(-(calibrator["a"] * logits + calibrator["b"]))
+    points = np.asarray(calibrator["x"], dtype="float64")
+    values = np.asarray(calibrator["y"], dtype="float64")
+    return np.interp(np.clip(logits, points[0], points[-1]), points, values)
 
 
 _scorers: weakref.WeakKeyDictionary[Any, LinearScorer | None] = weakref.WeakKeyDictionary()
@@ -468,6 +490,15 @@ def model_input(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
         for column in schema.features
     }
     return pd.DataFrame(columns, index=frame.index, copy=False)
+
+
+def decision_threshold(model: Any) -> float:
+    """The probability from which `model` predicts that a client leaves (0.5 when it keeps none)."""
+    scorer = linear_scorer(model)
+    if scorer is not None:
+        return scorer.threshold
+    threshold = _decision_threshold(model)
+    return 0.5 if threshold is None else threshold
 
 
 def _decision_threshold(model: Any) -> float | None:
@@ -676,6 +707,147 @@ def _bootstrap_f1_interval(cell_counts: np.ndarray, options: ScoringSettings) ->
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """How far a model's probabilities are from the shares that come true, on labelled rows.
+
+    `curve` is the reliability curve: per bin of predicted probability (equal widths on [0, 1]) its
+    edges, rows, mean predicted probability and observed share of leavers (None for an empty bin).
+    The Brier score is the mean squared difference of probability and outcome; the expected
+    calibration error (ECE) the rows-weighted mean of |observed share - mean predicted| over bins.
+    """
+
+    rows: int
+    brier: float
+    ece: float
+    curve: list[dict[str, Any]]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def calibration(truth: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> Calibration:
+    """The reliability curve, Brier score and expected calibration error of `probabilities`."""
+    truth = np.asarray(truth, dtype="float64")
+    probabilities = np.asarray(probabilities, dtype="float64")
+    rows = len(truth)
+    if rows == 0:
+        raise DataError("cannot measure calibration on an empty dataset")
+    # Bin b holds [b/bins, (b+1)/bins); the last bin also holds 1.
+    index = np.minimum((probabilities * bins).astype(int), bins - 1)
+    counts = np.bincount(index, minlength=bins)
+    predicted = np.bincount(index, weights=probabilities, minlength=bins)
+    observed = np.bincount(index, weights=truth, minlength=bins)
+    present = counts > 0
+    mean_predicted = np.divide(predicted, counts, out=np.zeros(bins), where=present)
+    observed_share = np.divide(observed, counts, out=np.zeros(bins), where=present)
+    curve = [
+        {
+            "low": b / bins,
+            "high": (b + 1) / bins,
+            "rows": int(counts[b]),
+            "mean_predicted": float(mean_predicted[b]) if present[b] else None,
+            "observed_share": float(observed_share[b]) if present[b] else None,
+        }
+        for b in range(bins)
+    ]
+    return Calibration(
+        rows=rows,
+        brier=float(np.mean((probabilities - truth) ** 2)),
+        ece=float(np.sum(counts * np.abs(observed_share - mean_predicted)) / rows),
+        curve=curve,
+    )
+
+
+@dataclass(frozen=True)
+class PerformanceEstimate:
+    """The performance a calibrated model should have on rows whose outcomes are not known yet.
+
+    Point estimates come from the expected confusion matrix (a row predicted to leave counts p of a
+    true positive and 1 - p of a false positive, one predicted to stay p of a false negative);
+    intervals from outcomes simulated as Bernoulli(p): the spread the realised figures will have
+    around the estimate when the probabilities are right (NannyML's CBPE, with sampling noise).
+    """
+
+    rows: int
+    f1: float
+    f1_low: float
+    f1_high: float
+    precision: float
+    precision_low: float
+    precision_high: float
+    recall: float
+    recall_low: float
+    recall_high: float
+    leaver_share: float
+    leaver_share_low: float
+    leaver_share_high: float
+    predicted_leaver_share: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Simulated outcomes are drawn this many rows x draws at a time, to bound memory at any size.
+_SIMULATION_CELLS = 2_000_000
+
+
+def estimate_performance(
+    probabilities: np.ndarray, threshold: float, options: ScoringSettings
+) -> PerformanceEstimate:
+    """Expected F1, precision, recall and share of leavers of a model's predictions, with intervals.
+
+    Sound when the probabilities are calibrated (training calibrates a model that is not).
+    """
+    probabilities = np.asarray(probabilities, dtype="float64")
+    rows = len(probabilities)
+    if rows == 0:
+        raise DataError("cannot estimate performance on an empty dataset")
+    chosen = probabilities >= threshold
+    flagged, others = probabilities[chosen], probabilities[~chosen]
+    tp, fp, fn = flagged.sum(), (1.0 - flagged).sum(), others.sum()
+
+    rng = np.random.default_rng(options.random_state)
+    draws = options.estimate_draws
+    hits_flagged = np.empty(draws)
+    hits_others = np.empty(draws)
+    chunk = max(1, _SIMULATION_CELLS // max(rows, 1))
+    for start in range(0, draws, chunk):
+        size = min(chunk, draws - start)
+        hits_flagged[start:start + size] = (rng.random((size, len(flagged))) < flagged).sum(axis=1)
+        hits_others[start:start + size] = (rng.random((size, len(others))) < others).sum(axis=1)
+    drawn_f1 = f1_from_counts(hits_flagged, len(flagged) - hits_flagged, hits_others)
+    drawn_precision = hits_flagged / len(flagged) if len(flagged) else np.zeros(draws)
+    leavers = hits_flagged + hits_others
+    drawn_recall = np.divide(hits_flagged, leavers, out=np.zeros(draws), where=leavers > 0)
+    tail = (1 - options.confidence) / 2 * 100
+
+    def interval(values: np.ndarray) -> tuple[float, float]:
+        low, high = np.percentile(values, [tail, 100 - tail])
+        return float(low), float(high)
+
+    f1_low, f1_high = interval(drawn_f1)
+    precision_low, precision_high = interval(drawn_precision)
+    recall_low, recall_high = interval(drawn_recall)
+    share_low, share_high = interval(leavers / rows)
+    return PerformanceEstimate(
+        rows=rows,
+        f1=float(f1_from_counts(np.array(tp), np.array(fp), np.array(fn))),
+        f1_low=f1_low,
+        f1_high=f1_high,
+        precision=float(tp / len(flagged)) if len(flagged) else 0.0,
+        precision_low=precision_low,
+        precision_high=precision_high,
+        recall=float(tp / (tp + fn)) if tp + fn else 0.0,
+        recall_low=recall_low,
+        recall_high=recall_high,
+        leaver_share=float(probabilities.mean()),
+        leaver_share_low=share_low,
+        leaver_share_high=share_high,
+        predicted_leaver_share=float(chosen.mean()),
+    )
+
+
+@dataclass(frozen=True)
 class ModelComparison:
     """Two models' F1 on the same rows, and a paired bootstrap interval of their difference."""
 
@@ -800,12 +972,30 @@ def score(
     else:
         frame = read_dataset(Path(data_path), settings.schema)
         data_label = str(data_path)
-    metrics = evaluate(model, frame, settings).metrics
+    evaluation = evaluate(model, frame, settings)
+    metrics = evaluation.metrics
     score_path = None
     if writes_score:
         score_path = settings.score_path
         write_score_file(score_path, metrics.f1)
     record_score(settings, metrics, purpose, metadata, model_path, data_label)
+    measured = calibration(
+        evaluation.truth, evaluation.probabilities, settings.scoring.calibration_bins
+    )
+    records.add(
+        settings.records_path,
+        "calibrations",
+        {
+            "time": records.utc_now(),
+            "purpose": purpose,
+            "model_version": metadata.get("version"),
+            "data_path": data_label,
+            "rows": measured.rows,
+            "brier": measured.brier,
+            "ece": measured.ece,
+            "curve": measured.curve,
+        },
+    )
     records.add_stage_run(settings.records_path, "scoring", time.perf_counter() - started, len(frame))
     return ScoreReport(
         metrics=metrics,

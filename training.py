@@ -28,9 +28,14 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 import sklearn
+from scipy.special import expit
 from sklearn.base import ClassifierMixin
+from sklearn.calibration import CalibratedClassifierCV
+# Platt's sigmoid as CalibratedClassifierCV fits it: choosing between methods needs it alone.
+from sklearn.calibration import _SigmoidCalibration
 from sklearn.compose import ColumnTransformer
 from sklearn.impute import SimpleImputer
+from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score, precision_recall_curve, roc_auc_score
 from sklearn.model_selection import FixedThresholdClassifier, StratifiedKFold, cross_val_predict
@@ -43,7 +48,7 @@ import records
 from errors import InsufficientDataError, run_cli
 from dataset import read_master, row_hashes
 from locks import pipeline_lock
-from scoring import LinearScorer, model_input
+from scoring import LinearScorer, calibration, model_input
 from settings import ModelSettings, Schema, Settings, add_config_argument, load_settings
 
 log = logging.getLogger(__name__)
@@ -191,15 +196,26 @@ def fit_model(
             "and clients who stayed. Ingest more data first."
         )
     pipeline = build_pipeline(schema, options)
+    estimator: ClassifierMixin = pipeline
     needed = options.cv_folds * options.min_class_rows_per_fold
     if class_counts.min() >= needed:
         with one_blas_thread():
-            threshold, cv_f1 = tune_threshold(pipeline, features, target, options, sample_weight)
+            tuning = tune_threshold(pipeline, features, target, options, sample_weight)
+        threshold = tuning.threshold
         info = {
             "threshold": threshold,
-            "threshold_source": f"tuned for F1 by {options.cv_folds}-fold cross-validation",
-            "cv_f1": cv_f1,
+            "threshold_source": f"tuned for F1 by {options.cv_folds}-fold cross-validation"
+            + (f" on {tuning.calibration['method']}-calibrated probabilities"
+               if tuning.calibration["method"] else ""),
+            "cv_f1": tuning.f1,
+            "calibration": tuning.calibration,
         }
+        if tuning.calibration["method"]:
+            # ensemble=False: one pipeline fitted on all rows, its calibrator fitted on the
+            # out-of-fold log-odds of the same folds that tuning measured.
+            estimator = CalibratedClassifierCV(
+                pipeline, method=tuning.calibration["method"], cv=_folds(options), ensemble=False
+            )
     else:
         threshold = options.default_threshold
         info = {
@@ -209,8 +225,11 @@ def fit_model(
                 f"at least {needed} ({options.cv_folds} folds x {options.min_class_rows_per_fold})"
             ),
             "cv_f1": None,
+            "calibration": None,
         }
-    model = FixedThresholdClassifier(pipeline, threshold=threshold, response_method="predict_proba")
+    model = FixedThresholdClassifier(
+        estimator, threshold=threshold, response_method="predict_proba"
+    )
     with one_blas_thread():
         model.fit(features, target, **_weight_params(sample_weight))
     return model, info
@@ -253,33 +272,90 @@ def _weight_params(sample_weight: np.ndarray | None) -> dict[str, Any]:
     return {} if sample_weight is None else {"classifier__sample_weight": sample_weight}
 
 
+class ThresholdTuning(NamedTuple):
+    """The F1-tuned threshold, its cross-validated F1, and how calibrated the model was found."""
+
+    threshold: float
+    f1: float
+    # ECE and Brier score of the out-of-fold probabilities; the method chosen (None: left alone)
+    # with each method's cross-validated Brier score, and the ECE after it.
+    calibration: dict[str, Any]
+
+
+def _folds(options: ModelSettings) -> StratifiedKFold:
+    return StratifiedKFold(options.cv_folds, shuffle=True, random_state=options.random_state)
+
+
 def tune_threshold(
     pipeline: Pipeline, features: pd.DataFrame, target: np.ndarray, options: ModelSettings,
     sample_weight: np.ndarray | None = None,
-) -> tuple[float, float]:
+) -> ThresholdTuning:
     """The probability threshold that maximises F1 on out-of-fold predictions, and that F1.
 
     scikit-learn's TunedThresholdClassifierCV does the same but calls f1_score once per candidate
     threshold and fold (seconds of overhead at any data size); one precision-recall curve over the
-    pooled out-of-fold probabilities scores every candidate at once.
+    pooled out-of-fold probabilities scores every candidate at once. When those probabilities are
+    miscalibrated beyond `options.calibration_bound`, the threshold is tuned on calibrated ones.
     """
     if len(target) > options.max_tuning_rows:
         rng = np.random.default_rng(options.random_state)
         rows = np.sort(rng.choice(len(target), size=options.max_tuning_rows, replace=False))
         features, target = features.iloc[rows], target[rows]
         sample_weight = None if sample_weight is None else sample_weight[rows]
-    folds = StratifiedKFold(options.cv_folds, shuffle=True, random_state=options.random_state)
-    probabilities = cross_val_predict(
-        pipeline, features, target, cv=folds, method="predict_proba",
+    folds = _folds(options)
+    # The log-odds, which a calibrator takes; expit of them is exactly predict_proba's answer.
+    logits = cross_val_predict(
+        pipeline, features, target, cv=folds, method="decision_function",
         params=_weight_params(sample_weight),
-    )[:, 1]
+    )
+    probabilities = expit(logits)
+    measured = calibration(target, probabilities)
+    report: dict[str, Any] = {
+        "cv_ece": measured.ece, "cv_brier": measured.brier, "bound": options.calibration_bound,
+        "method": None,
+    }
+    if measured.ece > options.calibration_bound:
+        method, probabilities, briers = choose_calibration(logits, target, folds)
+        report |= {
+            "method": method,
+            "cv_brier_by_method": briers,
+            "calibrated_cv_ece": calibration(target, probabilities).ece,
+        }
     precision, recall, thresholds = precision_recall_curve(
         target, probabilities, sample_weight=sample_weight
     )
     # The last precision/recall pair has no threshold (it is the "predict nobody" end).
     f1 = f1_from_precision_recall(precision[:-1], recall[:-1])
     best = int(np.argmax(f1))
-    return float(thresholds[best]), float(f1[best])
+    return ThresholdTuning(float(thresholds[best]), float(f1[best]), report)
+
+
+CALIBRATION_METHODS = ("isotonic", "sigmoid")
+
+
+def choose_calibration(
+    logits: np.ndarray, target: np.ndarray, folds: StratifiedKFold
+) -> tuple[str, np.ndarray, dict[str, float]]:
+    """The calibration method with the lower cross-validated Brier score, and its probabilities.
+
+    Each method's calibrator is fitted on the out-of-fold log-odds of all folds but one and
+    predicts the one left out, so both are judged, and the threshold later tuned, on probabilities
+    the calibrator has not seen.
+    """
+    calibrated = {method: np.empty(len(target)) for method in CALIBRATION_METHODS}
+    column = logits.reshape(-1, 1)
+    for train_rows, test_rows in folds.split(column, target):
+        isotonic = IsotonicRegression(out_of_bounds="clip")
+        isotonic.fit(logits[train_rows], target[train_rows])
+        calibrated["isotonic"][test_rows] = isotonic.predict(logits[test_rows])
+        sigmoid = _SigmoidCalibration().fit(logits[train_rows], target[train_rows])
+        calibrated["sigmoid"][test_rows] = sigmoid.predict(logits[test_rows])
+    briers = {
+        method: float(np.mean((probabilities - target) ** 2))
+        for method, probabilities in calibrated.items()
+    }
+    best = min(CALIBRATION_METHODS, key=briers.__getitem__)  # a tie goes to the first
+    return best, calibrated[best], briers
 
 
 def f1_from_precision_recall(precision: np.ndarray, recall: np.ndarray) -> np.ndarray:
@@ -341,6 +417,7 @@ def train(
         "features": list(schema.features),
         "threshold": threshold_info["threshold"],
         "threshold_source": threshold_info["threshold_source"],
+        "calibration": threshold_info["calibration"],
         "model_settings": settings.model._asdict(),
         "training_metrics": {
             "cv_f1": threshold_info["cv_f1"],
@@ -460,6 +537,9 @@ def linear_model_params(model: ClassifierMixin) -> dict[str, Any]:
     model.predict_proba.
     """
     pipeline = getattr(model, "estimator_", None)
+    calibration_params = None
+    if isinstance(pipeline, CalibratedClassifierCV):
+        pipeline, calibration_params = _calibration_params(pipeline)
     if not isinstance(model, FixedThresholdClassifier) or not isinstance(pipeline, Pipeline):
         raise ValueError("not a FixedThresholdClassifier around a fitted Pipeline")
     preprocess, classifier = pipeline.named_steps.get("preprocess"), pipeline[-1]
@@ -487,7 +567,27 @@ def linear_model_params(model: ClassifierMixin) -> dict[str, Any]:
         "intercept": float(classifier.intercept_[0]),
         "numeric": numeric,
         "categorical": categorical,
+        **({"calibration": calibration_params} if calibration_params else {}),
     }
+
+
+def _calibration_params(calibrated: CalibratedClassifierCV) -> tuple[Any, dict[str, Any]]:
+    """The pipeline inside a CalibratedClassifierCV(ensemble=False), and its calibrator as data."""
+    if len(calibrated.calibrated_classifiers_) != 1:
+        raise ValueError("a calibrated ensemble, not one pipeline with one calibrator")
+    (inner,) = calibrated.calibrated_classifiers_
+    (calibrator,) = inner.calibrators
+    if inner.method == "sigmoid":
+        return inner.estimator, {
+            "method": "sigmoid", "a": float(calibrator.a_), "b": float(calibrator.b_)
+        }
+    if inner.method == "isotonic" and calibrator.out_of_bounds == "clip":
+        return inner.estimator, {
+            "method": "isotonic",
+            "x": [float(x) for x in calibrator.X_thresholds_],
+            "y": [float(y) for y in calibrator.y_thresholds_],
+        }
+    raise ValueError(f"unexpected calibration {inner.method!r}")
 
 
 def _numeric_params(steps: Pipeline, columns: list[str], weights: Any) -> list[dict[str, Any]]:

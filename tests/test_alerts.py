@@ -62,6 +62,9 @@ def one_alert_of_each_kind(settings) -> dict[str, alerts.Alert]:
         alerts.OUTPUTS_OUT_OF_STEP: alerts.outputs_out_of_step(
             "0004", {"report.pdf": "0003", "riskscores.csv": None}
         ),
+        alerts.ESTIMATED_DROP: alerts.estimated_drop(
+            "0004", "roster.csv", 0.70, 0.58, 0.06, ["number_of_employees"]
+        ),
     }
 
 
@@ -107,8 +110,8 @@ def test_a_multi_line_error_becomes_one_line_of_text():
     alert = alerts.cycle_failed(RuntimeError("first line\nsecond line"))
 
     assert alert.text == (
-        "Risk model: the cycle failed — first line second line; the previous deployment keeps "
-        "serving"
+        "Risk model: the cycle failed — first line second line; see the cycle log for what was "
+        "done before it failed"
     )
     assert alert.fields["error_type"] == "RuntimeError"
 

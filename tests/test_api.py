@@ -51,16 +51,6 @@ def no_token_from_the_environment(monkeypatch):
 
 
 @pytest.fixture
-def make_client():
-    """A test client of the API built for the given settings, as flaskr's `app.test_client()`."""
-    def make(settings):
-        app = create_app(settings)
-        app.testing = True
-        return app.test_client()
-    return make
-
-
-@pytest.fixture
 def client(make_client, deployed):
     return make_client(deployed)
 
@@ -804,6 +794,14 @@ def test_gunicorn_serves_every_endpoint_and_a_new_release_without_restart(
         for _ in range(6)
     }
     assert versions == {second}
+
+
+def test_ready_says_what_the_release_f1_was_measured_on(client):
+    answer = client.get("/ready").get_json()
+
+    assert answer["f1_measured_on"] == "the test data"
+    assert answer["f1_interval"][0] <= answer["f1"] <= answer["f1_interval"][1]
+    assert answer["f1_rows"] == TEST_ROWS
 
 
 def test_the_api_serves_the_release_without_unpickling_it(make_client, deployed, monkeypatch):

@@ -138,6 +138,8 @@ def test_reasons_of_a_hand_made_client_match_a_hand_computation(deployed):
         "number_of_employees": pd.array([2000], dtype="Int64"),
     })
     pipeline = model.estimator_
+    if hasattr(pipeline, "calibrated_classifiers_"):  # calibrated: reasons are the pipeline's
+        pipeline = pipeline.calibrated_classifiers_[0].estimator
     counts = pipeline.named_steps["preprocess"].named_transformers_["counts"]
     median = counts.named_steps["simpleimputer"].statistics_
     scaler = counts.named_steps["standardscaler"]
@@ -148,8 +150,9 @@ def test_reasons_of_a_hand_made_client_match_a_hand_computation(deployed):
     why = explain(model, client)
 
     np.testing.assert_allclose(why.contributions[0], by_hand, rtol=1e-12)
-    probability = model.predict_proba(client[list(deployed.schema.features)])[0, 1]
-    assert why.logits()[0] == pytest.approx(np.log(probability / (1 - probability)), abs=1e-9)
+    # The log-odds before calibration: the pipeline's own decision function.
+    decision = pipeline.decision_function(client[list(deployed.schema.features)])[0]
+    assert why.logits()[0] == pytest.approx(decision, abs=1e-9)
     assert why.intercept + by_hand.sum() == pytest.approx(why.logits()[0], abs=1e-12)
     features = ["lastmonth_activity", "lastyear_activity", "number_of_employees"]
     typical = [number_text(np.expm1(mean)) for mean in scaler.mean_]

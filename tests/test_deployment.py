@@ -206,3 +206,14 @@ def test_a_missing_output_is_out_of_step(reported):
 def test_nothing_deployed_has_no_outputs_to_keep_in_step(workspace):
     assert deployment.outputs_out_of_step(workspace) == {}
 
+
+
+def test_release_list_says_what_each_f1_was_measured_on(deployed, capsys):
+    from deployment import main
+
+    assert main(["--config", str(deployed.config_path), "--list"]) == 0
+
+    listing = capsys.readouterr().out
+    assert "on the test data (400 rows; interval " in listing
+    assert "0.6" in listing or "0.7" in listing  # three places, not seventeen
+    assert not any(len(part) > 6 and part.startswith("0.") for part in listing.split())

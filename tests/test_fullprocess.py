@@ -119,7 +119,7 @@ def test_a_roster_alone_brings_the_risk_list_up_to_date(cycle_settings):
     assert cycle["decision"] == "no-usable-rows"
     steps = json.loads(cycle["details"])["steps"]
     assert f"a roster of {len(roster.frame)} current clients" in steps[0]
-    assert steps[1].startswith("risk list: ")
+    assert any(step.startswith("risk list: ") for step in steps)
     risk = pd.read_csv(cycle_settings.risk_scores_path, dtype={"corporation": str})
     assert set(roster.frame["corporation"]) <= set(risk["corporation"])
     assert set(risk["model_version"]) == {release}

@@ -208,7 +208,7 @@ def test_reasons_name_the_category_and_add_up_to_the_log_odds(tmp_path):
     from conftest import build_workspace, write_config
     from dataset import read_dataset
     from ingestion import ingest
-    from scoring import explain, linear_scorer
+    from scoring import calibrated_probabilities, explain, linear_scorer
     from settings import load_settings
     from training import train
 
@@ -232,8 +232,10 @@ def test_reasons_name_the_category_and_add_up_to_the_log_odds(tmp_path):
     assert why.contributions[1, region] == weights[frame["region"].iloc[1]]
     assert why.contributions[0, region] == 0.0  # a category unseen in training adds nothing
     probabilities = model.predict_proba(frame)[:, 1]
-    np.testing.assert_allclose(why.logits(), np.log(probabilities / (1 - probabilities)),
-                               rtol=1e-9)
+    np.testing.assert_allclose(
+        calibrated_probabilities(why.logits(), linear_scorer(model).calibration), probabilities,
+        rtol=1e-9,
+    )
     south = int(np.flatnonzero(frame["region"].to_numpy() == "south")[0])
     assert "region south: raises risk" in [reason["text"] for reason in why.as_records()[south]]
 
