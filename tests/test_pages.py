@@ -667,3 +667,19 @@ def load_settings_like_default(root: Path) -> Settings:
     (root / "sourcedata").mkdir(exist_ok=True)
     (root / "testdata").mkdir(exist_ok=True)
     return load_settings(write_config(root))
+
+
+def test_model_page_shows_the_release_calibration_and_the_newest_roster_estimate(browse, deployed):
+    import generate_data
+    from diagnostics import run_diagnostics
+    from estimation import estimate_roster
+
+    roster = generate_data.make_clients(300, seed=91, id_offset=950_000).drop(columns="exited")
+    estimate = estimate_roster(deployed, roster, "roster.csv")
+    run_diagnostics(deployed, dependencies=False)
+
+    page = text_of(browse(deployed).get("/model"))
+
+    assert "expected calibration error" in page
+    assert "Newest roster roster.csv (300 clients" in page
+    assert f"estimated F1 {estimate.estimate.f1:.3f}" in page
