@@ -23,7 +23,6 @@ import pandas as pd
 
 import records
 from dataset import read_dataset, read_master
-from deployment import load_deployed_model
 from diagnostics import compare_datasets
 from scoring import (
     PerformanceEstimate,
@@ -31,6 +30,7 @@ from scoring import (
     decision_threshold,
     estimate_performance,
     f1_from_counts,
+    load_deployed,
     predict_frame,
 )
 from settings import Settings
@@ -68,7 +68,7 @@ def estimate_roster(
     `master_rows` is the size of the master dataset now (counted when not given): labeled rows
     beyond it are outcomes that arrived later, which `record_realised` compares with the estimate.
     """
-    model, release = load_deployed_model(settings)
+    model, release = load_deployed(settings)  # its model.json: no unpickling
     prediction = predict_frame(model, release.version, roster, settings.schema)
     probabilities = np.asarray(prediction.probabilities)
     predicted = np.asarray(prediction.predictions)

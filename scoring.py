@@ -494,10 +494,11 @@ def model_input(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
 
 def decision_threshold(model: Any) -> float:
     """The probability from which `model` predicts that a client leaves (0.5 when it keeps none)."""
-    scorer = linear_scorer(model)
-    if scorer is not None:
-        return scorer.threshold
-    threshold = _decision_threshold(model)
+    if isinstance(model, ServedModel):
+        threshold = model.threshold
+    else:
+        scorer = linear_scorer(model)
+        threshold = scorer.threshold if scorer is not None else _decision_threshold(model)
     return 0.5 if threshold is None else threshold
 
 

@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
                                 root / "test" / "test.csv")
         (root / "config.json").write_text(
             '{"input_folder_path": "in", "output_folder_path": "out", "test_data_path": "test",'
-            ' "output_model_path": "model", "prod_deployment_path": "prod"}'
+            ' "output_model_path": "model", "prod_deployment_path": "prod",'
+            ' "ingestion": {"settle_seconds": 0}}'
         )
         settings = load_settings(root / "config.json")
         ingest(settings)

@@ -106,6 +106,18 @@ def package_index_not_asked(monkeypatch: pytest.MonkeyPatch, request: pytest.Fix
 
 
 @pytest.fixture
+def make_client():
+    """A test client of the app built for the given settings, as flaskr's `app.test_client()`."""
+    from app import create_app
+
+    def make(settings: Settings):
+        app = create_app(settings)
+        app.testing = True
+        return app.test_client()
+    return make
+
+
+@pytest.fixture
 def workspace(tmp_path: Path) -> Settings:
     """A fresh workspace with source and test data, nothing ingested yet."""
     return load_settings(build_workspace(tmp_path / "workspace"))

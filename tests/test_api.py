@@ -51,16 +51,6 @@ def no_token_from_the_environment(monkeypatch):
 
 
 @pytest.fixture
-def make_client():
-    """A test client of the API built for the given settings, as flaskr's `app.test_client()`."""
-    def make(settings):
-        app = create_app(settings)
-        app.testing = True
-        return app.test_client()
-    return make
-
-
-@pytest.fixture
 def client(make_client, deployed):
     return make_client(deployed)
 

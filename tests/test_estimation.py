@@ -255,3 +255,21 @@ def test_the_report_shows_calibration_and_estimated_beside_realised_f1(deployed)
     lines = _estimate_trend_lines(deployed)
 
     assert len(lines) == 2 and lines[1].lstrip().startswith("roster.csv")
+
+
+def test_model_json_carries_the_calibration_the_served_model_applies(workspace):
+    import json
+
+    from ingestion import ingest
+    from scoring import read_plain_model
+    from training import train
+
+    ingest(workspace)
+    result = train(workspace)
+
+    plain = json.loads(workspace.model_json_path.read_text())
+    assert plain["calibration"]["method"] == result.metadata["calibration"]["method"]
+    frame = generate_data.make_clients(500, seed=81)
+    served = read_plain_model(workspace.model_json_path).probabilities(frame)
+    expected = result.model.predict_proba(model_input(frame, SCHEMA))[:, 1]
+    assert np.max(np.abs(served - expected)) < 1e-12

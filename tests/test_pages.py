@@ -24,7 +24,6 @@ import generate_data
 import pages
 import records
 import reporting
-from app import create_app
 from conftest import write_config
 from ingestion import ingest
 from settings import Settings, load_settings
@@ -95,18 +94,8 @@ def own_site(site, tmp_path) -> Settings:
 
 
 @pytest.fixture
-def browse():
-    """A test client of the app for the given settings."""
-    def make(settings):
-        app = create_app(settings)
-        app.testing = True
-        return app.test_client()
-    return make
-
-
-@pytest.fixture
-def client(browse, site):
-    return browse(site)
+def client(make_client, site):
+    return make_client(site)
 
 
 def text_of(response) -> str:
@@ -135,8 +124,8 @@ def write_risk_list(settings: Settings, frame: pd.DataFrame) -> None:
 
 
 @pytest.mark.parametrize("path", ["/", "/clients/abc", "/model"])
-def test_page_before_any_deployment_says_to_run_fullprocess(browse, workspace, path):
-    response = browse(workspace).get(path)
+def test_page_before_any_deployment_says_to_run_fullprocess(make_client, workspace, path):
+    response = make_client(workspace).get(path)
 
     assert response.status_code == 503
     assert "Nothing is deployed yet" in text_of(response)
@@ -144,15 +133,15 @@ def test_page_before_any_deployment_says_to_run_fullprocess(browse, workspace, p
 
 
 @pytest.mark.parametrize("path", ["/", "/clients/abc"])
-def test_list_pages_before_reporting_say_to_run_reporting(browse, deployed, path):
-    response = browse(deployed).get(path)
+def test_list_pages_before_reporting_say_to_run_reporting(make_client, deployed, path):
+    response = make_client(deployed).get(path)
 
     assert response.status_code == 503
     assert "python reporting.py" in text_of(response)
 
 
-def test_model_page_before_reporting_shows_the_release_deployed_by_hand(browse, deployed):
-    response = browse(deployed).get("/model")
+def test_model_page_before_reporting_shows_the_release_deployed_by_hand(make_client, deployed):
+    response = make_client(deployed).get("/model")
 
     assert response.status_code == 200
     page = text_of(response)
@@ -164,8 +153,8 @@ def test_model_page_before_reporting_shows_the_release_deployed_by_hand(browse, 
 @pytest.mark.parametrize(
     "path", ["/riskscores.csv", "/model/report.pdf", "/model/confusionmatrix.png"]
 )
-def test_download_before_reporting_is_503_naming_reporting_py(browse, deployed, path):
-    response = browse(deployed).get(path)
+def test_download_before_reporting_is_503_naming_reporting_py(make_client, deployed, path):
+    response = make_client(deployed).get(path)
 
     assert response.status_code == 503
     assert "reporting.py" in text_of(response)
@@ -275,20 +264,20 @@ def test_each_client_shows_its_reasons_and_what_changed_as_the_list_words_them(c
             assert f"(was {row.rank_before})" in text
 
 
-def test_columns_a_later_list_adds_are_shown_as_they_are(browse, own_site):
+def test_columns_a_later_list_adds_are_shown_as_they_are(make_client, own_site):
     write_risk_list(own_site, risk_list(own_site).assign(account_manager="Ada"))
-    client = browse(own_site)
+    client = make_client(own_site)
     first = risk_list(own_site)["corporation"][0]
 
     assert "account_manager" in text_of(client.get("/"))
     assert "account_manager Ada" in text_of(client.get(f"/clients/{first}"))
 
 
-def test_list_without_reasons_or_changes_shows_what_it_has(browse, own_site):
+def test_list_without_reasons_or_changes_shows_what_it_has(make_client, own_site):
     bare = risk_list(own_site)[["rank", "corporation", "probability", "predicted_exited",
                                 "model_version"]]
     write_risk_list(own_site, bare)
-    client = browse(own_site)
+    client = make_client(own_site)
 
     list_page = text_of(client.get("/"))
     client_page = text_of(client.get(f"/clients/{bare['corporation'][0]}"))
@@ -298,20 +287,20 @@ def test_list_without_reasons_or_changes_shows_what_it_has(browse, own_site):
     assert "This risk list carries no reasons" in client_page
 
 
-def test_list_made_by_an_earlier_release_says_to_report_again(browse, own_site):
+def test_list_made_by_an_earlier_release_says_to_report_again(make_client, own_site):
     deployment.rollback(own_site)
 
-    page = text_of(browse(own_site).get("/"))
+    page = text_of(make_client(own_site).get("/"))
 
     assert f"Release {deployment.current_release(own_site).version} is served now" in page
     assert "python reporting.py" in page
 
 
-def test_a_replaced_list_is_read_again_and_an_unchanged_one_is_not(browse, own_site, monkeypatch):
+def test_a_replaced_list_is_read_again_and_an_unchanged_one_is_not(make_client, own_site, monkeypatch):
     built = []
     index = pages.RiskList
     monkeypatch.setattr(pages, "RiskList", lambda *args: built.append(1) or index(*args))
-    client = browse(own_site)
+    client = make_client(own_site)
     client.get("/")
     client.get("/?page=2")
     listed = risk_list(own_site)
@@ -470,8 +459,8 @@ def hostile(own_site) -> Settings:
 
 
 @pytest.mark.parametrize("path", ["/", f"/clients/{quote(HOSTILE_ID)}", "/?q=%3Cscr"])
-def test_hostile_client_id_is_shown_as_text_never_as_markup(browse, hostile, path):
-    response = browse(hostile).get(path)
+def test_hostile_client_id_is_shown_as_text_never_as_markup(make_client, hostile, path):
+    response = make_client(hostile).get(path)
 
     html = response.get_data(as_text=True)
     assert response.status_code == 200
@@ -479,16 +468,16 @@ def test_hostile_client_id_is_shown_as_text_never_as_markup(browse, hostile, pat
     assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;,&#39;&amp;" in html
 
 
-def test_search_for_a_hostile_id_redirects_to_its_page_quoted(browse, hostile):
-    response = browse(hostile).get("/", query_string={"q": HOSTILE_ID})
+def test_search_for_a_hostile_id_redirects_to_its_page_quoted(make_client, hostile):
+    response = make_client(hostile).get("/", query_string={"q": HOSTILE_ID})
 
     assert response.status_code == 302
     assert "<" not in response.location and '"' not in response.location
-    assert browse(hostile).get(response.location).status_code == 200
+    assert make_client(hostile).get(response.location).status_code == 200
 
 
-def test_list_links_a_hostile_id_to_the_page_its_search_opens(browse, hostile):
-    client = browse(hostile)
+def test_list_links_a_hostile_id_to_the_page_its_search_opens(make_client, hostile):
+    client = make_client(hostile)
     location = client.get("/", query_string={"q": HOSTILE_ID}).location
 
     links = re.findall(LISTED, client.get("/").get_data(as_text=True))
@@ -530,11 +519,11 @@ def test_pages_change_no_file_and_no_record(client, site):
 
 
 @pytest.fixture
-def guarded(browse, site, monkeypatch):
+def guarded(make_client, site, monkeypatch):
     """A client of the app started with a token."""
     monkeypatch.setenv("RISK_API_TOKEN", TOKEN)
     monkeypatch.setenv(pages.SECRET_KEY_ENV_VAR, "k" * 64)
-    return browse(site)
+    return make_client(site)
 
 
 def log_in(client, token=TOKEN, next_path="/"):
@@ -602,14 +591,14 @@ def test_bearer_token_opens_the_pages_too(guarded):
     assert response.status_code == 200
 
 
-def test_session_made_with_another_token_is_not_accepted(browse, site, monkeypatch):
+def test_session_made_with_another_token_is_not_accepted(make_client, site, monkeypatch):
     monkeypatch.setenv(pages.SECRET_KEY_ENV_VAR, "k" * 64)
     monkeypatch.setenv("RISK_API_TOKEN", "the-old-token")
-    old = browse(site)
+    old = make_client(site)
     log_in(old, token="the-old-token")
     cookie = old.get_cookie("risk_session")
     monkeypatch.setenv("RISK_API_TOKEN", TOKEN)
-    new = browse(site)
+    new = make_client(site)
     new.set_cookie("risk_session", cookie.value)
 
     assert new.get("/").status_code == 302
@@ -667,3 +656,19 @@ def load_settings_like_default(root: Path) -> Settings:
     (root / "sourcedata").mkdir(exist_ok=True)
     (root / "testdata").mkdir(exist_ok=True)
     return load_settings(write_config(root))
+
+
+def test_model_page_shows_the_release_calibration_and_the_newest_roster_estimate(browse, deployed):
+    import generate_data
+    from diagnostics import run_diagnostics
+    from estimation import estimate_roster
+
+    roster = generate_data.make_clients(300, seed=91, id_offset=950_000).drop(columns="exited")
+    estimate = estimate_roster(deployed, roster, "roster.csv")
+    run_diagnostics(deployed, dependencies=False)
+
+    page = text_of(browse(deployed).get("/model"))
+
+    assert "expected calibration error" in page
+    assert "Newest roster roster.csv (300 clients" in page
+    assert f"estimated F1 {estimate.estimate.f1:.3f}" in page
