@@ -658,7 +658,7 @@ def load_settings_like_default(root: Path) -> Settings:
     return load_settings(write_config(root))
 
 
-def test_model_page_shows_the_release_calibration_and_the_newest_roster_estimate(browse, deployed):
+def test_model_page_shows_the_release_calibration_and_the_newest_roster_estimate(make_client, deployed):
     import generate_data
     from diagnostics import run_diagnostics
     from estimation import estimate_roster
@@ -667,7 +667,7 @@ def test_model_page_shows_the_release_calibration_and_the_newest_roster_estimate
     estimate = estimate_roster(deployed, roster, "roster.csv")
     run_diagnostics(deployed, dependencies=False)
 
-    page = text_of(browse(deployed).get("/model"))
+    page = text_of(make_client(deployed).get("/model"))
 
     assert "expected calibration error" in page
     assert "Newest roster roster.csv (300 clients" in page
