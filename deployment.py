@@ -244,6 +244,7 @@ def _switch_to(settings: Settings, release: Release, action: str) -> None:
     previous = manifest.get("current")
     if previous == release.version and manifest.get("files") == release.files:
         log.info("%s: release %s is current already", action, release.version)
+        place_course_files(settings, release)
         _prune(settings, manifest.get("history", []))
         return
     now = records.utc_now()
@@ -272,7 +273,25 @@ def _switch_to(settings: Settings, release: Release, action: str) -> None:
         },
     )
     log.info("%s: production now serves release %s (was %s)", action, release.version, previous)
+    place_course_files(settings, release)
     _prune(settings, history)
+
+
+# The files the original course's deployment step leaves directly in production_deployment/.
+COURSE_FILES = (MODEL_FILE, SCORE_FILE, INGESTED_FILE)
+
+
+def place_course_files(settings: Settings, release: Release) -> None:
+    """Copy the served release's model, score and ingest record beside releases/, as the course
+    lays them out, each replaced atomically after the manifest has switched.
+
+    The manifest stays the truth our own readers follow; these copies are for readers written for
+    the course, and always describe the release being served (rollback included).
+    """
+    for name in COURSE_FILES:
+        source = release.folder / name
+        if source.is_file():
+            atomicio.copy_file(source, settings.deployment_folder / name)
 
 
 def _prune(settings: Settings, history: list[dict[str, Any]]) -> None:

@@ -217,3 +217,22 @@ def test_release_list_says_what_each_f1_was_measured_on(deployed, capsys):
     assert "on the test data (400 rows; interval " in listing
     assert "0.6" in listing or "0.7" in listing  # three places, not seventeen
     assert not any(len(part) > 6 and part.startswith("0.") for part in listing.split())
+
+
+def test_course_files_beside_the_releases_are_those_of_the_served_release(deployed):
+    from deployment import COURSE_FILES, current_release, deploy, rollback
+
+    first = current_release(deployed)
+    for name in COURSE_FILES:
+        assert (deployed.deployment_folder / name).read_bytes() == (first.folder / name).read_bytes()
+
+    train(deployed)
+    score(deployed)
+    second = deploy(deployed)
+    assert (deployed.deployment_folder / "trainedmodel.pkl").read_bytes() == (
+        second.folder / "trainedmodel.pkl").read_bytes()
+
+    rollback(deployed)
+
+    for name in COURSE_FILES:
+        assert (deployed.deployment_folder / name).read_bytes() == (first.folder / name).read_bytes()
