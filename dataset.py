@@ -181,7 +181,9 @@ def read_master(settings: Settings) -> pd.DataFrame:
     if missing:
         raise DataError(
             f"master dataset {path} lacks column(s) {', '.join(missing)}: it was made with another "
-            "schema; move it away and ingest again"
+            "schema than config.json's; run `ingestion.py --rebuild` to move it, its records of "
+            "ingested files and the quarantine aside into a dated folder and ingest every source "
+            "file again (nothing is deleted)"
         )
     return typed(frame[list(schema.columns)], schema)
 

@@ -16,6 +16,8 @@ EXIT_USER_ERROR = 2
 # Another run holds the pipeline lock: nothing was done, and the same command can be run again
 # later. 75 is EX_TEMPFAIL of sysexits.h, "a temporary failure; try again".
 EXIT_BUSY = 75
+# ingestion.py: every new file it tried was rejected, so nothing new went in (the others are fine).
+EXIT_ALL_REJECTED = 3
 
 
 class PipelineError(Exception):

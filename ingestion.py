@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import atomicio
 import records
-from errors import DataError, StorageError, run_cli
+from errors import EXIT_ALL_REJECTED, DataError, StorageError, run_cli
 from locks import held_since, pipeline_lock
 from settings import Schema, Settings, add_config_argument, load_settings
 
@@ -883,19 +883,64 @@ def _write_ingested_files_list(settings: Settings) -> None:
     atomicio.write_text(settings.ingested_files_path, "".join(f"{name}\n" for name in names))
 
 
+def rebuild(settings: Settings) -> tuple[Path, IngestReport]:
+    """Move the master dataset, the rosters, the quarantine and the ingestion records aside into a
+    dated folder, then ingest every source file again: for a schema that changed under the data.
+
+    Nothing is deleted: the files move, and the records database is copied whole before its
+    ingestion and roster rows are cleared, so every earlier record is still in the dated folder.
+    """
+    import shutil
+    import sqlite3
+
+    with pipeline_lock(settings, "ingestion --rebuild"):
+        recover(settings)
+        aside = settings.output_folder / f"before-rebuild-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+        aside.mkdir(parents=True)
+        for path in (settings.finaldata_path, settings.rosters_path, settings.quarantine_path,
+                     settings.ingested_files_path, settings.latest_batch_path):
+            if path.exists():
+                os.replace(path, aside / path.name)
+        if settings.records_path.exists():
+            with records.connect(settings.records_path) as connection:
+                connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            shutil.copyfile(settings.records_path, aside / settings.records_path.name)
+            with records.connect(settings.records_path) as connection:
+                for table in ("ingestions", "rosters"):
+                    try:
+                        connection.execute(f"DELETE FROM {table}")
+                    except sqlite3.OperationalError:  # a table this database never had
+                        pass
+        log.info("moved the old master dataset and its records aside into %s", aside)
+        return aside, ingest(settings)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     import argparse  # here, not at the top: fullprocess.py imports this module on its fast path
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_config_argument(parser)
+    parser.add_argument(
+        "--rebuild", action="store_true",
+        help="move the master dataset, rosters, quarantine and ingestion records aside into a "
+        "dated folder and ingest every source file again (after a change of schema)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = load_settings(args.config)
-    report = ingest(settings)
+    if args.rebuild:
+        aside, report = rebuild(settings)
+        print(f"Moved the old master dataset and its records into {aside}")
+    else:
+        report = ingest(settings)
     print(report.summary())
+    if report.files and not report.ingested and len(report.rejected) == len(report.files):
+        print(f"every new file was rejected ({len(report.rejected)}): nothing new went in",
+              file=sys.stderr)
+        return EXIT_ALL_REJECTED
     return 0
 
 

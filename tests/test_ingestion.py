@@ -552,3 +552,39 @@ def test_file_that_is_neither_a_labeled_batch_nor_a_roster_says_so_in_one_line(w
     assert "neither a labeled batch" in rejected.reason and "nor a roster" in rejected.reason
     assert "\n" not in rejected.reason
     assert len(read_master(workspace)) == 1200
+
+
+def test_every_file_rejected_exits_with_its_own_code_and_leaves_no_empty_master(workspace, capsys):
+    from errors import EXIT_ALL_REJECTED
+
+    for path in workspace.input_folder.glob("*.csv"):
+        path.unlink()
+    (workspace.input_folder / "broken.csv").write_text("not,a,dataset\n1,2,3\n")
+
+    assert main(["--config", str(workspace.config_path)]) == EXIT_ALL_REJECTED
+
+    assert "every new file was rejected" in capsys.readouterr().err
+    assert not workspace.finaldata_path.exists() or len(read_master(workspace)) == 0
+
+
+def test_rebuild_moves_every_old_file_aside_and_ingests_again(workspace, capsys):
+    ingest(workspace)
+    rows_before = len(read_master(workspace))
+    old_master = workspace.finaldata_path.read_bytes()
+
+    assert main(["--config", str(workspace.config_path), "--rebuild"]) == 0
+
+    aside = next(workspace.output_folder.glob("before-rebuild-*"))
+    assert (aside / "finaldata.csv").read_bytes() == old_master
+    assert (aside / workspace.records_path.name).exists()
+    assert len(read_master(workspace)) == rows_before
+    assert "Moved the old master dataset" in capsys.readouterr().out
+
+
+def test_master_of_another_schema_says_to_rebuild(workspace):
+    ingest(workspace)
+    changed = workspace._replace(schema=workspace.schema._replace(
+        numeric_features=workspace.schema.numeric_features + ("revenue",)))
+
+    with pytest.raises(DataError, match="ingestion.py --rebuild"):
+        read_master(changed)
