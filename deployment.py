@@ -471,6 +471,10 @@ def outputs_out_of_step(settings: Settings) -> dict[str, str | None]:
     return out_of_step
 
 
+# The cycle decisions that deploy a release (fullprocess.py), by which the report and the pages find
+# the cycle that put a release in production.
+DEPLOYING_DECISIONS = ("first-deployment", "drift-redeployed", "forced-redeploy")
+
 # What each recorded score purpose was measured on, in the words people read.
 MEASURED_ON = {
     "test": "the test data",

@@ -56,7 +56,6 @@ import deployment
 import diagnostics
 import ingestion
 import records
-import reporting
 from app import (
     KeyedCache,
     bearer_token_matches,
@@ -776,8 +775,8 @@ def why_deployed(version: str) -> dict[str, Any]:
     cycles = records.query(
         database,
         f"SELECT * FROM cycles WHERE release = ? AND decision IN "
-        f"({', '.join('?' for _ in reporting.DEPLOYING_DECISIONS)}) ORDER BY id DESC LIMIT 1",
-        (version, *reporting.DEPLOYING_DECISIONS),
+        f"({', '.join('?' for _ in deployment.DEPLOYING_DECISIONS)}) ORDER BY id DESC LIMIT 1",
+        (version, *deployment.DEPLOYING_DECISIONS),
     )
     cycle = cycles[0] if cycles else None
     details = json.loads(cycle["details"] or "{}") if cycle else {}
@@ -817,7 +816,7 @@ def last_cycles() -> list[dict[str, Any]]:
         (LAST_CYCLES,),
     )
     for cycle in cycles:
-        cycle["deployed"] = cycle["decision"] in reporting.DEPLOYING_DECISIONS
+        cycle["deployed"] = cycle["decision"] in deployment.DEPLOYING_DECISIONS
     return cycles
 
 

@@ -35,6 +35,7 @@ import atomicio
 import calllist
 import records
 from deployment import (
+    DEPLOYING_DECISIONS,
     Release,
     describe_release_score,
     list_releases,
@@ -441,7 +442,6 @@ def _estimate_trend_lines(settings: Settings) -> list[str]:
     return lines
 
 
-DEPLOYING_DECISIONS = ("first-deployment", "drift-redeployed", "forced-redeploy")
 
 
 def release_score_text(settings: Settings, release: Release) -> str:
