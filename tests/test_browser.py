@@ -119,7 +119,13 @@ def heading(driver: webdriver.Chrome) -> str:
 
 
 def wait_for(driver: webdriver.Chrome, condition) -> object:
-    return WebDriverWait(driver, WAIT_SECONDS).until(lambda _: condition())
+    # While a page is replaced by the next one, an element just found can go stale: look again.
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+    return WebDriverWait(
+        driver, WAIT_SECONDS,
+        ignored_exceptions=(StaleElementReferenceException, NoSuchElementException),
+    ).until(lambda _: condition())
 
 
 def open_page(driver: webdriver.Chrome, url: str) -> None:
