@@ -51,11 +51,15 @@ EXTRA_FIELD_NAMES = tuple(f"\0extra{number}" for number in range(EXTRA_FIELDS))
 SHOWN_VALUE_CHARS = 40
 
 
-def read_csv(source: Path | bytes | IO[bytes], schema: Schema, *, name: str) -> pd.DataFrame:
+def read_csv(
+    source: Path | bytes | IO[bytes], schema: Schema, *, name: str,
+    columns: list[str] | None = None,
+) -> pd.DataFrame:
     """Read CSV text with the contract's options; any failure is a DataError naming `name`.
 
-    `source` is a file path, the bytes of a request body, or an open binary stream. The frame is
-    not validated yet (see validate_frame and parse_rows).
+    `source` is a file path, the bytes of a request body, or an open binary stream; `columns`,
+    if given, the only columns read (each must be in the header). The frame is not validated
+    yet (see validate_frame and parse_rows).
     """
     if isinstance(source, bytes):
         source = io.BytesIO(source)
@@ -64,7 +68,7 @@ def read_csv(source: Path | bytes | IO[bytes], schema: Schema, *, name: str) -> 
             # pandas warns, and drops the fields, when the first data line is longer than the
             # header; as an error the table is refused instead of silently losing cells.
             warnings.simplefilter("error", pd.errors.ParserWarning)
-            return pd.read_csv(source, **csv_read_options(schema))
+            return pd.read_csv(source, usecols=columns, **csv_read_options(schema))
     except pd.errors.EmptyDataError:
         raise DataError(f"{name} is empty") from None
     except pd.errors.ParserWarning:
@@ -212,15 +216,19 @@ def empty_frame(schema: Schema) -> pd.DataFrame:
     return typed(pd.DataFrame({c: pd.Series(dtype="str") for c in schema.columns}), schema)
 
 
-def typed(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
-    """Already validated columns, typed as the master dataset keeps them (see frame_of)."""
+def typed(
+    frame: pd.DataFrame, schema: Schema, columns: tuple[str, ...] | None = None
+) -> pd.DataFrame:
+    """Already validated columns (default: all of the schema's), typed as the master dataset keeps
+    them (see frame_of)."""
+    columns = schema.columns if columns is None else columns
     text = set(schema.id_columns + schema.categorical_features)
     values = {
         column: frame[column].to_numpy(dtype=object) if column in text
         else as_numbers(frame[column].to_numpy())
-        for column in schema.columns
+        for column in columns
     }
-    return frame_of(values, schema.columns, schema, frame.index)
+    return frame_of(values, columns, schema, frame.index)
 
 
 def csv_read_options(schema: Schema) -> dict:

@@ -355,6 +355,14 @@ def test_drift_without_a_new_batch_says_what_to_do(deployed):
         diagnostics.data_drift(deployed)
 
 
+def test_drift_of_a_batch_file_without_a_feature_column_names_it(deployed):
+    batch = pd.read_csv(deployed.latest_batch_path).drop(columns=["lastyear_activity"])
+    batch.to_csv(deployed.latest_batch_path, index=False)
+
+    with pytest.raises(DataError, match="lacks column.s. lastyear_activity: ingest new data"):
+        diagnostics.data_drift(deployed)
+
+
 # --- Running them all --------------------------------------------------------------------------
 
 
