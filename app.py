@@ -151,6 +151,19 @@ def create_app(settings: Settings | None = None) -> Flask:
     return app
 
 
+def preload(app: Flask) -> None:
+    """Load the served model into `app` now, in a gunicorn master that forks the workers after.
+
+    Each worker then starts with the model in memory, shared with the master until written, and
+    answers its first request at once; it still checks the manifest on every request, so a new
+    release is picked up as before. Without a deployed model there is nothing to load yet.
+    """
+    try:
+        app.extensions[EXTENSION].models.get()
+    except PipelineError as error:
+        log.info("no model loaded before the workers start: %s", error)
+
+
 def state() -> ApiState:
     """The current app's ApiState, as flaskr's `get_db` gives a view its database."""
     return current_app.extensions[EXTENSION]
@@ -959,6 +972,8 @@ def risk_entries(head: pd.DataFrame, schema: Schema) -> list[dict[str, Any]]:
 # inside these functions. Without the variable (tests, a single process) each app counts alone.
 
 METRICS_FOLDER_ENV_VAR = "PROMETHEUS_MULTIPROC_DIR"
+# The process id of the gunicorn master, set by gunicorn.conf.py for the workers it forks.
+SERVER_ID_ENV_VAR = "RISK_API_SERVER_ID"
 # Request latencies in seconds: a one-record prediction takes milliseconds, POST /diagnostics many
 # seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -1192,16 +1207,20 @@ class ApiServer(BaseApplication):
             "workers": self.api.workers,
             "timeout": max(1, round(self.api.worker_timeout_seconds)),
             "child_exit": worker_exited,
+            "preload_app": True,  # as gunicorn.conf.py sets it for `gunicorn wsgi:app`
             "when_ready": lambda server: print_listening(self.api),
         }
         for name, value in options.items():
             self.cfg.set(name, value)
 
     def load(self) -> Flask:
-        return create_app(self.settings)
+        app = create_app(self.settings)
+        preload(app)
+        return app
 
 
 def worker_exited(server: Any, worker: Any) -> None:
+    """gunicorn's child_exit hook: a worker that ended leaves no live gauges behind."""
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
