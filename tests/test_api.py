@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
-import os
-import socket
-import subprocess
-import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -23,7 +16,7 @@ import diagnostics
 import generate_data
 import records
 from app import create_app, status_for
-from conftest import PROJECT_DIR, TEST_ROWS
+from conftest import TEST_ROWS, running_gunicorn
 from errors import (
     ConfigError,
     DataError,
@@ -712,54 +705,6 @@ def test_token_from_a_token_file_is_required(make_client, deployed):
 
 
 # --- Under gunicorn ----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_until_healthy(base_url: str, server: subprocess.Popen, log_path: Path) -> None:
-    """Poll /health until the server answers; fail at once if it exits, or after ~60 s."""
-    for _ in range(600):
-        try:
-            if requests.get(f"{base_url}/health", timeout=5).ok:
-                return
-        except (requests.ConnectionError, requests.Timeout):
-            pass  # not listening yet, or its workers are still importing
-        try:
-            server.wait(timeout=0.1)  # the pause between polls, and it notices a crashed server
-        except subprocess.TimeoutExpired:
-            continue
-        pytest.fail(f"gunicorn exited with {server.returncode}:\n{log_path.read_text()}")
-    pytest.fail(f"gunicorn did not answer /health:\n{log_path.read_text()}")
-
-
-@contextlib.contextmanager
-def running_gunicorn(settings, log_path: Path, workers: int = 2) -> Iterator[str]:
-    """`gunicorn wsgi:app` for a workspace on a free 127.0.0.1 port; its base URL; stopped after."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RISK_API_TOKEN", "PROMETHEUS_MULTIPROC_DIR")}
-    env["RISK_CONFIG"] = str(settings.config_path)
-    with open(log_path, "wb") as log_file:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers",
-             str(workers), "wsgi:app"],
-            cwd=PROJECT_DIR, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-        )
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(base_url, server, log_path)
-        yield base_url
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 @pytest.fixture
