@@ -9,12 +9,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Iterable, Iterator, Mapping
+from html import unescape
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -167,6 +169,21 @@ def reported(_reported_template: Path, tmp_path: Path) -> Settings:
     root = tmp_path / "workspace"
     shutil.copytree(_reported_template, root)
     return load_settings(root / "config.json")
+
+
+def text_of(response) -> str:
+    """The page's visible text, with tags dropped and spaces collapsed, for reading assertions."""
+    text = re.sub(r"<[^>]+>", " ", response.get_data(as_text=True))
+    return re.sub(r"\s+", " ", unescape(text))
+
+
+def assert_refused(response, status: int, *messages: str) -> None:
+    """The request was refused with `status`, and what it says names each of `messages`: the
+    `error` of the API's JSON, or the visible text of a page."""
+    assert response.status_code == status
+    said = response.json["error"] if response.is_json else text_of(response)
+    for message in messages:
+        assert message in said
 
 
 class Receiver:
