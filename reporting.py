@@ -480,7 +480,8 @@ def _cycle_decision_lines(
 ) -> list[str]:
     details = json.loads(cycle["details"] or "{}")
     lines = [f"  the cycle of {cycle['started']} decided: {cycle['decision']}"]
-    drift = (details.get("drift") or {}).get("numbers")
+    drift_check = details.get("drift") or {}
+    drift = drift_check.get("numbers")
     if drift:
         lines.append(
             f"  drift: deployed F1 {drift['deployed_f1']:.3f} (its release figure), new F1 "
@@ -493,8 +494,8 @@ def _cycle_decision_lines(
                     f"         {check['measure']}: {check['deployed']:.3f} -> {check['new']:.3f} "
                     f"(allowed drop {check['allowed_drop']:.3f})"
                 )
-        if (details.get("drift") or {}).get("reason"):
-            lines.append(f"         {details['drift']['reason']}")
+        if drift_check.get("reason"):
+            lines.append(f"         {drift_check['reason']}")
     for candidate in details.get("candidates", []):
         auc = "-" if candidate["roc_auc"] is None else f"{candidate['roc_auc']:.3f}"
         chosen = "  <- chosen" if candidate["candidate"] == details.get("chosen") else ""

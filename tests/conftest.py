@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
 import shutil
+import socket
+import subprocess
+import sys
 import threading
+from collections.abc import Iterable, Iterator, Mapping
+from html import unescape
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 import generate_data
 from settings import Settings, load_settings
@@ -164,6 +171,21 @@ def reported(_reported_template: Path, tmp_path: Path) -> Settings:
     return load_settings(root / "config.json")
 
 
+def text_of(response) -> str:
+    """The page's visible text, with tags dropped and spaces collapsed, for reading assertions."""
+    text = re.sub(r"<[^>]+>", " ", response.get_data(as_text=True))
+    return re.sub(r"\s+", " ", unescape(text))
+
+
+def assert_refused(response, status: int, *messages: str) -> None:
+    """The request was refused with `status`, and what it says names each of `messages`: the
+    `error` of the API's JSON, or the visible text of a page."""
+    assert response.status_code == status
+    said = response.json["error"] if response.is_json else text_of(response)
+    for message in messages:
+        assert message in said
+
+
 class Receiver:
     """A webhook on 127.0.0.1: keeps what it is sent, answers with `status`, or stalls if `slow`."""
 
@@ -217,3 +239,79 @@ def serving(server: Any) -> Iterator[str]:
         server.shutdown()
         thread.join()
         server.server_close()
+
+
+# What a server a test starts never inherits from whoever runs the tests: their API token, and a
+# metrics folder that belongs to another server.
+NOT_INHERITED = ("RISK_API_TOKEN", "PROMETHEUS_MULTIPROC_DIR")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def server_environment(
+    set_env: Mapping[str, str] | None = None, drop_env: Iterable[str] = ()
+) -> dict[str, str]:
+    """This process's environment for a server, without NOT_INHERITED and `drop_env`, with `set_env`
+    added."""
+    dropped = {*NOT_INHERITED, *drop_env}
+    env = {name: value for name, value in os.environ.items() if name not in dropped}
+    env.update(set_env or {})
+    return env
+
+
+def wait_until_healthy(base_url: str, server: subprocess.Popen, log_path: Path) -> None:
+    """Poll /health until the server answers; fail at once if it exits, or after ~60 s."""
+    for _ in range(600):
+        try:
+            if requests.get(f"{base_url}/health", timeout=5).ok:
+                return
+        except (requests.ConnectionError, requests.Timeout):
+            pass  # not listening yet, or its workers are still importing
+        try:
+            server.wait(timeout=0.1)  # the pause between polls, and it notices a crashed server
+        except subprocess.TimeoutExpired:
+            continue
+        pytest.fail(f"gunicorn exited with {server.returncode}:\n{log_path.read_text()}")
+    pytest.fail(f"gunicorn did not answer /health:\n{log_path.read_text()}")
+
+
+@contextlib.contextmanager
+def running_gunicorn(
+    settings: Settings,
+    log_path: Path,
+    workers: int = 2,
+    *,
+    set_env: Mapping[str, str] | None = None,
+    drop_env: Iterable[str] = (),
+) -> Iterator[str]:
+    """`gunicorn wsgi:app` for a workspace on a free 127.0.0.1 port; its base URL; stopped after.
+
+    It runs in the project folder, as in production, so that it reads the project's own gunicorn
+    settings; its environment is `server_environment(set_env, drop_env)`, with $RISK_CONFIG naming
+    the workspace's config.
+    """
+    port = free_port()
+    env = server_environment(
+        {"RISK_CONFIG": str(settings.config_path), **(set_env or {})}, drop_env
+    )
+    with open(log_path, "wb") as log_file:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers",
+             str(workers), "wsgi:app"],
+            cwd=PROJECT_DIR, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(base_url, server, log_path)
+        yield base_url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

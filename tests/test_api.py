@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
-import os
-import socket
-import subprocess
-import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -23,7 +16,7 @@ import diagnostics
 import generate_data
 import records
 from app import create_app, status_for
-from conftest import PROJECT_DIR, TEST_ROWS
+from conftest import TEST_ROWS, assert_refused, running_gunicorn
 from errors import (
     ConfigError,
     DataError,
@@ -128,8 +121,19 @@ def test_answer_not_produced_yet_is_503_naming_the_command_that_makes_it(
 ):
     response = getattr(undeployed_client, method)(path, **request_args)
 
-    assert response.status_code == 503
-    assert command in error_of(response)
+    assert_refused(response, 503, command)
+
+
+@pytest.mark.parametrize(
+    ("path", "command"),
+    [("/diagnostics", "diagnostics.py"), ("/risk", "reporting.py"), ("/report", "reporting.py")],
+)
+def test_answer_a_deployed_workspace_has_not_produced_yet_is_503_naming_the_command(
+    client, path, command
+):
+    response = client.get(path)
+
+    assert_refused(response, 503, command)
 
 
 # --- Prediction: good input --------------------------------------------------------------------
@@ -255,8 +259,7 @@ CSV_HEADER = "corporation,lastmonth_activity,lastyear_activity,number_of_employe
 def test_prediction_rejects_bad_input_naming_the_problem(client, request_args, status, message):
     response = client.post("/prediction", **request_args)
 
-    assert response.status_code == status
-    assert message in error_of(response)
+    assert_refused(response, status, message)
 
 
 @pytest.mark.parametrize(
@@ -290,8 +293,7 @@ def test_prediction_refuses_a_filepath_outside_the_data_folders_or_absent(
 
     response = client.post("/prediction", json={"filepath": filepath})
 
-    assert response.status_code == status
-    assert message in error_of(response)
+    assert_refused(response, status, message)
 
 
 @pytest.mark.parametrize(
@@ -313,8 +315,7 @@ def test_prediction_refuses_a_symbolic_link_inside_a_data_folder(
 
     response = client.post("/prediction", json={"filepath": filepath})
 
-    assert response.status_code == 400
-    assert "symbolic link" in error_of(response)
+    assert_refused(response, 400, "symbolic link")
 
 
 def test_prediction_of_a_named_file_with_a_bad_row_names_the_row(
@@ -425,13 +426,6 @@ def test_summary_statistics_are_those_of_the_master_dataset(client, deployed):
         assert statistics["count"] == master[feature].count()
 
 
-def test_diagnostics_of_a_deployed_workspace_before_any_run_are_503_naming_diagnostics_py(client):
-    response = client.get("/diagnostics")
-
-    assert response.status_code == 503
-    assert "diagnostics.py" in error_of(response)
-
-
 def test_diagnostics_serve_the_latest_recorded_run(client, deployed):
     diagnostics.run_diagnostics(deployed, dependencies=False)
     latest = diagnostics.run_diagnostics(deployed, dependencies=False)
@@ -461,8 +455,7 @@ def test_diagnostics_post_records_a_new_run(client, deployed, monkeypatch):
 def test_diagnostics_get_refuses_a_refresh_and_points_to_post(client, deployed, value):
     response = client.get(f"/diagnostics?refresh={value}")
 
-    assert response.status_code == 400
-    assert "POST /diagnostics" in error_of(response)
+    assert_refused(response, 400, "POST /diagnostics")
     assert records.query(deployed.records_path, "SELECT id FROM diagnostics") == []
 
 
@@ -502,8 +495,7 @@ def test_query_argument_that_is_not_understood_is_400_naming_it(
 ):
     response = client.get(path, query_string=query)
 
-    assert response.status_code == 400
-    assert message in error_of(response)
+    assert_refused(response, 400, message)
 
 
 def test_risk_entries_carry_their_reasons_change_and_the_latest_track_record(
@@ -573,15 +565,7 @@ def test_prediction_without_explain_gives_no_reasons(predict):
 def test_explain_that_is_not_true_or_false_is_400(client, value):
     response = client.post("/prediction", json={"records": [GOOD_ROW], "explain": value})
 
-    assert response.status_code == 400
-    assert '"explain" must be true or false' in error_of(response)
-
-
-def test_risk_of_a_deployed_workspace_before_reporting_is_503_naming_reporting_py(client):
-    response = client.get("/risk")
-
-    assert response.status_code == 503
-    assert "reporting.py" in error_of(response)
+    assert_refused(response, 400, '"explain" must be true or false')
 
 
 def test_report_is_served_as_a_pdf_download(client, deployed):
@@ -592,13 +576,6 @@ def test_report_is_served_as_a_pdf_download(client, deployed):
         assert response.mimetype == "application/pdf"
         assert response.headers["Content-Disposition"].startswith("attachment")
         assert response.data == b"%PDF-1.7 stand-in for the report"
-
-
-def test_report_of_a_deployed_workspace_before_reporting_is_503_naming_reporting_py(client):
-    response = client.get("/report")
-
-    assert response.status_code == 503
-    assert "reporting.py" in error_of(response)
 
 
 # --- What every endpoint shares ----------------------------------------------------------------
@@ -678,8 +655,7 @@ def test_token_is_required_on_every_endpoint_but_health(
 
     response = getattr(token_client, method)(path, headers=headers)
 
-    assert response.status_code == 401
-    assert "RISK_API_TOKEN" in error_of(response)
+    assert_refused(response, 401, "RISK_API_TOKEN")
     assert response.headers["WWW-Authenticate"].lower().startswith("bearer")
 
 
@@ -712,54 +688,6 @@ def test_token_from_a_token_file_is_required(make_client, deployed):
 
 
 # --- Under gunicorn ----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_until_healthy(base_url: str, server: subprocess.Popen, log_path: Path) -> None:
-    """Poll /health until the server answers; fail at once if it exits, or after ~60 s."""
-    for _ in range(600):
-        try:
-            if requests.get(f"{base_url}/health", timeout=5).ok:
-                return
-        except (requests.ConnectionError, requests.Timeout):
-            pass  # not listening yet, or its workers are still importing
-        try:
-            server.wait(timeout=0.1)  # the pause between polls, and it notices a crashed server
-        except subprocess.TimeoutExpired:
-            continue
-        pytest.fail(f"gunicorn exited with {server.returncode}:\n{log_path.read_text()}")
-    pytest.fail(f"gunicorn did not answer /health:\n{log_path.read_text()}")
-
-
-@contextlib.contextmanager
-def running_gunicorn(settings, log_path: Path, workers: int = 2) -> Iterator[str]:
-    """`gunicorn wsgi:app` for a workspace on a free 127.0.0.1 port; its base URL; stopped after."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RISK_API_TOKEN", "PROMETHEUS_MULTIPROC_DIR")}
-    env["RISK_CONFIG"] = str(settings.config_path)
-    with open(log_path, "wb") as log_file:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers",
-             str(workers), "wsgi:app"],
-            cwd=PROJECT_DIR, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-        )
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(base_url, server, log_path)
-        yield base_url
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 @pytest.fixture
@@ -826,5 +754,4 @@ def test_a_release_without_model_json_is_refused_not_unpickled(make_client, depl
 
     response = make_client(deployed).post("/prediction", json={"filepath": TEST_FILE})
 
-    assert response.status_code == 503
-    assert "model.json" in error_of(response) and "train and deploy again" in error_of(response)
+    assert_refused(response, 503, "model.json", "train and deploy again")

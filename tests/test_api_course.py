@@ -25,11 +25,19 @@ import generate_data
 import records
 import app
 from app import FILE_KEYS, create_app
-from conftest import PROJECT_DIR, SOURCE_ROWS, deploy_workspace, write_config
+from conftest import (
+    PROJECT_DIR,
+    SOURCE_ROWS,
+    deploy_workspace,
+    free_port,
+    running_gunicorn,
+    server_environment,
+    wait_until_healthy,
+    write_config,
+)
 from errors import ConfigError, run_cli
 from ingestion import ingest
 from settings import load_settings
-from test_api import free_port, running_gunicorn, wait_until_healthy
 
 TEST_FILE = "testdata/testdata.csv"
 COLUMNS = ["corporation", "lastmonth_activity", "lastyear_activity", "number_of_employees"]
@@ -526,14 +534,12 @@ def test_gunicorn_counts_in_the_workspace_metrics_folder(course_workspace, gunic
 
 def test_python_app_py_serves_with_gunicorn_and_stops_cleanly_on_sigterm(deployed, tmp_path):
     port = free_port()
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RISK_API_TOKEN", "PROMETHEUS_MULTIPROC_DIR")}
     log_path = tmp_path / "server.log"
     with open(log_path, "wb") as log_file:
         server = subprocess.Popen(
             [sys.executable, "app.py", "--config", str(deployed.config_path), "--port", str(port),
              "--workers", "1"],
-            cwd=PROJECT_DIR, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+            cwd=PROJECT_DIR, env=server_environment(), stdout=log_file, stderr=subprocess.STDOUT,
         )
     base_url = f"http://127.0.0.1:{port}"
     try:

@@ -9,8 +9,6 @@ also save a screenshot of each page there, for the README.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -21,8 +19,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 import diagnostics
-from conftest import PROJECT_DIR
-from test_api import free_port, wait_until_healthy
+from conftest import PROJECT_DIR, running_gunicorn
 from test_pages import build_site, offline_index
 
 CHROMIUM = Path("/usr/bin/chromium")  # where Debian's chromium package puts it
@@ -49,27 +46,11 @@ def site(_deployed_template, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(site, tmp_path_factory):
     """gunicorn serving the site with a token, as production does; its URL."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RISK_SECRET_KEY"}
-    env.update(RISK_CONFIG=str(site.config_path), RISK_API_TOKEN=TOKEN)
     log_path = tmp_path_factory.mktemp("gunicorn") / "gunicorn.log"
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "2",
-             "wsgi:app"],
-            cwd=PROJECT_DIR, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-        )
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(base_url, process, log_path)
+    with running_gunicorn(
+        site, log_path, set_env={"RISK_API_TOKEN": TOKEN}, drop_env=["RISK_SECRET_KEY"]
+    ) as base_url:
         yield base_url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="module")

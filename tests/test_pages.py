@@ -24,7 +24,7 @@ import generate_data
 import pages
 import records
 import reporting
-from conftest import write_config
+from conftest import assert_refused, text_of, write_config
 from ingestion import ingest
 from settings import Settings, load_settings
 
@@ -98,12 +98,6 @@ def client(make_client, site):
     return make_client(site)
 
 
-def text_of(response) -> str:
-    """The page's visible text, with tags dropped and spaces collapsed, for reading assertions."""
-    text = re.sub(r"<[^>]+>", " ", response.get_data(as_text=True))
-    return re.sub(r"\s+", " ", unescape(text))
-
-
 def row_text(response, client_id: str) -> str:
     """The text of the table row that links to one client."""
     page = response.get_data(as_text=True)
@@ -127,17 +121,14 @@ def write_risk_list(settings: Settings, frame: pd.DataFrame) -> None:
 def test_page_before_any_deployment_says_to_run_fullprocess(make_client, workspace, path):
     response = make_client(workspace).get(path)
 
-    assert response.status_code == 503
-    assert "Nothing is deployed yet" in text_of(response)
-    assert "python fullprocess.py" in text_of(response)
+    assert_refused(response, 503, "Nothing is deployed yet", "python fullprocess.py")
 
 
 @pytest.mark.parametrize("path", ["/", "/clients/abc"])
 def test_list_pages_before_reporting_say_to_run_reporting(make_client, deployed, path):
     response = make_client(deployed).get(path)
 
-    assert response.status_code == 503
-    assert "python reporting.py" in text_of(response)
+    assert_refused(response, 503, "python reporting.py")
 
 
 def test_model_page_before_reporting_shows_the_release_deployed_by_hand(make_client, deployed):
@@ -156,8 +147,7 @@ def test_model_page_before_reporting_shows_the_release_deployed_by_hand(make_cli
 def test_download_before_reporting_is_503_naming_reporting_py(make_client, deployed, path):
     response = make_client(deployed).get(path)
 
-    assert response.status_code == 503
-    assert "reporting.py" in text_of(response)
+    assert_refused(response, 503, "reporting.py")
 
 
 # --- The call list ------------------------------------------------------------------------------
@@ -216,8 +206,7 @@ def test_a_page_past_the_end_shows_the_last(client, site):
 def test_page_that_is_not_a_whole_number_is_400_saying_so(client, page):
     response = client.get(f"/?page={page}")
 
-    assert response.status_code == 400
-    assert "page must be a whole number" in text_of(response)
+    assert_refused(response, 400, "page must be a whole number")
 
 
 def test_search_by_a_whole_id_opens_the_client(client, site):
@@ -362,8 +351,7 @@ def test_client_without_a_later_outcome_says_none_arrived(client, site):
 def test_unknown_client_is_a_404_page(client):
     response = client.get("/clients/nobody-of-that-name")
 
-    assert response.status_code == 404
-    assert "No client 'nobody-of-that-name'" in text_of(response)
+    assert_refused(response, 404, "No client 'nobody-of-that-name'")
 
 
 # --- The model ----------------------------------------------------------------------------------
@@ -559,8 +547,7 @@ def test_right_token_logs_in_with_a_strict_httponly_session_cookie(guarded):
 def test_wrong_token_is_refused_and_keeps_the_visitor_out(guarded):
     response = log_in(guarded, token="guess")
 
-    assert response.status_code == 403
-    assert "not the token" in text_of(response)
+    assert_refused(response, 403, "not the token")
     assert guarded.get("/").status_code == 302
 
 
