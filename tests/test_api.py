@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
+import re
+import signal
+import time
 
 import pandas as pd
 import pytest
@@ -722,6 +726,26 @@ def test_gunicorn_serves_every_endpoint_and_a_new_release_without_restart(
         for _ in range(6)
     }
     assert versions == {second}
+
+
+def test_gunicorn_loads_the_model_once_and_forks_workers_that_start_with_it(deployed, tmp_path):
+    log_path = tmp_path / "gunicorn.log"
+    with running_gunicorn(deployed, log_path, workers=2) as base_url:
+        os.kill(booted_workers(log_path)[0], signal.SIGKILL)  # as a crash would end it
+        for _ in range(50):
+            if len(booted_workers(log_path)) == 3:
+                break
+            time.sleep(0.1)
+        answers = [requests.get(f"{base_url}/ready", timeout=30) for _ in range(6)]
+
+    assert len(booted_workers(log_path)) == 3  # gunicorn put a new worker in its place
+    assert all(answer.status_code == 200 for answer in answers)
+    # Loaded by the master before it forked: no worker, not even the new one, loaded it again.
+    assert log_path.read_text().count("serving release") == 1
+
+
+def booted_workers(log_path) -> list[int]:
+    return [int(pid) for pid in re.findall(r"Booting worker with pid: (\d+)", log_path.read_text())]
 
 
 def test_ready_says_what_the_release_f1_was_measured_on(client):
