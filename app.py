@@ -43,6 +43,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
+import numpy as np
 import pandas as pd
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, send_file
 from gunicorn.app.base import BaseApplication
@@ -53,7 +54,7 @@ import calllist
 import deployment
 import diagnostics
 import records
-from dataset import read_csv, validate_frame
+from dataset import read_csv, validate_cells, validate_frame
 from errors import (
     ConfigError,
     DataError,
@@ -516,8 +517,15 @@ def frame_from_records(records: Any, schema: Schema, *, number_rows: bool = Fals
                 row = dict(record) if row is record else row
                 row[column] = cell
         rows.append(row)
-    frame = pd.DataFrame.from_records(rows, columns=needed)
-    return validate_frame(frame, schema, source="request body", require_target=False)
+    cells = {column: _column_of(rows, column) for column in needed}
+    return validate_cells(cells, len(rows), schema, source="request body")
+
+
+def _column_of(rows: list[dict[str, Any]], column: str) -> np.ndarray:
+    """One column of the records as objects, each cell as it was sent (no type guessed)."""
+    cells = np.empty(len(rows), dtype=object)
+    cells[:] = [row[column] for row in rows]
+    return cells
 
 
 def record_cell(value: Any, numeric: bool, number: int, column: str) -> Any:

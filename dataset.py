@@ -275,11 +275,19 @@ def validate_frame(
         )
     if frame.empty:
         raise DataError(f"{source} has no data rows")
-    labelled = schema.target in names
     cells = {c: frame[names[c]].to_numpy() for c in schema.columns if c in names}
+    return validate_cells(cells, len(frame), schema, source=source)
+
+
+def validate_cells(
+    cells: dict[str, np.ndarray], rows: int, schema: Schema, *, source: str
+) -> pd.DataFrame:
+    """Check columns of `rows` raw cells (each id and feature; the target if labelled) against
+    the schema; return them typed as a table, or raise naming the bad rows."""
+    labelled = schema.target in cells
     if not labelled:
-        cells[schema.target] = np.zeros(len(frame))  # a valid label, dropped again below
-    index = pd.RangeIndex(len(frame))
+        cells = {**cells, schema.target: np.zeros(rows)}  # a valid label, dropped again below
+    index = pd.RangeIndex(rows)
     values, bad = parse_rows(cells, index, schema)
     if len(bad):
         examples = "; ".join(
@@ -312,12 +320,12 @@ def parse_rows(
     for column in schema.id_columns + schema.categorical_features:
         values[column] = _stripped(cells[column])
     for column in schema.id_columns:
-        check(pd.isna(values[column]), values[column], f"missing client id ({column})")
+        check(is_missing(values[column]), values[column], f"missing client id ({column})")
 
     for column in schema.numeric_features:
         raw = cells[column]
         numbers = values[column] = as_numbers(raw)
-        check(~pd.isna(raw) & np.isnan(numbers), raw, f"{column} {{value}} is not a number")
+        check(~is_missing(raw) & np.isnan(numbers), raw, f"{column} {{value}} is not a number")
         infinite = np.isinf(numbers)
         if infinite.any():
             spelled = _spells_infinity(raw, infinite)
@@ -333,7 +341,7 @@ def parse_rows(
 
     raw_target = cells[schema.target]
     values[schema.target] = labels = _target_labels(raw_target)
-    missing_target = pd.isna(raw_target)
+    missing_target = is_missing(raw_target)
     check(missing_target, raw_target, f"missing target ({schema.target})")
     check(~missing_target & np.isnan(labels), raw_target,
           f"target {schema.target} {{value}} is not a label (0/1, yes/no, true/false)")
@@ -386,12 +394,36 @@ def _stripped_text(cell: object) -> object:
     return str(cell).strip() or float("nan")
 
 
+def is_missing(cells: np.ndarray) -> np.ndarray:
+    """pd.isna of a column; a short column of plain cells (an API request) without pandas' cost
+    per call, which is most of the time validating one row takes."""
+    if len(cells) < SMALL_COLUMN and cells.dtype == object:
+        missing = [_plain_missing(cell) for cell in cells.tolist()]
+        if None not in missing:
+            return np.array(missing, dtype=bool).reshape(len(cells))
+    return pd.isna(cells)
+
+
+def _plain_missing(cell: object) -> bool | None:
+    """Whether a cell of a plain type is missing (None or NaN); None for any other type."""
+    kind = type(cell)
+    if kind is str or kind is int:
+        return False
+    if kind is float:
+        return cell != cell
+    return True if cell is None else None
+
+
 def as_numbers(cells: np.ndarray) -> np.ndarray:
     """float64 values, NaN where a cell is missing or not a number, infinite beyond float range."""
     if cells.dtype.kind in "iuf":
         return cells.astype("float64")
     if cells.dtype.kind == "b":  # a column of true/false: words, not counts
         return np.full(len(cells), np.nan)
+    if len(cells) < SMALL_COLUMN:
+        numbers = _plain_numbers(cells)
+        if numbers is not None:
+            return numbers
     try:
         numbers = pd.to_numeric(pd.Series(cells, copy=False), errors="coerce")
     except OverflowError:
@@ -402,6 +434,23 @@ def as_numbers(cells: np.ndarray) -> np.ndarray:
         )
         numbers = pd.to_numeric(pd.Series(as_text, copy=False), errors="coerce")
     return numbers.to_numpy(dtype="float64", na_value=np.nan)
+
+
+def _plain_numbers(cells: np.ndarray) -> np.ndarray | None:
+    """float64 of a short column whose cells are all None, floats or integers within 64 bits, as
+    pandas converts them; None if any cell is of another type (text is left to pandas)."""
+    numbers = []
+    for cell in cells.tolist():
+        kind = type(cell)
+        if kind is float:
+            numbers.append(cell)
+        elif kind is int and -(2**63) <= cell < 2**63:
+            numbers.append(float(cell))
+        elif cell is None:
+            numbers.append(np.nan)
+        else:
+            return None
+    return np.array(numbers, dtype="float64").reshape(len(cells))
 
 
 def _target_labels(cells: np.ndarray) -> np.ndarray:

@@ -17,9 +17,12 @@ from hypothesis import strategies as st
 from dataset import (
     MAX_COUNT,
     MISSING_MARKERS,
+    SMALL_COLUMN,
     RowHashes,
+    as_numbers,
     first_sightings,
     frame_of,
+    is_missing,
     parse_rows,
     read_chunks,
     read_header,
@@ -98,6 +101,22 @@ def test_every_line_of_a_file_is_accepted_or_quarantined_with_a_reason(lines, ch
             assert not set(bad.index) & set(valid.index)
 
     assert accepted + quarantined == len(lines)
+
+
+# Cells as a JSON request brings them: numbers of any size, text, null, and NaN.
+json_cell = st.one_of(
+    st.none(), st.integers(-(10**30), 10**30), st.floats(), cell, st.just(float("nan"))
+)
+
+
+@CHECKS
+@given(st.lists(json_cell, min_size=1, max_size=20))
+def test_a_short_column_is_read_as_pandas_reads_a_long_one(cells):
+    short = np.array(cells + [None], dtype=object)[:-1]  # objects, whatever the cells are
+    long = np.array(cells * SMALL_COLUMN + [None], dtype=object)[:-1]  # pandas' own path
+
+    assert np.array_equal(is_missing(short), is_missing(long)[: len(cells)])
+    assert np.array_equal(as_numbers(short), as_numbers(long)[: len(cells)], equal_nan=True)
 
 
 @CHECKS
