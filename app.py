@@ -518,7 +518,7 @@ def frame_from_records(records: Any, schema: Schema, *, number_rows: bool = Fals
                 row[column] = cell
         rows.append(row)
     cells = {column: _column_of(rows, column) for column in needed}
-    return validate_cells(cells, len(rows), schema, source="request body")
+    return validate_cells(cells, len(rows), schema, source="request body", master_types=False)
 
 
 def _column_of(rows: list[dict[str, Any]], column: str) -> np.ndarray:

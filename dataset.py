@@ -17,6 +17,7 @@ bodies and frames into typed, validated tables the same way everywhere:
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import re
 import warnings
@@ -280,10 +281,16 @@ def validate_frame(
 
 
 def validate_cells(
-    cells: dict[str, np.ndarray], rows: int, schema: Schema, *, source: str
+    cells: dict[str, np.ndarray], rows: int, schema: Schema, *, source: str,
+    master_types: bool = True,
 ) -> pd.DataFrame:
     """Check columns of `rows` raw cells (each id and feature; the target if labelled) against
-    the schema; return them typed as a table, or raise naming the bad rows."""
+    the schema; return them as a table, or raise naming the bad rows.
+
+    The table is typed as the master dataset is (frame_of); without `master_types`, numbers are
+    float64 and text is Python strings, the same values in columns that cost a fraction to build:
+    for rows that are only predicted, such as an API request's.
+    """
     labelled = schema.target in cells
     if not labelled:
         cells = {**cells, schema.target: np.zeros(rows)}  # a valid label, dropped again below
@@ -296,6 +303,8 @@ def validate_cells(
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
         raise DataError(f"{source} has {len(bad)} invalid row(s): {examples}{more}")
     columns = schema.columns if labelled else schema.id_columns + schema.features
+    if not master_types:
+        return pd.DataFrame({column: values[column] for column in columns}, index=index)
     return frame_of(values, columns, schema, index)
 
 
@@ -346,6 +355,8 @@ def parse_rows(
     check(~missing_target & np.isnan(labels), raw_target,
           f"target {schema.target} {{value}} is not a label (0/1, yes/no, true/false)")
 
+    if not failures:  # nearly always: building even an empty Series is most of a row's cost
+        return values, _no_reasons()
     reasons: dict[int, list[str]] = {}
     for rows, raw, message in failures:
         for row in rows:
@@ -354,6 +365,12 @@ def parse_rows(
     return values, pd.Series(
         ["; ".join(reasons[row]) for row in ordered], index=index[ordered], dtype="str"
     )
+
+
+@functools.cache
+def _no_reasons() -> pd.Series:
+    """The reasons of rows that are all valid: none. One shared Series, which nobody changes."""
+    return pd.Series([], index=pd.RangeIndex(0), dtype="str")
 
 
 def _shown(value: object) -> str:

@@ -521,7 +521,10 @@ def client_ids(frame: pd.DataFrame, schema: Schema) -> list[str]:
     if not id_columns or any(column not in frame.columns for column in id_columns):
         return [str(number) for number in range(1, len(frame) + 1)]
     if len(id_columns) == 1:
-        return frame[id_columns[0]].astype("str").tolist()
+        ids = frame[id_columns[0]]
+        if isinstance(ids.dtype, pd.StringDtype):  # text already: no conversion to dispatch
+            return ids.tolist()
+        return ids.astype("str").tolist()
     return frame[id_columns].astype("str").agg(" / ".join, axis=1).tolist()
 
 
