@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from alerts import Alert
     from deployment import Release
     from ingestion import IngestReport
-    from scoring import ModelComparison
+    from scoring import ModelComparison, ServedModel
     from training import TrainingPlan, TrainingResult
 
 log = logging.getLogger("fullprocess")
@@ -421,7 +421,10 @@ def run_cycle(settings: Settings, *, force: bool = False) -> CycleOutcome:
                 drift.numbers["allowed_drop"], action="retraining",
             ))
 
-    deployed_model, served = deployment.load_deployed_model(settings)
+    from scoring import load_deployed
+
+    # Its model.json, scored by numpy: judging the served model needs no pickle loaded.
+    deployed_model, served = load_deployed(settings)
     held_out = split_new_rows(settings)[1] if report is not None and report.accepted_rows else None
     plan = None  # all history
     if held_out is not None:
@@ -661,7 +664,7 @@ def retrain(
 
 
 def judge_plans(
-    settings: Settings, held_out: pd.DataFrame, deployed_model: ClassifierMixin, run_id: str
+    settings: Settings, held_out: pd.DataFrame, deployed_model: ServedModel, run_id: str
 ) -> list[PlanScore]:
     """The deployed model and each way to retrain, judged on the held-out newest rows.
 
@@ -767,7 +770,7 @@ def split_new_rows(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame | Non
 
 
 def compare_with_deployed(
-    settings: Settings, candidate: Candidate, deployed_model: ClassifierMixin
+    settings: Settings, candidate: Candidate, deployed_model: ServedModel
 ) -> ModelComparison:
     """Both models' F1 on the same rows: the held-out new rows, or else the test data."""
     from scoring import compare_predictions, predict_frame, read_test_data

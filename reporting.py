@@ -67,6 +67,9 @@ REPORT_TOP_ROWS = 40
 A4_PORTRAIT = (8.27, 11.69)  # inches
 TEXT_SIZE = 7.5
 LINE_HEIGHT = 0.0125  # of the page height, for TEXT_SIZE monospace lines
+# matplotlib spaces the lines of one text by this multiple of the font's line height: for
+# Courier at TEXT_SIZE on an A4 page, 1.386 makes them LINE_HEIGHT apart (measured).
+BLOCK_LINE_SPACING = 1.386
 CLASS_LABELS = ("stayed (0)", "left (1)")
 HEADING_SIZE = 11
 TITLE_SIZE = 15
@@ -336,6 +339,8 @@ class _TextPages:
         self.figure: Figure | None = None
         self.pages = 0
         self.y = 0.0
+        self.block: list[str] = []
+        self.block_top = 0.0
 
     def write(self, sections: list[tuple[str, list[str]]]) -> None:
         for heading, lines in sections:
@@ -345,13 +350,32 @@ class _TextPages:
                       height=2 * LINE_HEIGHT)
             for line in lines:
                 self._make_room(LINE_HEIGHT)
-                self._put(line, size=TEXT_SIZE, weight="normal", family="monospace",
-                          height=LINE_HEIGHT)
+                self._add_line(line)
+            self._end_block()
             self.y -= LINE_HEIGHT
         self._finish_page()
 
+    def _add_line(self, line: str) -> None:
+        """A line of text, drawn with the lines after it on the page as one block (_end_block)."""
+        if not self.block:
+            self.block_top = self.y
+        self.block.append(line)
+        self.y -= LINE_HEIGHT
+
+    def _end_block(self) -> None:
+        """Draw the lines added since the last block as one text: matplotlib lays out and draws
+        each text separately, and a page of one text per line took several times as long."""
+        if self.block:
+            assert self.figure is not None
+            self.figure.text(
+                self.LEFT, self.block_top, "\n".join(self.block), fontsize=TEXT_SIZE,
+                family="monospace", va="top", linespacing=BLOCK_LINE_SPACING,
+            )
+            self.block = []
+
     def _make_room(self, height: float) -> None:
         if self.figure is None or self.y - height < self.BOTTOM:
+            self._end_block()
             self._finish_page()
             self.figure = Figure(figsize=A4_PORTRAIT)
             self.pages += 1
@@ -367,6 +391,7 @@ class _TextPages:
         self.y -= height
 
     def _finish_page(self) -> None:
+        self._end_block()
         if self.figure is not None:
             self.pdf.savefig(self.figure)
             self.figure = None
