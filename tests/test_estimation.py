@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.model_selection import FixedThresholdClassifier
+from sklearn.pipeline import Pipeline
 
 import generate_data
 from scoring import (
@@ -255,6 +256,24 @@ def test_the_report_shows_calibration_and_estimated_beside_realised_f1(deployed)
     lines = _estimate_trend_lines(deployed)
 
     assert len(lines) == 2 and lines[1].lstrip().startswith("roster.csv")
+
+
+def test_beyond_the_tuning_rows_the_pipeline_is_fitted_once_and_calibrated_on_its_own_rows():
+    frame = generate_data.make_clients(3000, seed=5)
+    options = ModelSettings(calibration_bound=0.0, max_tuning_rows=1000)
+
+    model, info = fit_model(frame, SCHEMA, options)
+
+    assert info["calibration"]["fitted_on"] == "training rows"
+    (calibrated,) = model.estimator_.calibrated_classifiers_
+    fitted = calibrated.estimator.estimator  # the pipeline fitted on all 3,000 rows, then frozen
+    assert isinstance(fitted, Pipeline) and fitted[-1].coef_.shape == (1, len(SCHEMA.features))
+    scorer = LinearScorer(linear_model_params(model))
+    assert scorer.calibration["method"] == info["calibration"]["method"]
+    expected = model.predict_proba(model_input(frame, SCHEMA))[:, 1]
+    assert np.max(np.abs(scorer.probabilities(frame) - expected)) < 1e-12
+    # Calibrated, its probabilities agree with the outcomes about as well as cross-validated ones.
+    assert calibration(frame["exited"].to_numpy(), expected).ece < 0.03
 
 
 def test_model_json_carries_the_calibration_the_served_model_applies(workspace):
