@@ -317,7 +317,10 @@ def _write_pdf(
         _TextPages(pdf, "Track record of the risk lists").write(
             _track_record_sections(track_records)
         )
-        pdf.savefig(_track_record_figure(track_records, settings.scoring.confidence))
+        if any(result["precision"] is not None for result in track_records):
+            # Until outcomes arrive the page above says so; an empty chart would cost a tenth of
+            # a second to draw and tell nothing more.
+            pdf.savefig(_track_record_figure(track_records, settings.scoring.confidence))
         pdf.savefig(_trends_figure(settings))
         _TextPages(pdf, "For the engineer").write(
             [(title, lines) for title, lines in section_texts(diagnostics).items()
@@ -755,21 +758,14 @@ def _curve_points(
 
 
 def _track_record_figure(track_records: list[dict[str, Any]], confidence: float) -> Figure:
-    """Each list's precision at the top and lift, with their intervals, by when it was made."""
+    """Each list's precision at the top and lift, with their intervals, by when it was made
+    (lists with outcomes only: at least one must have them)."""
     figure = Figure(figsize=A4_PORTRAIT)
     figure.suptitle("Track record of the risk lists", fontsize=15, weight="bold", y=0.975)
     precision_ax, lift_ax = figure.subplots(2, 1, gridspec_kw={
         "left": 0.1, "right": 0.96, "top": 0.92, "bottom": 0.07, "hspace": 0.3,
     })
     measured = [r for r in track_records if r["precision"] is not None]
-    for ax in (precision_ax, lift_ax):
-        if not measured:
-            ax.text(0.5, 0.5, "no outcomes of listed clients yet", ha="center", va="center",
-                    transform=ax.transAxes)
-            ax.set_xticks([])
-            ax.set_yticks([])
-    if not measured:
-        return figure
     times = [datetime.fromisoformat(r["list_time"]) for r in measured]
     interval = f"{confidence:.0%} interval"
 

@@ -12,6 +12,7 @@ import diagnostics
 import generate_data
 import records
 import reporting
+from conftest import SOURCE_ROWS
 from deployment import current_release, deploy, load_deployed_model
 from errors import ModelNotDeployedError
 from dataset import read_master
@@ -196,6 +197,26 @@ def test_report_command_again_with_nothing_new_rewrites_identical_files(reported
 
     assert [path.read_bytes() for path in paths] == contents
     assert str(result.report_path) in capsys.readouterr().out
+
+
+def test_report_charts_the_track_record_only_once_outcomes_of_listed_clients_arrived(deployed):
+    chart_title = "Precision at the top: share of the top group who left"
+    reporting.build_report(deployed)
+    assert chart_title not in pdf_text(deployed.report_path)  # the page says none arrived yet
+    # Months later the outcomes of the second batch's clients, all on the list, arrive.
+    roster = generate_data.make_roster(generate_data.make_clients(SOURCE_ROWS, seed=12,
+                                                                  id_offset=100_000), seed=3)
+    generate_data.write_csv(generate_data.make_outcomes(roster, seed=8),
+                            deployed.input_folder / "outcomes.csv")
+    ingest(deployed)
+
+    reporting.build_report(deployed)
+
+    assert chart_title in pdf_text(deployed.report_path)
+
+
+def pdf_text(path) -> str:
+    return "\n".join(page.extract_text() for page in pypdf.PdfReader(path).pages)
 
 
 def test_report_names_clients_who_entered_or_left_the_top_group(deployed):
