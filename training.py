@@ -198,6 +198,7 @@ def fit_model(
         )
     pipeline = build_pipeline(schema, options)
     estimator: ClassifierMixin = pipeline
+    calibrator = None  # fitted by tuning, to put in the calibrated model once it is fitted
     needed = options.cv_folds * options.min_class_rows_per_fold
     if class_counts.min() >= needed:
         with one_blas_thread():
@@ -211,23 +212,22 @@ def fit_model(
             "cv_f1": tuning.f1,
             "calibration": tuning.calibration,
         }
-        if tuning.calibration["method"] and len(frame) <= options.max_tuning_rows:
-            # ensemble=False: one pipeline fitted on all rows, its calibrator fitted on the
-            # out-of-fold log-odds of the same folds that tuning measured.
-            estimator = CalibratedClassifierCV(
-                pipeline, method=tuning.calibration["method"], cv=_folds(options), ensemble=False
-            )
-        elif tuning.calibration["method"]:
-            # Beyond max_tuning_rows the log-odds a linear model of a few features gives its own
-            # training rows are those it gives any others, and the folds would fit the pipeline
-            # five times more on all rows (4.7 of the 7.5 s a million rows took): the pipeline
-            # is fitted once and its calibrator on its log-odds of the same rows.
+        if tuning.calibration["method"]:
+            # The model is CalibratedClassifierCV(ensemble=False): one pipeline fitted on all
+            # rows and a calibrator of its log-odds. The pipeline is fitted here and frozen, so
+            # that the calibrated model does not fit it again on each fold.
             with one_blas_thread():
                 pipeline.fit(features, target, **_weight_params(sample_weight))
             estimator = CalibratedClassifierCV(
                 FrozenEstimator(pipeline), method=tuning.calibration["method"]
             )
-            info["calibration"] = {**info["calibration"], "fitted_on": "training rows"}
+            calibrator = tuning.calibrator
+            if calibrator is None:
+                # Tuning took a sample: beyond max_tuning_rows the log-odds a linear model of a
+                # few features gives its own training rows are those it gives any others, and the
+                # folds would fit the pipeline five more times on all rows (4.7 of the 7.5 s a
+                # million rows took), so the calibrator is fitted on its log-odds of these rows.
+                info["calibration"] = {**info["calibration"], "fitted_on": "training rows"}
     else:
         threshold = options.default_threshold
         info = {
@@ -244,6 +244,11 @@ def fit_model(
     )
     with one_blas_thread():
         model.fit(features, target, **_weight_params(sample_weight))
+    if calibrator is not None:
+        # The calibrator CalibratedClassifierCV(cv=folds, ensemble=False) fits: on the
+        # out-of-fold log-odds of the same folds, which tuning computed already.
+        (inner,) = model.estimator_.calibrated_classifiers_
+        inner.calibrators = [calibrator]
     return model, info
 
 
@@ -292,6 +297,9 @@ class ThresholdTuning(NamedTuple):
     # ECE and Brier score of the out-of-fold probabilities; the method chosen (None: left alone)
     # with each method's cross-validated Brier score, and the ECE after it.
     calibration: dict[str, Any]
+    # The chosen method's calibrator fitted on the out-of-fold log-odds of every training row;
+    # None when none was chosen or tuning took a sample of the rows.
+    calibrator: IsotonicRegression | _SigmoidCalibration | None = None
 
 
 def _folds(options: ModelSettings) -> StratifiedKFold:
@@ -309,7 +317,8 @@ def tune_threshold(
     pooled out-of-fold probabilities scores every candidate at once. When those probabilities are
     miscalibrated beyond `options.calibration_bound`, the threshold is tuned on calibrated ones.
     """
-    if len(target) > options.max_tuning_rows:
+    sampled = len(target) > options.max_tuning_rows
+    if sampled:
         rng = np.random.default_rng(options.random_state)
         rows = np.sort(rng.choice(len(target), size=options.max_tuning_rows, replace=False))
         features, target = features.iloc[rows], target[rows]
@@ -326,6 +335,7 @@ def tune_threshold(
         "cv_ece": measured.ece, "cv_brier": measured.brier, "bound": options.calibration_bound,
         "method": None,
     }
+    calibrator = None
     if measured.ece > options.calibration_bound:
         method, probabilities, briers = choose_calibration(logits, target, folds)
         report |= {
@@ -333,13 +343,15 @@ def tune_threshold(
             "cv_brier_by_method": briers,
             "calibrated_cv_ece": calibration(target, probabilities).ece,
         }
+        if not sampled:
+            calibrator = new_calibrator(method).fit(logits, target)
     precision, recall, thresholds = precision_recall_curve(
         target, probabilities, sample_weight=sample_weight
     )
     # The last precision/recall pair has no threshold (it is the "predict nobody" end).
     f1 = f1_from_precision_recall(precision[:-1], recall[:-1])
     best = int(np.argmax(f1))
-    return ThresholdTuning(float(thresholds[best]), float(f1[best]), report)
+    return ThresholdTuning(float(thresholds[best]), float(f1[best]), report, calibrator)
 
 
 CALIBRATION_METHODS = ("isotonic", "sigmoid")
@@ -357,17 +369,22 @@ def choose_calibration(
     calibrated = {method: np.empty(len(target)) for method in CALIBRATION_METHODS}
     column = logits.reshape(-1, 1)
     for train_rows, test_rows in folds.split(column, target):
-        isotonic = IsotonicRegression(out_of_bounds="clip")
-        isotonic.fit(logits[train_rows], target[train_rows])
-        calibrated["isotonic"][test_rows] = isotonic.predict(logits[test_rows])
-        sigmoid = _SigmoidCalibration().fit(logits[train_rows], target[train_rows])
-        calibrated["sigmoid"][test_rows] = sigmoid.predict(logits[test_rows])
+        for method in CALIBRATION_METHODS:
+            fitted = new_calibrator(method).fit(logits[train_rows], target[train_rows])
+            calibrated[method][test_rows] = fitted.predict(logits[test_rows])
     briers = {
         method: float(np.mean((probabilities - target) ** 2))
         for method, probabilities in calibrated.items()
     }
     best = min(CALIBRATION_METHODS, key=briers.__getitem__)  # a tie goes to the first
     return best, calibrated[best], briers
+
+
+def new_calibrator(method: str) -> IsotonicRegression | _SigmoidCalibration:
+    """An unfitted calibrator of log-odds, as CalibratedClassifierCV makes one for `method`."""
+    if method == "isotonic":
+        return IsotonicRegression(out_of_bounds="clip")
+    return _SigmoidCalibration()
 
 
 def f1_from_precision_recall(precision: np.ndarray, recall: np.ndarray) -> np.ndarray:

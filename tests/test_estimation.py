@@ -18,7 +18,7 @@ from scoring import (
     model_input,
 )
 from settings import ModelSettings, Schema, ScoringSettings
-from training import build_pipeline, fit_model, linear_model_params
+from training import _folds, build_pipeline, fit_model, linear_model_params
 
 SCHEMA = Schema()
 
@@ -256,6 +256,25 @@ def test_the_report_shows_calibration_and_estimated_beside_realised_f1(deployed)
     lines = _estimate_trend_lines(deployed)
 
     assert len(lines) == 2 and lines[1].lstrip().startswith("roster.csv")
+
+
+@pytest.mark.parametrize(("seed", "method"), [(5, "sigmoid"), (6, "isotonic")])
+def test_calibrated_model_is_the_one_cross_validated_calibration_fits_without_refitting_folds(
+    seed, method
+):
+    frame = generate_data.make_clients(3000, seed=seed)
+    options = ModelSettings(calibration_bound=0.0)
+
+    model, info = fit_model(frame, SCHEMA, options)
+
+    assert info["calibration"]["method"] == method  # on these clients
+    reference = FixedThresholdClassifier(
+        CalibratedClassifierCV(build_pipeline(SCHEMA, options), method=method,
+                               cv=_folds(options), ensemble=False),
+        threshold=model.threshold, response_method="predict_proba",
+    ).fit(model_input(frame, SCHEMA), frame["exited"].to_numpy())
+    rows = model_input(generate_data.make_clients(2000, seed=seed + 10), SCHEMA)
+    assert np.max(np.abs(model.predict_proba(rows) - reference.predict_proba(rows))) < 1e-12
 
 
 def test_beyond_the_tuning_rows_the_pipeline_is_fitted_once_and_calibrated_on_its_own_rows():
