@@ -277,13 +277,13 @@ def test_calibrated_model_is_the_one_cross_validated_calibration_fits_without_re
     assert np.max(np.abs(model.predict_proba(rows) - reference.predict_proba(rows))) < 1e-12
 
 
-def test_beyond_the_tuning_rows_the_pipeline_is_fitted_once_and_calibrated_on_its_own_rows():
+def test_beyond_the_tuning_rows_the_calibrator_is_fitted_on_the_sample_tuning_took():
     frame = generate_data.make_clients(3000, seed=5)
     options = ModelSettings(calibration_bound=0.0, max_tuning_rows=1000)
 
     model, info = fit_model(frame, SCHEMA, options)
 
-    assert info["calibration"]["fitted_on"] == "training rows"
+    assert info["calibration"]["fitted_on"] == "out-of-fold log-odds of 1000 rows"
     (calibrated,) = model.estimator_.calibrated_classifiers_
     fitted = calibrated.estimator.estimator  # the pipeline fitted on all 3,000 rows, then frozen
     assert isinstance(fitted, Pipeline) and fitted[-1].coef_.shape == (1, len(SCHEMA.features))
