@@ -171,6 +171,22 @@ def reported(_reported_template: Path, tmp_path: Path) -> Settings:
     return load_settings(root / "config.json")
 
 
+def workspace_state(settings: Settings) -> tuple[dict[Path, bytes], dict[str, int]]:
+    """Every file of a workspace with its bytes (the records database aside), and the number of
+    records in each table: what a request that only reads must leave as it found it."""
+    import records
+
+    files = {
+        path: path.read_bytes() for path in settings.base_dir.rglob("*")
+        if path.is_file() and not path.name.startswith(settings.records_path.name)
+    }
+    counts = {
+        table: len(records.query(settings.records_path, f"SELECT id FROM {table}"))
+        for table in records.SCHEMA
+    }
+    return files, counts
+
+
 def text_of(response) -> str:
     """The page's visible text, with tags dropped and spaces collapsed, for reading assertions."""
     text = re.sub(r"<[^>]+>", " ", response.get_data(as_text=True))

@@ -20,7 +20,7 @@ import diagnostics
 import generate_data
 import records
 from app import create_app, status_for
-from conftest import TEST_ROWS, assert_refused, running_gunicorn
+from conftest import TEST_ROWS, assert_refused, running_gunicorn, workspace_state
 from errors import (
     ConfigError,
     DataError,
@@ -599,24 +599,13 @@ def test_unknown_path_or_method_answers_json(client, method, path, status):
 def test_reading_requests_change_no_data_models_deployments_or_records(
     client, predict, deployed, risk_list
 ):
-    def state():
-        files = {
-            path: path.read_bytes() for path in deployed.base_dir.rglob("*")
-            if path.is_file() and not path.name.startswith(deployed.records_path.name)
-        }
-        counts = {
-            table: len(records.query(deployed.records_path, f"SELECT id FROM {table}"))
-            for table in records.SCHEMA
-        }
-        return files, counts
-
-    before = state()
+    before = workspace_state(deployed)
     for path in ["/health", "/ready", "/scoring", "/summarystats", "/diagnostics", "/risk",
                  "/report"]:
         client.get(path)
     predict(json={"filepath": TEST_FILE})
 
-    assert state() == before
+    assert workspace_state(deployed) == before
 
 
 @pytest.mark.parametrize(

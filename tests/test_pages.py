@@ -24,7 +24,7 @@ import generate_data
 import pages
 import records
 import reporting
-from conftest import assert_refused, text_of, write_config
+from conftest import assert_refused, text_of, workspace_state, write_config
 from ingestion import ingest
 from settings import Settings, load_settings
 
@@ -483,24 +483,13 @@ def test_pages_forbid_inline_scripts_and_framing(client):
 
 
 def test_pages_change_no_file_and_no_record(client, site):
-    def state():
-        files = {
-            path: path.read_bytes() for path in site.base_dir.rglob("*")
-            if path.is_file() and not path.name.startswith(site.records_path.name)
-        }
-        counts = {
-            table: len(records.query(site.records_path, f"SELECT id FROM {table}"))
-            for table in records.SCHEMA
-        }
-        return files, counts
-
-    before = state()
+    before = workspace_state(site)
     first = risk_list(site)["corporation"][0]
     for path in ["/", "/?page=2", "/?q=a", f"/clients/{first}", "/model", "/riskscores.csv",
                  "/model/report.pdf", "/model/confusionmatrix.png", "/login"]:
         client.get(path).close()
 
-    assert state() == before
+    assert workspace_state(site) == before
 
 
 # --- Login --------------------------------------------------------------------------------------
