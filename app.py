@@ -274,14 +274,21 @@ def risk() -> Response:
 
 @bp.get("/report")
 def report() -> Response:
-    report_path = state().settings.report_path
+    return send_output(state().settings.report_path, "application/pdf", "no report yet")
+
+
+def send_output(path: Path, mimetype: str, missing: str, *, download: bool = True) -> Response:
+    """A file a stage writes (report, risk list, image), or 503 saying `missing` and what makes it.
+
+    Sent straight from disk; a file that is not there yet, or is replaced meanwhile, is not an
+    error of the request but of the data: DataNotReady.
+    """
     try:
-        return send_file(
-            report_path, mimetype="application/pdf", as_attachment=True,
-            download_name=report_path.name,
-        )
+        if download:
+            return send_file(path, mimetype=mimetype, as_attachment=True, download_name=path.name)
+        return send_file(path, mimetype=mimetype)
     except FileNotFoundError:
-        raise DataNotReady("no report yet: run reporting.py (or fullprocess.py)") from None
+        raise DataNotReady(f"{missing}: run reporting.py (or fullprocess.py)") from None
 
 
 @bp.post("/invocations")

@@ -44,7 +44,6 @@ from flask import (
     redirect,
     render_template,
     request,
-    send_file,
     session,
     url_for,
 )
@@ -63,6 +62,7 @@ from app import (
     positive_int_argument,
     public_message,
     relative_name,
+    send_output,
     state,
     status_for,
 )
@@ -539,12 +539,7 @@ def call_list() -> str | Response | tuple[str, int]:
 @bp.get("/riskscores.csv")
 def risk_scores_csv() -> Response:
     """The risk list as a download: the same file as production's riskscores.csv."""
-    path = settings().risk_scores_path
-    try:
-        return send_file(path, mimetype="text/csv", as_attachment=True,
-                         download_name=path.name)
-    except FileNotFoundError:
-        raise DataNotReady("no risk list yet: run reporting.py (or fullprocess.py)") from None
+    return send_output(settings().risk_scores_path, "text/csv", "no risk list yet")
 
 
 # --- One client: /clients/<id> ------------------------------------------------------------------
@@ -967,21 +962,15 @@ def short_time(text: str | None) -> str:
 @bp.get("/model/report.pdf")
 def report_pdf() -> Response:
     """The PDF report (the twin of GET /report), for a browser holding the session cookie."""
-    path = settings().report_path
-    try:
-        return send_file(path, mimetype="application/pdf", as_attachment=True,
-                         download_name=path.name)
-    except FileNotFoundError:
-        raise DataNotReady("no report yet: run reporting.py (or fullprocess.py)") from None
+    return send_output(settings().report_path, "application/pdf", "no report yet")
 
 
 @bp.get("/model/confusionmatrix.png")
 def confusion_matrix_png() -> Response:
     """The confusion matrix the latest report drew on the test data."""
-    try:
-        return send_file(settings().confusion_matrix_path, mimetype="image/png")
-    except FileNotFoundError:
-        raise DataNotReady("no confusion matrix yet: run reporting.py") from None
+    return send_output(
+        settings().confusion_matrix_path, "image/png", "no confusion matrix yet", download=False
+    )
 
 
 # --- Template filters ---------------------------------------------------------------------------
