@@ -262,11 +262,14 @@ def risk() -> Response:
     if key is None:
         raise DataNotReady("no risk list yet: run reporting.py (or fullprocess.py)")
     listed = api.risk_lists.get(key, lambda: read_risk_list(api.settings, CACHED_RISK_ROWS))
-    if top > CACHED_RISK_ROWS and listed.ranked > CACHED_RISK_ROWS:
+    if top > CACHED_RISK_ROWS and listed.rows > CACHED_RISK_ROWS:
         listed = read_risk_list(api.settings, top)
+    # Asked at every request, not cached with the file: the records may lag behind it a moment.
+    recorded = calllist.recorded_list(api.settings, calllist.stamp_of(key[2], key[1]))
     clients = risk_entries(listed.head.head(top), api.settings.schema)
     return jsonify(
-        ranked_clients=listed.ranked, left_not_ranked=listed.left_not_ranked,
+        ranked_clients=recorded["ranked"] if recorded else listed.rows,
+        left_not_ranked=recorded["left_not_ranked"] if recorded else None,
         top=len(clients), clients=clients,
         track_record=diagnostics.json_safe(calllist.latest_track_record(api.settings)),
     )
@@ -942,24 +945,20 @@ def master_statistics(settings: Settings) -> dict:
 
 
 class RiskList(NamedTuple):
-    """The first rows of the risk list, and how many clients it ranks and leaves out."""
+    """The first rows of the risk list file, and how many rows it holds."""
 
     head: pd.DataFrame
-    ranked: int
-    left_not_ranked: int | None  # None: the list was not written by calllist.py
+    rows: int
 
 
 def read_risk_list(settings: Settings, rows: int) -> RiskList:
-    """The risk list's first `rows` rows, highest risk first, with its counts from the records."""
+    """The risk list's first `rows` rows, highest risk first, and its number of rows."""
     path = settings.risk_scores_path
     try:
         head = calllist.read_list(path, settings.schema, rows=rows)
-        recorded = calllist.latest_list(settings)
-        if recorded is not None and recorded["file_stamp"] == calllist.file_stamp(path):
-            return RiskList(head, recorded["ranked"], recorded["left_not_ranked"])
-        with open(path, "rb") as stream:  # a list written otherwise: count its lines
+        with open(path, "rb") as stream:
             lines = sum(block.count(b"\n") for block in iter(lambda: stream.read(1 << 20), b""))
-        return RiskList(head, max(lines - 1, len(head)), None)
+        return RiskList(head, max(lines - 1, len(head)))
     except (OSError, ValueError, pd.errors.ParserError) as error:
         raise DataNotReady(
             f"the risk list {relative_name(path, settings)} cannot be read "

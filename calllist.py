@@ -587,7 +587,21 @@ def file_stamp(path: Path) -> str | None:
         stat = os.stat(path)
     except FileNotFoundError:
         return None
-    return f"{stat.st_size}:{stat.st_mtime_ns}"
+    return stamp_of(stat.st_size, stat.st_mtime_ns)
+
+
+def stamp_of(size: int, mtime_ns: int) -> str:
+    """A list file's stamp as the call_lists records keep it (file_stamp)."""
+    return f"{size}:{mtime_ns}"
+
+
+def recorded_list(settings: Settings, stamp: str | None) -> dict[str, Any] | None:
+    """The records' entry of the list whose file has `stamp`; None when the newest recorded list
+    is another (the file was written some other way, or the records lag behind it)."""
+    listed = latest_list(settings)
+    if listed is None or stamp is None or listed["file_stamp"] != stamp:
+        return None
+    return listed
 
 
 def _is_written(settings: Settings, listed: dict[str, Any], stamp: str) -> bool:

@@ -432,11 +432,8 @@ def change_of(row: dict[str, str]) -> Change:
 
 def recorded_list(risk: RiskList) -> dict[str, Any] | None:
     """The records' entry of the list on disk (calllist.py records each list it writes)."""
-    listed = calllist.latest_list(settings())
-    size, mtime_ns = risk.key[2], risk.key[1]  # of the file indexed, in calllist.file_stamp's form
-    if listed is None or listed["file_stamp"] != f"{size}:{mtime_ns}":
-        return None  # written some other way, or the records lag behind the file
-    return listed
+    size, mtime_ns = risk.key[2], risk.key[1]  # of the file indexed
+    return calllist.recorded_list(settings(), calllist.stamp_of(size, mtime_ns))
 
 
 class ListRow(NamedTuple):

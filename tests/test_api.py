@@ -529,6 +529,24 @@ def test_risk_entries_carry_their_reasons_change_and_the_latest_track_record(
     assert answer["track_record"]["precision"] == pytest.approx(result["precision"])
 
 
+def test_risk_counts_come_from_the_records_as_soon_as_they_describe_the_file(
+    client, deployed, risk_list
+):
+    listed = calllist.latest_list(deployed)
+    # The file is written before its record is completed: a request in between sees no record.
+    records.update(deployed.records_path, "call_lists", listed["id"], {"file_stamp": "pending"})
+    lagging = client.get("/risk").json
+    records.update(deployed.records_path, "call_lists", listed["id"],
+                   {"file_stamp": listed["file_stamp"]})
+
+    answer = client.get("/risk").json
+
+    assert lagging["left_not_ranked"] is None
+    assert lagging["ranked_clients"] == len(risk_list)  # counted in the file meanwhile
+    assert answer["left_not_ranked"] == listed["left_not_ranked"]
+    assert answer["ranked_clients"] == listed["ranked"]
+
+
 def test_risk_before_any_outcome_has_no_track_record_yet(client, risk_list):
     assert client.get("/risk").json["track_record"] is None
 
