@@ -520,7 +520,7 @@ def estimate_new_rosters(settings: Settings, report: IngestReport, journal: Jour
         return
     snapshots = read_snapshots(settings)
     release = deployment.current_release(settings)
-    reference = _recorded_release_score(settings, release.version)
+    reference = deployment.release_score(settings, release.version) or {}
     z = normal_quantile(settings.scoring.confidence)
     for roster in arrived:
         clients = snapshots.loc[snapshots["snapshot"] == roster["snapshot"]].reset_index(drop=True)
@@ -574,7 +574,7 @@ def check_drift(settings: Settings) -> DriftDecision:
 
     release = deployment.current_release(settings)
     deployed_f1 = read_score_file(release.score_path)
-    deployed_test_score = _recorded_release_score(settings, release.version)
+    deployed_test_score = deployment.release_score(settings, release.version) or {}
     new = score(
         settings, model_path=release.model_path, data_path=settings.latest_batch_path,
         purpose="drift-check",
@@ -611,16 +611,6 @@ def check_drift(settings: Settings) -> DriftDecision:
             "even for an unchanged model"
         )
     return decision
-
-
-def _recorded_release_score(settings: Settings, version: str) -> dict[str, Any]:
-    rows = records.query(
-        settings.records_path,
-        "SELECT * FROM scores WHERE model_version = ? AND purpose IN ('test', 'drift-holdout') "
-        "ORDER BY id DESC LIMIT 1",
-        (version,),
-    )
-    return rows[0] if rows else {}
 
 
 class Candidate(NamedTuple):

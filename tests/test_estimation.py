@@ -144,12 +144,12 @@ def _roster(rows: int, seed: int, id_offset: int, **shift) -> pd.DataFrame:
 
 
 def test_a_shifted_roster_raises_the_early_warning_and_a_fresh_one_does_not(deployed):
-    from deployment import current_release
+    from deployment import current_release, release_score
     from estimation import estimate_roster
-    from fullprocess import _recorded_release_score, early_warning
+    from fullprocess import early_warning
     from scoring import normal_quantile
 
-    reference = _recorded_release_score(deployed, current_release(deployed).version)
+    reference = release_score(deployed, current_release(deployed).version)
     z = normal_quantile(deployed.scoring.confidence)
     warned = {}
     for name, frame in {
