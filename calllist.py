@@ -202,7 +202,7 @@ def read_snapshots(settings: Settings) -> pd.DataFrame:
     """The roster snapshots (rosters.csv), typed like the master dataset; empty if none arrived."""
     import numpy as np
 
-    from dataset import as_numbers, empty_frame, frame_of, read_csv
+    from dataset import empty_frame, read_csv, typed
 
     schema = settings.schema
     columns = schema.id_columns + schema.features
@@ -218,13 +218,7 @@ def read_snapshots(settings: Settings) -> pd.DataFrame:
             f"roster dataset {path} lacks column(s) {', '.join(missing)}: it was made with another "
             "schema; move it away and ingest the rosters again"
         )
-    text = set(schema.id_columns + schema.categorical_features)
-    values = {
-        column: frame[column].to_numpy(dtype=object) if column in text
-        else as_numbers(frame[column].to_numpy())
-        for column in columns
-    }
-    return frame_of(values, columns, schema, frame.index).assign(**{
+    return typed(frame, schema, columns).assign(**{
         column: frame[column].to_numpy(dtype="int64")
         for column in (SNAPSHOT_COLUMN, MASTER_POSITION_COLUMN)
     })

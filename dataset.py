@@ -21,7 +21,7 @@ import functools
 import io
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, NamedTuple
 
@@ -182,7 +182,12 @@ def read_master(settings: Settings) -> pd.DataFrame:
     if not path.exists():
         return empty_frame(schema)
     frame = read_csv(path, schema, name=f"master dataset {path}")
-    missing = [c for c in schema.columns if c not in frame.columns]
+    _require_master_columns(frame.columns, schema, path)
+    return typed(frame[list(schema.columns)], schema)
+
+
+def _require_master_columns(present: Iterable[str], schema: Schema, path: Path) -> None:
+    missing = [c for c in schema.columns if c not in set(present)]
     if missing:
         raise DataError(
             f"master dataset {path} lacks column(s) {', '.join(missing)}: it was made with another "
@@ -190,7 +195,6 @@ def read_master(settings: Settings) -> pd.DataFrame:
             "ingested files and the quarantine aside into a dated folder and ingest every source "
             "file again (nothing is deleted)"
         )
-    return typed(frame[list(schema.columns)], schema)
 
 
 def read_master_chunks(settings: Settings, chunk_rows: int) -> Iterator[pd.DataFrame]:
@@ -202,12 +206,7 @@ def read_master_chunks(settings: Settings, chunk_rows: int) -> Iterator[pd.DataF
     name = f"master dataset {path}"
     with open(path, "rb") as stream:
         columns = read_header(stream, name=name)
-        missing = [c for c in schema.columns if c not in columns]
-        if missing:
-            raise DataError(
-                f"master dataset {path} lacks column(s) {', '.join(missing)}: it was made with "
-                "another schema; move it away and ingest again"
-            )
+        _require_master_columns(columns, schema, path)
         for chunk in read_chunks(stream, columns, schema, name=name, chunk_rows=chunk_rows):
             yield typed(chunk.frame[list(schema.columns)], schema)
 
