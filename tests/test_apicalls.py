@@ -124,11 +124,11 @@ def test_token_from_the_token_file_is_sent(reported):
     (reported.base_dir / "api-token").chmod(0o600)
     settings = reported._replace(api=reported.api._replace(token_file="api-token"))
 
+    token = apicalls.token_from_environment(settings)
     with serve(settings) as url:
-        answers = apicalls.call_endpoints(
-            settings, url, token=apicalls.token_from_environment(settings)
-        )
+        answers = apicalls.call_endpoints(settings, url, token=token)
 
+    assert token == TOKEN
     assert [answer.call.name for answer in answers.failures] == []
     assert len(answers.returns) == len(apicalls.endpoint_calls(settings))
 

@@ -134,7 +134,8 @@ def test_a_roster_frame_has_no_leaver_share_to_compare():
     drift = compare_datasets(reference, roster, SCHEMA, DiagnosticsSettings())
 
     assert drift["leavers"] is None
-    assert isinstance(pd.DataFrame(drift["features"]), pd.DataFrame)
+    assert [feature["feature"] for feature in drift["features"]] == list(SCHEMA.features)
+    assert all(feature["drifted"] is not None for feature in drift["features"])
 
 
 def _roster(rows: int, seed: int, id_offset: int, **shift) -> pd.DataFrame:

@@ -554,17 +554,19 @@ def test_file_that_is_neither_a_labeled_batch_nor_a_roster_says_so_in_one_line(w
     assert len(read_master(workspace)) == 1200
 
 
-def test_every_file_rejected_exits_with_its_own_code_and_leaves_no_empty_master(workspace, capsys):
+def test_every_new_file_rejected_exits_with_its_own_code_and_leaves_the_master_as_it_was(
+    workspace, capsys
+):
     from errors import EXIT_ALL_REJECTED
 
-    for path in workspace.input_folder.glob("*.csv"):
-        path.unlink()
+    ingest(workspace)
+    master = workspace.finaldata_path.read_bytes()
     (workspace.input_folder / "broken.csv").write_text("not,a,dataset\n1,2,3\n")
 
     assert main(["--config", str(workspace.config_path)]) == EXIT_ALL_REJECTED
 
     assert "every new file was rejected" in capsys.readouterr().err
-    assert not workspace.finaldata_path.exists() or len(read_master(workspace)) == 0
+    assert workspace.finaldata_path.read_bytes() == master
 
 
 def test_rebuild_moves_every_old_file_aside_and_ingests_again(workspace, capsys):
