@@ -456,13 +456,7 @@ def outputs_out_of_step(settings: Settings) -> dict[str, str | None]:
     if not is_deployed(settings):
         return {}
     served = served_version(settings)
-    try:
-        described = atomicio.read_json(settings.deployment_folder / OUTPUTS_FILE)["outputs"]
-    except FileNotFoundError:
-        described = {}
-    except (ValueError, KeyError, TypeError) as error:
-        log.warning("%s is unreadable (%s): every output is out of step", OUTPUTS_FILE, error)
-        described = {}
+    described = described_outputs(settings)
     out_of_step = {}
     for name, path in derived_outputs(settings).items():
         version = described.get(name) if path is None or path.exists() else None
@@ -471,9 +465,41 @@ def outputs_out_of_step(settings: Settings) -> dict[str, str | None]:
     return out_of_step
 
 
+def described_outputs(settings: Settings) -> dict[str, str]:
+    """The release each derived output was last made for, by output name (outputs.json); empty
+    when none was recorded or the file is unreadable."""
+    try:
+        return dict(atomicio.read_json(settings.deployment_folder / OUTPUTS_FILE)["outputs"])
+    except FileNotFoundError:
+        return {}
+    except (ValueError, KeyError, TypeError) as error:
+        log.warning("%s is unreadable (%s): every output is out of step", OUTPUTS_FILE, error)
+        return {}
+
+
 # The cycle decisions that deploy a release (fullprocess.py), by which the report and the pages find
 # the cycle that put a release in production.
 DEPLOYING_DECISIONS = ("first-deployment", "drift-redeployed", "forced-redeploy")
+
+def last_deployment(settings: Settings, version: str) -> dict[str, Any] | None:
+    """The newest record of `version` being deployed or rolled back to (its action says which)."""
+    rows = records.query(
+        settings.records_path,
+        "SELECT * FROM deployments WHERE version = ? ORDER BY id DESC LIMIT 1", (version,),
+    )
+    return rows[0] if rows else None
+
+
+def deploying_cycle(settings: Settings, version: str) -> dict[str, Any] | None:
+    """The newest cycle that deployed `version`; None if it was deployed by hand."""
+    rows = records.query(
+        settings.records_path,
+        f"SELECT * FROM cycles WHERE release = ? AND decision IN "
+        f"({', '.join('?' * len(DEPLOYING_DECISIONS))}) ORDER BY id DESC LIMIT 1",
+        (version, *DEPLOYING_DECISIONS),
+    )
+    return rows[0] if rows else None
+
 
 # What each recorded score purpose was measured on, in the words people read.
 MEASURED_ON = {

@@ -735,8 +735,8 @@ def model() -> str | tuple[str, int]:
     release = deployment.current_release(current)
     metadata = release.metadata()
     latest = diagnostics.latest_diagnostics(current)
-    risk = risk_list()
     track = calllist.track_records(current)
+    releases = deployment.list_releases(current)
     return render_template(
         "model.html",
         release=release,
@@ -746,13 +746,13 @@ def model() -> str | tuple[str, int]:
         measured_on=deployment.MEASURED_ON,
         scores=release_scores(release.version),
         confusion_matrix=current.confusion_matrix_path.is_file(),
-        report_for=risk.model_version if risk is not None else None,
+        report_for=deployment.described_outputs(current).get(current.report_path.name),
         report=current.report_path.is_file(),
         track=track,
-        charts=[release_chart(), scores_chart(), track_chart(track)],
+        charts=[release_chart(releases), scores_chart(), track_chart(track)],
         diagnostics=latest,
         cycles=last_cycles(),
-        releases=list(reversed(deployment.list_releases(current))),
+        releases=list(reversed(releases)),
         confidence=current.scoring.confidence,
         decisions=DECISIONS,
     )
@@ -760,20 +760,10 @@ def model() -> str | tuple[str, int]:
 
 def why_deployed(version: str) -> dict[str, Any]:
     """How the served release came to be served: the cycle that deployed it, or a person."""
-    database = settings().records_path
-    deployments = records.query(
-        database, "SELECT * FROM deployments WHERE version = ? ORDER BY id DESC LIMIT 1", (version,)
-    )
-    cycles = records.query(
-        database,
-        f"SELECT * FROM cycles WHERE release = ? AND decision IN "
-        f"({', '.join('?' for _ in deployment.DEPLOYING_DECISIONS)}) ORDER BY id DESC LIMIT 1",
-        (version, *deployment.DEPLOYING_DECISIONS),
-    )
-    cycle = cycles[0] if cycles else None
+    cycle = deployment.deploying_cycle(settings(), version)
     details = json.loads(cycle["details"] or "{}") if cycle else {}
     return {
-        "deployment": deployments[0] if deployments else None,
+        "deployment": deployment.last_deployment(settings(), version),
         "cycle": cycle,
         "drift": (details.get("drift") or {}).get("numbers"),
         "drift_reason": (details.get("drift") or {}).get("reason"),
@@ -880,9 +870,8 @@ def spread(count: int) -> list[float]:
     return [0.5] if count == 1 else [i / (count - 1) for i in range(count)]
 
 
-def release_chart() -> Chart:
+def release_chart(releases: list[deployment.Release]) -> Chart:
     """F1 each kept release was deployed with, oldest first."""
-    releases = deployment.list_releases(settings())
     xs = spread(len(releases))
     points = [(x, short_time(r.created_at), r.f1) for x, r in zip(xs, releases, strict=True)
               if r.f1 is not None]

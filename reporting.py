@@ -35,9 +35,10 @@ import atomicio
 import calllist
 import records
 from deployment import (
-    DEPLOYING_DECISIONS,
     Release,
+    deploying_cycle,
     describe_release_score,
+    last_deployment,
     list_releases,
     read_manifest,
     record_outputs,
@@ -483,24 +484,14 @@ def decision_lines(
     """Why `release` is served, in words and numbers: the cycle that deployed it, or a rollback."""
     if deciding_cycle is not None:
         return _cycle_decision_lines(settings, release, deciding_cycle)
-    deployments = records.query(
-        settings.records_path,
-        "SELECT time, action FROM deployments WHERE version = ? ORDER BY id DESC LIMIT 1",
-        (release.version,),
-    )
-    if deployments and deployments[0]["action"] == "rollback":
-        return [f"  rolled back to this release at {deployments[0]['time']} "
-                "(deployment.py --rollback)"]
-    cycles = records.query(
-        settings.records_path,
-        "SELECT started, decision, message, details FROM cycles WHERE release = ? AND decision IN "
-        f"({', '.join('?' * len(DEPLOYING_DECISIONS))}) ORDER BY id DESC LIMIT 1",
-        (release.version, *DEPLOYING_DECISIONS),
-    )
-    if not cycles:
+    deployed = last_deployment(settings, release.version)
+    if deployed and deployed["action"] == "rollback":
+        return [f"  rolled back to this release at {deployed['time']} (deployment.py --rollback)"]
+    cycle = deploying_cycle(settings, release.version)
+    if cycle is None:
         return [f"  deployed by hand (deployment.py) at {release.created_at}; "
                 f"F1 {release_score_text(settings, release)}"]
-    return _cycle_decision_lines(settings, release, cycles[0])
+    return _cycle_decision_lines(settings, release, cycle)
 
 
 def _cycle_decision_lines(

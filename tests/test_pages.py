@@ -141,6 +141,21 @@ def test_model_page_before_reporting_shows_the_release_deployed_by_hand(make_cli
     assert "No diagnostics recorded yet" in page
 
 
+def test_model_page_says_which_release_the_confusion_matrix_was_drawn_for(make_client, reported):
+    from scoring import score
+    from training import train
+
+    drawn_for = deployment.current_release(reported).version
+    # A new release is deployed by hand; no report is made for it yet.
+    train(reported)
+    score(reported)
+    deployment.deploy(reported)
+
+    page = text_of(make_client(reported).get("/model"))
+
+    assert f"which was made for release {drawn_for}" in page
+
+
 @pytest.mark.parametrize(
     "path", ["/riskscores.csv", "/model/report.pdf", "/model/confusionmatrix.png"]
 )
