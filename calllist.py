@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -39,8 +41,8 @@ log = logging.getLogger(__name__)
 
 # One column per reason (scoring.REASONS_PER_CLIENT), strongest first.
 REASON_COLUMNS = ("reason_1", "reason_2", "reason_3")
-# Rows formatted and written at a time: bounds the memory that a million clients' text takes.
-WRITE_CHUNK_ROWS = 100_000
+# Rows laid out and written at a time (write_list): small enough for the CPU's caches.
+WRITE_CHUNK_ROWS = 5_000
 
 
 class ClientHistory(NamedTuple):
@@ -235,6 +237,7 @@ class Ranked(NamedTuple):
     features: tuple[str, ...]
     sources: np.ndarray  # each row's row in the data: master row i, or snapshot row j as -(j + 1)
     codes: np.ndarray  # each row's client code (ClientHistory)
+    utf8: dict[str, np.ndarray]  # columns of the table already in UTF-8, for write_list
 
 
 def rank_current_clients(settings: Settings, model: Any, version: str) -> pd.DataFrame:
@@ -282,7 +285,9 @@ def _ranked(model: Any, version: str, current: CurrentClients, schema: Schema) -
     why = explain(model, rows)
     # Reasons are terms of the log-odds; the probability is the model's, through its calibration.
     probabilities = calibrated_probabilities(why.logits(), linear_scorer(model).calibration)
-    order = _risk_order(probabilities, client_keys(rows, schema))
+    keys = client_keys(rows, schema)
+    keys_utf8 = _utf8(keys)  # sort as the ids do, and are what write_list writes
+    order = _risk_order(probabilities, keys if keys_utf8 is None else keys_utf8)
     index = pd.RangeIndex(len(order))
     threshold = linear_scorer(model).threshold
     columns: dict[str, Any] = {"rank": np.arange(1, len(order) + 1)}
@@ -290,13 +295,16 @@ def _ranked(model: Any, version: str, current: CurrentClients, schema: Schema) -
         columns[column] = _texts(rows[column].to_numpy(dtype=object)[order], index)
     columns["probability"] = probabilities[order]
     columns[f"predicted_{schema.target}"] = (columns["probability"] >= threshold).astype("int64")
-    columns["model_version"] = _texts(np.full(len(order), version, dtype=object), index)
+    columns["model_version"] = _one_text(version, len(order))
     for position, column in enumerate(REASON_COLUMNS):
-        columns[column] = _texts(why.reason_texts(position)[order], index)
+        columns[column] = why.reason_column(position, order)
     table = _frame(columns, index)
+    utf8 = {}
+    if keys_utf8 is not None and len(schema.id_columns) == 1:
+        utf8[schema.id_columns[0]] = keys_utf8[order]
     return Ranked(
         table=table, terms=why.contributions[order], features=why.features,
-        sources=current.sources[order], codes=current.codes[order],
+        sources=current.sources[order], codes=current.codes[order], utf8=utf8,
     )
 
 
@@ -307,6 +315,21 @@ def _texts(values: np.ndarray, index: pd.Index) -> pd.Series:
     return pd.Series(values, index=index, dtype=object, copy=False)
 
 
+def _one_text(text: str, rows: int) -> pd.Categorical:
+    """The same text in every row, held once."""
+    import numpy as np
+    import pandas as pd
+
+    return pd.Categorical.from_codes(np.zeros(rows, dtype="int8"), [text])
+
+
+def _coded_texts(codes: np.ndarray, texts: list[str]) -> pd.Categorical:
+    """Row i reads texts[codes[i]]: a column of few distinct texts, as categories."""
+    import pandas as pd
+
+    return pd.Categorical.from_codes(codes, texts)
+
+
 def _frame(columns: dict[str, Any], index: pd.Index) -> pd.DataFrame:
     """A table of these columns as they are: a million clients' columns are not copied again."""
     import pandas as pd
@@ -314,13 +337,27 @@ def _frame(columns: dict[str, Any], index: pd.Index) -> pd.DataFrame:
     return pd.DataFrame(columns, index=index, copy=False)
 
 
+def _utf8(texts: np.ndarray) -> np.ndarray | None:
+    """Texts as fixed-width UTF-8 bytes (numpy "S"), which sort as the texts do; None if a text
+    holds a NUL, which such bytes would lose at the end."""
+    import numpy as np
+
+    texts = texts.tolist()
+    if "\x00" in "".join(texts):
+        return None
+    try:  # plain ASCII, the usual case, converts in one step
+        return np.array(texts, dtype="S")
+    except UnicodeEncodeError:
+        return np.array([text.encode("utf-8") for text in texts], dtype="S")
+
+
 def _risk_order(probabilities: np.ndarray, keys: np.ndarray) -> np.ndarray:
     """Row order by probability, highest first, equal probabilities by client id.
 
     Only the rows whose probability ties with another's are sorted by id. Ties are the rule
     where the features take few values (a list of a million clients may hold a few hundred
-    distinct probabilities), so the ids are sorted once as fixed-width text, which sorts several
-    times faster than Python strings, and then stably by probability.
+    distinct probabilities), so the ids are sorted once as fixed-width text (or its UTF-8, which
+    sorts the same), several times faster than Python strings, and then stably by probability.
     """
     import numpy as np
 
@@ -329,7 +366,8 @@ def _risk_order(probabilities: np.ndarray, keys: np.ndarray) -> np.ndarray:
     group = np.concatenate([[0], np.cumsum(ranked[1:] != ranked[:-1])])
     tied = np.bincount(group)[group] > 1
     if tied.any():
-        ids = np.asarray(keys, dtype=str)  # in data order: in rank order it reads all over memory
+        # In data order: in rank order it reads all over memory.
+        ids = keys if keys.dtype.kind in "SU" else np.asarray(keys, dtype=str)
         rows = order[tied]
         rows = rows[np.argsort(ids[rows], kind="stable")]
         # The tied places of `order`, highest probability first, take the tied rows in that order.
@@ -356,31 +394,33 @@ def with_changes(
     where = list(table.columns).index(REASON_COLUMNS[-1]) + 1
     if before is None:
         return _with_columns(table, where, {
-            "change": _texts(np.full(len(table), "first list", dtype=object), table.index),
+            "change": _one_text("first list", len(table)),
             "rank_before": pd.arrays.IntegerArray(
                 np.zeros(len(table), dtype="int64"), np.ones(len(table), dtype=bool)
             ),
-            "moved_by": _texts(np.full(len(table), "", dtype=object), table.index),
+            "moved_by": _one_text("", len(table)),
         })
     rank = table["rank"].to_numpy()
     found = before > 0
-    change = np.full(len(table), "unchanged", dtype=object)
-    change[found & (rank < before)] = "risen"
-    change[found & (rank > before)] = "fallen"
-    change[~found] = "new"
-    change[(rank <= top_n) & (~found | (before > top_n))] = f"new in the top {top_n}"
-    moved = np.full(len(table), "", dtype=object)
+    changes = ["unchanged", "risen", "fallen", "new", f"new in the top {top_n}"]
+    change = np.zeros(len(table), dtype="int8")
+    change[found & (rank < before)] = 1
+    change[found & (rank > before)] = 2
+    change[~found] = 3
+    change[(rank <= top_n) & (~found | (before > top_n))] = 4
+    moved = np.full(len(table), len(features), dtype="int64")  # the last text: ""
     if shift is not None:
         known = found & ~np.isnan(shift).any(axis=1)
         total = shift[known].sum(axis=1)
         # Terms recomputed from the same row and model agree to the last bit; anything else moved.
         own = np.abs(total) > 1e-9
-        strongest = np.argmax(shift[known][own] * np.sign(total[own])[:, None], axis=1)
-        moved[np.flatnonzero(known)[own]] = np.array(features, dtype=object)[strongest]
+        moved[np.flatnonzero(known)[own]] = np.argmax(
+            shift[known][own] * np.sign(total[own])[:, None], axis=1
+        )
     return _with_columns(table, where, {
-        "change": _texts(change, table.index),
+        "change": _coded_texts(change, changes),
         "rank_before": pd.arrays.IntegerArray(before, ~found),
-        "moved_by": _texts(moved, table.index),
+        "moved_by": _coded_texts(moved, [*features, ""]),
     })
 
 
@@ -493,7 +533,7 @@ def rebuild_call_list(settings: Settings) -> CallList:
         "top_clients": client_keys(ranked.table.head(top_n), schema).tolist(),
         "data_stamp": stamp,
     })
-    write_list(settings.risk_scores_path, ranked.table)
+    write_list(settings.risk_scores_path, ranked.table, ranked.utf8)
     write_terms(settings, list_id, ranked, history)
     records.update(settings.records_path, "call_lists", list_id,
                    {"file_stamp": file_stamp(settings.risk_scores_path)})
@@ -630,57 +670,128 @@ def _newest_roster(settings: Settings, roster_rows: int) -> str | None:
     return Path(rows[0]["file"]).name if rows else None
 
 
-def write_list(path: Path, table: pd.DataFrame) -> None:
+def write_list(
+    path: Path, table: pd.DataFrame, utf8: dict[str, np.ndarray] | None = None
+) -> None:
     """Write the list as CSV, atomically, a chunk of rows at a time.
 
-    pandas' to_csv takes about 20 s for a million clients with their reasons on our machines; one
-    %-format per row takes a fraction of that. Cells are quoted only in a column that needs it, and
-    a column with one value in a chunk (the release) goes into the format itself.
+    A million clients with their reasons take pandas' to_csv about 20 s, and a Python format per
+    row about 2 s. Here numpy lays out each chunk as a byte matrix with a line per client: every
+    column's cells in UTF-8 at the column's widest, padded with 0xFF (a byte UTF-8 never uses), and
+    the commas between; deleting the padding leaves the lines of the file in order. A text column
+    of few distinct values (categories: the reasons, the release, what changed) is encoded once per
+    distinct text. `utf8` holds columns already encoded (numpy "S" arrays): the ids, which the
+    ranking encoded to sort them. numpy lets go of the GIL while it moves bytes, so two threads
+    lay out chunks side by side.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    utf8 = utf8 or {}
+    columns = [_csv_cells(table[name], utf8.get(name)) for name in table.columns]
+
+    def lines(start: int) -> np.ndarray:
+        rows = slice(start, min(start + WRITE_CHUNK_ROWS, len(table)))
+        comma = np.full((rows.stop - rows.start, 1), ord(","), dtype="uint8")
+        line = [part for cells in columns for part in (cells(rows), comma)]
+        line[-1] = np.full_like(comma, ord("\n"))
+        matrix = np.concatenate(line, axis=1)
+        return matrix[matrix != CSV_PADDING]
+
+    with atomicio.open_atomic(path, "wb") as stream, ThreadPoolExecutor(2) as pool:
+        stream.write((",".join(_csv_field(str(name)) for name in table.columns) + "\n").encode())
+        for chunk in pool.map(lines, range(0, len(table), WRITE_CHUNK_ROWS)):
+            stream.write(chunk.data)
+
+
+# Pads every cell of write_list's byte matrix to its column's width: no UTF-8 text holds it.
+CSV_PADDING = 0xFF
+
+
+def _csv_cells(values: pd.Series, utf8: np.ndarray | None = None) -> Callable[[slice], np.ndarray]:
+    """The column's cells as write_list lays them out: given a slice of rows, a matrix of bytes,
+    a row per cell, each cell's UTF-8 first and padding after.
+
+    Integers are written as they are, empty where missing; probabilities with six decimals. Every
+    cell of a column is quoted when any holds a comma (every reason does), and only the cells that
+    need it when one holds a quote or a line break.
+    """
+    import numpy as np
     import pandas as pd
 
-    def cells(column: str, rows: slice) -> tuple[list[Any] | None, str]:
-        """A chunk of a column as Python values and the format of its cells (values None: the
-        format holds the one value)."""
-        values = table[column].iloc[rows]
-        dtype = values.dtype
-        if pd.api.types.is_float_dtype(dtype):
-            return values.tolist(), "%.6f"
-        if pd.api.types.is_integer_dtype(dtype) and not values.hasnans:
-            return values.to_numpy(dtype="int64").tolist(), "%d"
-        if pd.api.types.is_integer_dtype(dtype):  # nullable: empty where missing
-            texts = [
-                "" if gone else str(number) for number, gone in zip(
-                    values.to_numpy(dtype="int64", na_value=0).tolist(),
-                    values.isna().tolist(), strict=True,
-                )
-            ]
-        else:
-            texts = values.tolist()
-        try:
-            everything = "\x00".join(texts)  # one scan of all the cells for what needs quoting
-        except TypeError:  # a missing cell among the text: empty
-            texts = values.to_numpy(dtype=object, na_value="").tolist()
-            everything = "\x00".join(map(str, texts))
-            texts = [str(text) for text in texts]
-        if '"' in everything or "\n" in everything or "\r" in everything:
-            return [_csv_field(text) for text in texts], "%s"
-        quote = '"' if "," in everything else ""  # every reason holds a comma
-        if texts and texts[0] == texts[-1] and len(set(texts)) == 1:
-            return None, f"{quote}{texts[0].replace('%', '%%')}{quote}"
-        return texts, f"{quote}%s{quote}"
+    dtype = values.dtype
+    if utf8 is not None and not re.search(rb'[,"\r\n]', utf8.tobytes()):  # needs no quotes
+        cells = utf8.view("uint8").reshape(len(utf8), utf8.dtype.itemsize).copy()
+        cells[cells == 0] = CSV_PADDING  # numpy pads with NUL; _utf8 keeps none in a text
+        return lambda rows: cells[rows]
+    if pd.api.types.is_integer_dtype(dtype):
+        numbers = values.to_numpy(dtype="int64", na_value=0)
+        missing = values.isna().to_numpy()
+        if (numbers >= 0).all():  # ranks and classes: digits by arithmetic
+            return lambda rows: _digits(numbers[rows], missing[rows])
+        codes = np.where(missing, -1, np.arange(len(values)))
+        texts = [str(number) for number in numbers.tolist()]
+    elif pd.api.types.is_float_dtype(dtype):
+        codes, distinct = pd.factorize(values.to_numpy(dtype="float64"), use_na_sentinel=True)
+        texts = ["%.6f" % number for number in distinct.tolist()]
+    elif isinstance(dtype, pd.CategoricalDtype):
+        codes = values.cat.codes.to_numpy()
+        texts = values.cat.categories.tolist()
+    else:  # text of its own in every row: the client ids
+        cells = values.to_numpy(dtype=object)
+        codes = np.where(pd.isna(cells), -1, np.arange(len(cells)))
+        texts = cells.tolist()
+    encoded = _padded_utf8([*_quoted(texts), ""])
+    codes = np.where(codes < 0, len(texts), codes)  # a missing cell: the empty text
+    return lambda rows: encoded[codes[rows]]
 
-    with atomicio.open_atomic(path, "w", encoding="utf-8", newline="") as stream:
-        stream.write(",".join(_csv_field(column) for column in table.columns) + "\n")
-        for start in range(0, len(table), WRITE_CHUNK_ROWS):
-            chunk = [cells(column, slice(start, start + WRITE_CHUNK_ROWS))
-                     for column in table.columns]
-            line = ",".join(cell_format for _, cell_format in chunk) + "\n"
-            columns = [values for values, _ in chunk if values is not None]
-            if columns:
-                stream.writelines(map(line.__mod__, zip(*columns)))
-            else:  # every cell of the chunk is the same: a list of one client
-                stream.write(line * len(table.iloc[start:start + WRITE_CHUNK_ROWS]))
+
+def _quoted(texts: list[Any]) -> list[str]:
+    """A column's texts as CSV cells, quoted as _csv_cells says (a missing cell's text is unused)."""
+    try:
+        everything = "\x00".join(texts)  # one scan of all the cells for what needs quoting
+    except TypeError:  # not all of them text
+        texts = [str(text) for text in texts]
+        everything = "\x00".join(texts)
+    if '"' in everything or "\n" in everything or "\r" in everything:
+        return [_csv_field(text) for text in texts]
+    if "," in everything:
+        return [f'"{text}"' for text in texts]
+    return texts
+
+
+def _padded_utf8(texts: list[str]) -> np.ndarray:
+    """Texts as a matrix of bytes, a row each: its UTF-8, then CSV_PADDING to the widest."""
+    import numpy as np
+
+    try:  # plain ASCII, the usual case, converts in one step
+        if "\x00" in "".join(texts):  # numpy's bytes would lose a NUL at the end of a text
+            raise UnicodeEncodeError("ascii", "", 0, 1, "a NUL in a text")
+        fixed = np.array(texts, dtype="S")
+        lengths = np.strings.str_len(fixed)
+    except UnicodeEncodeError:
+        encoded = [text.encode("utf-8") for text in texts]
+        fixed = np.array(encoded, dtype=bytes)
+        lengths = np.fromiter(map(len, encoded), dtype="int64", count=len(encoded))
+    width = max(fixed.dtype.itemsize, 1)
+    matrix = np.zeros((len(texts), width), dtype="uint8")
+    if len(texts):
+        matrix[:] = fixed.astype(f"S{width}").view("uint8").reshape(len(texts), width)
+    matrix[np.arange(width) >= lengths[:, None]] = CSV_PADDING
+    return matrix
+
+
+def _digits(numbers: np.ndarray, missing: np.ndarray) -> np.ndarray:
+    """Non-negative integers as a matrix of ASCII digits, a row each; empty where missing."""
+    import numpy as np
+
+    width = len(str(int(numbers.max()))) if len(numbers) else 1
+    powers = 10 ** np.arange(width - 1, -1, -1, dtype="int64")
+    digits = ((numbers[:, None] // powers) % 10).astype("uint8") + ord("0")
+    length = (numbers[:, None] >= powers[:-1]).sum(axis=1) + 1  # 0 is written "0"
+    digits[(np.arange(width) < width - length[:, None]) | missing[:, None]] = CSV_PADDING
+    return digits
 
 
 def read_list(path: Path, schema: Schema, rows: int | None = None) -> pd.DataFrame:

@@ -32,6 +32,7 @@ import sys
 import time
 import weakref
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -238,7 +239,7 @@ class LinearScorer:
         contributions = self.contributions(frame)
         raising = np.argsort(-contributions, axis=1, kind="stable")[:, :reasons]
         raises = np.take_along_axis(contributions, raising, axis=1) > 0
-        values, typical, texts = [], [], []
+        values, typical, words = [], [], []
         for term in self.numeric:
             raw = frame[term["column"]].to_numpy(dtype="float64", na_value=np.nan)
             fill = term["fill"]
@@ -246,18 +247,18 @@ class LinearScorer:
                 fill = float(np.expm1(fill))
             values.append(raw)
             typical.append(typical_value(term))
-            texts.append(_numeric_reason_texts(term["column"], raw, typical[-1], fill))
+            words.append(_numeric_reason_words(term["column"], raw, typical[-1], fill))
         for term in self.categorical:
             cells = frame[term["column"]].to_numpy(dtype=object)
             values.append(cells)
             typical.append(None)
-            texts.append(_category_reason_texts(term["column"], cells))
+            words.append(_category_reason_words(term["column"], cells))
         return Explanation(
             features=self.features,
             contributions=contributions,
             intercept=self.intercept,
             reasons=np.where(raises, raising, -1),
-            texts=tuple(texts),
+            words=tuple(words),
             values=tuple(values),
             typical=tuple(typical),
         )
@@ -300,21 +301,36 @@ _scorers: weakref.WeakKeyDictionary[Any, LinearScorer | None] = weakref.WeakKeyD
 # --- Why: the reasons of a risk -----------------------------------------------------------------
 
 @dataclass(frozen=True)
+class Words:
+    """One feature's reason, row by row, in words: each row's index into the feature's texts.
+
+    A million clients share a few thousand distinct values, so each text is made once and the rows
+    hold integers (a missing value has a text of its own).
+    """
+
+    codes: np.ndarray
+    texts: np.ndarray  # object array of str
+
+    def of_row(self, row: int) -> str:
+        return self.texts[self.codes[row]]
+
+
+@dataclass(frozen=True)
 class Explanation:
     """Why the model in use gives each row its risk: every feature's exact term of the log-odds.
 
     `contributions[i, j]` is what feature j adds to row i's log-odds against the typical client
     (the training data's mean, after the model's transforms), so the intercept plus a row's
     contributions is its log-odds, exactly. `reasons[i]` holds the indices of the features that
-    raise row i's risk most, largest first (-1 where fewer raise it at all); `texts[j]` says each
-    row's value of feature j against the typical one, in words.
+    raise row i's risk most, largest first (-1 where fewer raise it at all); `words[j]` says each
+    row's value of feature j against the typical one.
     """
 
     features: tuple[str, ...]
     contributions: np.ndarray
     intercept: float
     reasons: np.ndarray
-    texts: tuple[np.ndarray, ...]
+    words: tuple[Words, ...]
     values: tuple[np.ndarray, ...]
     typical: tuple[float | None, ...]
 
@@ -323,13 +339,34 @@ class Explanation:
 
     def reason_texts(self, position: int) -> np.ndarray:
         """Each row's reason number `position` (0: the strongest) in words; "" where it has none."""
-        chosen = self.reasons[:, position]
-        texts = np.empty(len(chosen), dtype=object)
-        texts[:] = ""
-        for index, feature_texts in enumerate(self.texts):
-            rows = chosen == index
-            texts[rows] = feature_texts[rows]
-        return texts
+        return np.asarray(self.reason_column(position, np.arange(len(self.reasons))), dtype=object)
+
+    def reason_column(self, position: int, rows: np.ndarray) -> pd.Categorical:
+        """Reason number `position` of each of `rows`, as categories: "" where a row has none.
+
+        The rows hold integer codes into the distinct texts; a million clients' reasons are then
+        put in order, and written, without touching a million Python strings.
+        """
+        categories, codes = self._reason_codes
+        return pd.Categorical.from_codes(codes[rows, position], dtype=categories)
+
+    @cached_property
+    def _reason_codes(self) -> tuple[pd.CategoricalDtype, np.ndarray]:
+        """Every distinct reason text, and each row's reasons as codes into them (rows x reasons).
+
+        Two features' texts never match (each begins with its column's name), but within one a
+        category may read like the feature's missing value: the texts are made distinct here.
+        """
+        every_text = [text for words in self.words for text in words.texts.tolist()] + [""]
+        distinct = pd.Index(list(dict.fromkeys(every_text)), dtype=object)
+        category_of = distinct.get_indexer(every_text)
+        starts = np.cumsum([0] + [len(words.texts) for words in self.words])
+        # Column j: each row's text of feature j, as a code into every_text; the last column "".
+        by_feature = np.full((len(self.reasons), len(self.words) + 1), starts[-1], dtype="int64")
+        for feature, words in enumerate(self.words):
+            by_feature[:, feature] = starts[feature] + words.codes
+        texts = np.take_along_axis(by_feature, self.reasons, axis=1)  # -1 picks the last column
+        return pd.CategoricalDtype(distinct), category_of[texts]
 
     def as_records(self) -> list[list[dict[str, Any]]]:
         """Each row's reasons as JSON-ready dicts: feature, value, typical value, term, words."""
@@ -341,7 +378,7 @@ class Explanation:
                     "value": _json_value(self.values[index][row]),
                     "typical": self.typical[index],
                     "contribution": float(self.contributions[row, index]),
-                    "text": self.texts[index][row],
+                    "text": self.words[index].of_row(row),
                 }
                 for index in chosen if index >= 0
             ])
@@ -364,16 +401,14 @@ def number_text(value: float) -> str:
     return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
-def _numeric_reason_texts(
-    column: str, values: np.ndarray, typical: float, fill: float
-) -> np.ndarray:
+def _numeric_reason_words(column: str, values: np.ndarray, typical: float, fill: float) -> Words:
     typical_text = number_text(typical)
     unknown = f"{column} unknown (taken as {number_text(fill)}), typical {typical_text}: raises risk"
     if len(values) < FEW_ROWS:  # an API request: plain Python beats pandas' fixed cost
-        return np.array([
+        return _row_by_row([
             unknown if value != value else f"{column} {number_text(value)}, typical "
             f"{typical_text}: raises risk" for value in values.tolist()
-        ] or [], dtype=object)
+        ])
     # Worded once per distinct value: a million clients have far fewer distinct counts.
     codes, distinct = pd.factorize(values, use_na_sentinel=True)
     whole = np.isfinite(distinct) & (np.mod(distinct, 1) == 0) & (np.abs(distinct) < 1e15)
@@ -381,20 +416,26 @@ def _numeric_reason_texts(
     numbers[whole] = distinct[whole].astype("int64").astype(str)  # counts: the usual case
     numbers[~whole] = [number_text(value) for value in distinct[~whole].tolist()]
     worded = [f"{column} {number}, typical {typical_text}: raises risk" for number in numbers]
-    worded.append(unknown)
-    return np.array(worded, dtype=object)[codes]  # code -1 (a missing value) picks the last
+    return _worded_once(codes, worded, unknown)
 
 
-def _category_reason_texts(column: str, cells: np.ndarray) -> np.ndarray:
+def _category_reason_words(column: str, cells: np.ndarray) -> Words:
+    unknown = f"{column} unknown: raises risk"
     if len(cells) < FEW_ROWS:
-        return np.array([
-            f"{column} unknown: raises risk" if pd.isna(cell) else f"{column} {cell}: raises risk"
-            for cell in cells.tolist()
-        ] or [], dtype=object)
+        return _row_by_row([
+            unknown if pd.isna(cell) else f"{column} {cell}: raises risk" for cell in cells.tolist()
+        ])
     codes, distinct = pd.factorize(cells, use_na_sentinel=True)
-    worded = [f"{column} {category}: raises risk" for category in distinct.tolist()]
-    worded.append(f"{column} unknown: raises risk")
-    return np.array(worded, dtype=object)[codes]
+    return _worded_once(codes, [f"{column} {category}: raises risk" for category in distinct], unknown)
+
+
+def _row_by_row(texts: list[str]) -> Words:
+    return Words(np.arange(len(texts)), np.array(texts or [], dtype=object))
+
+
+def _worded_once(codes: np.ndarray, worded: list[str], unknown: str) -> Words:
+    """Words of rows coded by pd.factorize: code -1 (a missing value) reads `unknown`."""
+    return Words(np.where(codes < 0, len(worded), codes), np.array([*worded, unknown], dtype=object))
 
 
 def _json_value(value: Any) -> Any:

@@ -14,6 +14,7 @@ import pandas as pd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import calllist
 from dataset import (
     MAX_COUNT,
     MISSING_MARKERS,
@@ -144,3 +145,54 @@ def test_first_sightings_are_rows_neither_seen_before_nor_repeated(seen_before, 
         for position, value in enumerate(rows)
     ]
     assert first.tolist() == expected
+
+
+# --- The risk list's CSV writer ----------------------------------------------------------------
+
+list_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=10)
+
+
+@st.composite
+def list_tables(draw: st.DrawFn) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """Tables shaped like a risk list: ranks, ids (some already encoded, as the ranking passes
+    them), probabilities, a nullable rank, and text of few distinct values as categories."""
+    rows = draw(st.integers(0, 30))
+    ids = draw(st.lists(list_text, min_size=rows, max_size=rows, unique=True))
+    words = draw(st.lists(list_text, min_size=1, max_size=4, unique=True))
+    before = draw(st.lists(st.one_of(st.none(), st.integers(0, 10**9)), min_size=rows, max_size=rows))
+    table = pd.DataFrame({
+        "rank": np.arange(1, rows + 1),
+        "id": pd.Series(ids, dtype=object),
+        "probability": draw(st.lists(
+            st.one_of(st.floats(0, 1), st.just(float("nan"))), min_size=rows, max_size=rows
+        )),
+        "reason": pd.Categorical.from_codes(
+            draw(st.lists(st.integers(0, len(words) - 1), min_size=rows, max_size=rows)), words
+        ),
+        "rank_before": pd.array(before, dtype="Int64"),
+    })
+    encoded = calllist._utf8(table["id"].to_numpy(dtype=object)) if draw(st.booleans()) else None
+    return table, {} if encoded is None else {"id": encoded}
+
+
+@CHECKS
+@given(list_tables())
+def test_the_risk_list_file_reads_back_as_the_table_it_was_written_from(tmp_path_factory, made):
+    table, encoded = made
+    path = tmp_path_factory.mktemp("list") / "riskscores.csv"
+
+    calllist.write_list(path, table, encoded)
+
+    read = pd.read_csv(
+        path, dtype={"id": str, "reason": str}, keep_default_na=False,
+        na_values={"probability": [""], "rank_before": [""]},
+    )
+    assert list(read.columns) == list(table.columns)
+    assert read["rank"].tolist() == table["rank"].tolist()
+    assert read["id"].tolist() == table["id"].tolist()
+    assert read["reason"].tolist() == table["reason"].tolist()
+    np.testing.assert_allclose(
+        read["probability"].to_numpy(dtype="float64"),
+        table["probability"].round(6).to_numpy(dtype="float64"), atol=5e-7,
+    )
+    assert read["rank_before"].astype("Int64").tolist() == table["rank_before"].tolist()
