@@ -714,11 +714,15 @@ def _appended_files(settings: Settings) -> list[tuple[str, Path]]:
 
 def _finish(settings: Settings, journal: dict[str, Any]) -> None:
     """What follows a recorded run: its new rows become the newest batch (what drift is checked
-    on), the list of ingested files is written again, and the journal is closed."""
+    on), the binary copy of the master dataset and the list of ingested files are written again,
+    and the journal is closed."""
+    from dataset import update_master_copy
+
     batch_rows = settings.output_folder / journal["batch"]
     if journal["new_rows"] and batch_rows.exists():
         with atomicio.storage_errors(settings.latest_batch_path):
             os.replace(batch_rows, settings.latest_batch_path)
+    update_master_copy(settings)
     _write_ingested_files_list(settings)
     _close_journal(settings)
 
@@ -746,6 +750,7 @@ def recover(settings: Settings) -> None:
         path.name for path in (
             settings.finaldata_path, settings.rosters_path, settings.quarantine_path,
             settings.latest_batch_path, settings.ingested_files_path, journal_path,
+            settings.master_copy_path,
         )
     ]
     if settings.output_folder.is_dir():
@@ -900,8 +905,9 @@ def rebuild(settings: Settings) -> tuple[Path, IngestReport]:
         recover(settings)
         aside = settings.output_folder / f"before-rebuild-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
         aside.mkdir(parents=True)
-        for path in (settings.finaldata_path, settings.rosters_path, settings.quarantine_path,
-                     settings.ingested_files_path, settings.latest_batch_path):
+        for path in (settings.finaldata_path, settings.master_copy_path, settings.rosters_path,
+                     settings.quarantine_path, settings.ingested_files_path,
+                     settings.latest_batch_path):
             if path.exists():
                 os.replace(path, aside / path.name)
         if settings.records_path.exists():

@@ -290,6 +290,11 @@ class Settings(NamedTuple):
         return self.output_folder / "finaldata.csv"
 
     @property
+    def master_copy_path(self) -> Path:
+        """The master dataset in numpy's .npz, beside the CSV: quicker to read (dataset.py)."""
+        return self.output_folder / "finaldata.npz"
+
+    @property
     def ingested_files_path(self) -> Path:
         return self.output_folder / "ingestedfiles.txt"
 

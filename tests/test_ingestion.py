@@ -590,3 +590,59 @@ def test_master_of_another_schema_says_to_rebuild(workspace):
 
     with pytest.raises(DataError, match="ingestion.py --rebuild"):
         read_master(changed)
+
+
+# --- The master dataset's binary copy ----------------------------------------------------------
+
+
+def read_master_csv(settings):
+    """The master dataset as its CSV alone says: what the binary copy must always agree with."""
+    settings.master_copy_path.unlink(missing_ok=True)
+    return read_master(settings)
+
+
+def test_the_binary_copy_holds_the_master_dataset_after_every_ingestion(workspace, monkeypatch):
+    ingest(workspace)
+    (workspace.input_folder / "later.csv").write_text(
+        HEADER + "with-gaps,,NA,3,1\n\"comma, quote \"\" and é\",4,5,,0\n"
+    )
+    ingest(workspace)
+    assert workspace.master_copy_path.exists()
+
+    def no_csv_parsing(*args, **kwargs):
+        raise AssertionError("the CSV was parsed although the copy holds it")
+
+    with monkeypatch.context() as patched:
+        patched.setattr("dataset.read_csv", no_csv_parsing)
+        from_copy = read_master(workspace)
+
+    pd.testing.assert_frame_equal(from_copy, read_master_csv(workspace))
+    assert from_copy["corporation"].iloc[-1] == 'comma, quote " and é'
+    assert pd.isna(from_copy["lastyear_activity"].iloc[-2])
+
+
+def test_a_master_dataset_changed_by_hand_is_read_from_its_csv_not_from_the_copy(workspace):
+    ingest(workspace)
+    text = workspace.finaldata_path.read_text()
+    first_row = text.splitlines()[1]
+    edited = first_row[:-1] + ("0" if first_row[-1] == "1" else "1")  # the label, same size
+    workspace.finaldata_path.write_text(text.replace(first_row, edited, 1))
+
+    master = read_master(workspace)
+
+    assert master["exited"].iloc[0] == int(edited[-1])
+
+
+def test_a_copy_that_cannot_be_read_is_passed_over_and_made_again(workspace, caplog):
+    ingest(workspace)
+    workspace.master_copy_path.write_bytes(b"not a numpy file")
+
+    assert len(read_master(workspace)) == 1200
+    assert "cannot be read" in caplog.text
+
+    generate_data.write_csv(
+        generate_data.make_clients(10, seed=5, id_offset=900_000),
+        workspace.input_folder / "more.csv",
+    )
+    ingest(workspace)
+    pd.testing.assert_frame_equal(read_master(workspace), read_master_csv(workspace))
