@@ -22,18 +22,14 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-import matplotlib.dates as mdates
 import numpy as np
 import pandas as pd
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 import atomicio
 import calllist
 import records
+import reportpdf
 from deployment import (
     Release,
     deploying_cycle,
@@ -65,33 +61,11 @@ TOP_GROUPS_FILE = "risktopgroups.json"
 TREND_RUNS = 500
 # Rows of the risk list printed in the report; the whole list is in riskscores.csv.
 REPORT_TOP_ROWS = 40
-A4_PORTRAIT = (8.27, 11.69)  # inches
 TEXT_SIZE = 7.5
 LINE_HEIGHT = 0.0125  # of the page height, for TEXT_SIZE monospace lines
-# matplotlib spaces the lines of one text by this multiple of the font's line height: for
-# Courier at TEXT_SIZE on an A4 page, 1.386 makes them LINE_HEIGHT apart (measured).
-BLOCK_LINE_SPACING = 1.386
 CLASS_LABELS = ("stayed (0)", "left (1)")
 HEADING_SIZE = 11
 TITLE_SIZE = 15
-# The PDF's 14 standard fonts need no glyphs embedded: text pages render several times faster and
-# every PDF reader has them. Few sizes: matplotlib looks a font up anew (a few hundredths of a
-# second) for every combination of family, weight and size it meets.
-PDF_STYLE = {
-    "pdf.use14corefonts": True,
-    "font.size": TEXT_SIZE,
-    "axes.titlesize": 10,
-    "axes.labelsize": TEXT_SIZE,
-    "xtick.labelsize": TEXT_SIZE,
-    "ytick.labelsize": TEXT_SIZE,
-    "legend.fontsize": TEXT_SIZE,
-    "figure.titlesize": TITLE_SIZE,
-    "figure.titleweight": "bold",
-    # The core fonts have no Unicode minus sign: axis labels use the ASCII hyphen-minus instead.
-    "axes.unicode_minus": False,
-}
-
-
 # --- The risk list -----------------------------------------------------------------------------
 
 
@@ -289,47 +263,51 @@ def _write_pdf(
     top_group: TopGroupChange,
     deciding_cycle: dict[str, Any] | None = None,
 ) -> None:
-    pdf_metadata = {
-        "Title": f"Attrition risk report, release {release.version}",
+    document = reportpdf.Document(
+        f"Attrition risk report, release {release.version}",
         # Dated by the release, not by the clock, so that an unchanged report has unchanged bytes.
-        "CreationDate": datetime.fromisoformat(release.created_at),
-    }
-    # The standard fonts' metrics name the regular weight "medium", which makes matplotlib's font
-    # lookup warn on every line; the fallback it takes is the right font.
-    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
-    with matplotlib.rc_context(PDF_STYLE), PdfPages(
-        path, metadata=pdf_metadata
-    ) as pdf:
-        _TextPages(pdf, "Attrition risk report").write(
-            [("Why this release is served", decision_lines(settings, release, deciding_cycle)),
-             *_overview_sections(settings, release, metadata, test, diagnostics)]
-        )
-        pdf.savefig(_curves_figure(test, release.version))
-        engineer_only = {"Dependencies"}
-        diagnostic_sections = [
-            (title, lines) for title, lines in section_texts(diagnostics).items()
-            if title not in engineer_only
-        ]
-        _TextPages(pdf, f"Diagnostics of {diagnostics['time']}").write(diagnostic_sections)
-        _TextPages(pdf, "Highest-risk clients").write(
-            _risk_sections(settings, risk, call_list, top_group)
-        )
-        track_records = calllist.track_records(settings)
-        _TextPages(pdf, "Track record of the risk lists").write(
-            _track_record_sections(track_records)
-        )
-        if any(result["precision"] is not None for result in track_records):
-            # Until outcomes arrive the page above says so; an empty chart would cost a tenth of
-            # a second to draw and tell nothing more.
-            pdf.savefig(_track_record_figure(track_records, settings.scoring.confidence))
-        pdf.savefig(_trends_figure(settings))
-        _TextPages(pdf, "For the engineer").write(
-            [(title, lines) for title, lines in section_texts(diagnostics).items()
-             if title in engineer_only]
-        )
+        datetime.fromisoformat(release.created_at),
+    )
+    _TextPages(document, "Attrition risk report").write(
+        [("Why this release is served", decision_lines(settings, release, deciding_cycle)),
+         *_overview_sections(settings, release, metadata, test, diagnostics)]
+    )
+    _curves_page(document, test, release.version)
+    engineer_only = {"Dependencies"}
+    diagnostic_sections = [
+        (title, lines) for title, lines in section_texts(diagnostics).items()
+        if title not in engineer_only
+    ]
+    _TextPages(document, f"Diagnostics of {diagnostics['time']}").write(diagnostic_sections)
+    _TextPages(document, "Highest-risk clients").write(
+        _risk_sections(settings, risk, call_list, top_group)
+    )
+    track_records = calllist.track_records(settings)
+    _TextPages(document, "Track record of the risk lists").write(
+        _track_record_sections(track_records)
+    )
+    if any(result["precision"] is not None for result in track_records):
+        # Until outcomes arrive the page above says so, and an empty chart would tell nothing more.
+        _track_record_page(document, track_records, settings.scoring.confidence)
+    _trends_page(document, settings)
+    _TextPages(document, "For the engineer").write(
+        [(title, lines) for title, lines in section_texts(diagnostics).items()
+         if title in engineer_only]
+    )
+    document.save(path)
 
 
 # --- Text pages --------------------------------------------------------------------------------
+
+
+def _at(x: float, y: float) -> tuple[float, float]:
+    """A point given in fractions of the page's width and height, in points."""
+    return x * reportpdf.PAGE_WIDTH, y * reportpdf.PAGE_HEIGHT
+
+
+def _page_title(page: reportpdf.Page, title: str) -> None:
+    x, top = _at(0.06, 0.965)
+    page.text(x, top - TITLE_SIZE, title, size=TITLE_SIZE, font="Helvetica-Bold")
 
 
 class _TextPages:
@@ -337,68 +315,36 @@ class _TextPages:
 
     TOP, BOTTOM, LEFT = 0.93, 0.05, 0.06
 
-    def __init__(self, pdf: PdfPages, title: str) -> None:
-        self.pdf = pdf
+    def __init__(self, document: reportpdf.Document, title: str) -> None:
+        self.document = document
         self.title = title
-        self.figure: Figure | None = None
+        self.page: reportpdf.Page | None = None
         self.pages = 0
-        self.y = 0.0
-        self.block: list[str] = []
-        self.block_top = 0.0
+        self.y = 0.0  # the top of the next line, as a fraction of the page height
 
     def write(self, sections: list[tuple[str, list[str]]]) -> None:
         for heading, lines in sections:
             # A heading never ends a page alone.
             self._make_room(3 * LINE_HEIGHT)
-            self._put(heading, size=HEADING_SIZE, weight="bold", family="sans-serif",
-                      height=2 * LINE_HEIGHT)
+            self._put(heading, size=HEADING_SIZE, font="Helvetica-Bold")
+            self.y -= 2 * LINE_HEIGHT
             for line in lines:
                 self._make_room(LINE_HEIGHT)
-                self._add_line(line)
-            self._end_block()
+                self._put(line, size=TEXT_SIZE, font="Courier")
+                self.y -= LINE_HEIGHT
             self.y -= LINE_HEIGHT
-        self._finish_page()
-
-    def _add_line(self, line: str) -> None:
-        """A line of text, drawn with the lines after it on the page as one block (_end_block)."""
-        if not self.block:
-            self.block_top = self.y
-        self.block.append(line)
-        self.y -= LINE_HEIGHT
-
-    def _end_block(self) -> None:
-        """Draw the lines added since the last block as one text: matplotlib lays out and draws
-        each text separately, and a page of one text per line took several times as long."""
-        if self.block:
-            assert self.figure is not None
-            self.figure.text(
-                self.LEFT, self.block_top, "\n".join(self.block), fontsize=TEXT_SIZE,
-                family="monospace", va="top", linespacing=BLOCK_LINE_SPACING,
-            )
-            self.block = []
 
     def _make_room(self, height: float) -> None:
-        if self.figure is None or self.y - height < self.BOTTOM:
-            self._end_block()
-            self._finish_page()
-            self.figure = Figure(figsize=A4_PORTRAIT)
+        if self.page is None or self.y - height < self.BOTTOM:
+            self.page = self.document.new_page()
             self.pages += 1
-            title = self.title if self.pages == 1 else f"{self.title} (continued)"
-            self.figure.text(self.LEFT, 0.965, title, fontsize=TITLE_SIZE, weight="bold", va="top")
+            _page_title(self.page, self.title if self.pages == 1 else f"{self.title} (continued)")
             self.y = self.TOP
 
-    def _put(self, text: str, *, size: float, weight: str, family: str, height: float) -> None:
-        assert self.figure is not None
-        self.figure.text(
-            self.LEFT, self.y, text, fontsize=size, weight=weight, family=family, va="top"
-        )
-        self.y -= height
-
-    def _finish_page(self) -> None:
-        self._end_block()
-        if self.figure is not None:
-            self.pdf.savefig(self.figure)
-            self.figure = None
+    def _put(self, text: str, *, size: float, font: str) -> None:
+        assert self.page is not None
+        x, top = _at(self.LEFT, self.y)
+        self.page.text(x, top - size, text, size=size, font=font)
 
 
 def _overview_sections(
@@ -677,48 +623,53 @@ def _confusion_matrix_lines(test: _TestResults) -> list[str]:
     return lines
 
 
-def _curves_figure(test: _TestResults, version: str) -> Figure:
-    """The confusion matrix as a table, and the ROC and precision-recall curves.
-
-    The matrix is printed, not drawn: confusionmatrix.png draws it, and every axes drawn costs the
-    report about a tenth of a second. Fixed positions rather than a layout engine, which would
-    double the drawing time.
-    """
-    figure = Figure(figsize=A4_PORTRAIT)
-    figure.suptitle("Confusion matrix, ROC and precision-recall curves", y=0.975)
+def _curves_page(document: reportpdf.Document, test: _TestResults, version: str) -> None:
+    """The confusion matrix as a table (confusionmatrix.png draws it), and the ROC and
+    precision-recall curves."""
+    page = document.new_page()
+    _page_title(page, "Confusion matrix, ROC and precision-recall curves")
     y = 0.92
     for line in _confusion_matrix_title(test, version).splitlines():
-        figure.text(0.09, y, line, fontsize=10, va="top")
+        page.text(*_at(0.09, y - 0.012), line, size=10, font="Helvetica")
         y -= 2 * LINE_HEIGHT
     for line in _confusion_matrix_lines(test):
         y -= LINE_HEIGHT
-        figure.text(0.09, y, line, family="monospace", va="top")
-    roc_ax = figure.add_axes((0.09, 0.4, 0.37, 0.3))
-    pr_ax = figure.add_axes((0.59, 0.4, 0.37, 0.3))
-    for ax in (roc_ax, pr_ax):  # few ticks: each is several objects to lay out and draw
-        ax.set_xticks([0, 0.25, 0.5, 0.75, 1])
-        ax.set_yticks([0, 0.25, 0.5, 0.75, 1])
+        page.text(*_at(0.09, y - 0.009), line, size=TEXT_SIZE)
+    quarters = (0.0, 0.25, 0.5, 0.75, 1.0)
+    rates = reportpdf.linear_axis((), low=0.0, high=1.0, ticks=quarters)
+    roc = reportpdf.Chart("ROC curve", rates, rates)
+    pr = reportpdf.Chart("Precision-recall curve", rates, rates)
     if test.metrics.roc_auc is None:
-        for ax in (roc_ax, pr_ax):
-            ax.text(0.5, 0.5, "the test data holds one class only", ha="center", va="center")
-            ax.set_axis_off()
-        return figure
-    false_positive_rate, true_positive_rate, precision, recall = _curve_points(
-        test.truth, test.probabilities
-    )
-    roc_ax.plot(false_positive_rate, true_positive_rate, label=f"AUC {test.metrics.roc_auc:.3f}")
-    roc_ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")
-    roc_ax.set(title="ROC curve", xlabel="false positive rate", ylabel="true positive rate")
-    roc_ax.legend(loc="lower right")
-    pr_ax.plot(recall, precision, label="model")
-    pr_ax.axhline(test.metrics.leaver_share, linestyle="--", color="grey", label="chance")
-    pr_ax.plot(
-        [test.metrics.recall], [test.metrics.precision], marker="o", linestyle="none",
-        label=f"threshold (F1 {test.metrics.f1:.3f})",
-    )
-    pr_ax.set(title="Precision-recall curve", xlabel="recall", ylabel="precision", ylim=(0, 1.02))
-    pr_ax.legend(loc="upper right")
-    return figure
+        roc.message = pr.message = "the test data holds one class only"
+    else:
+        false_positive_rate, true_positive_rate, precision, recall = _curve_points(
+            test.truth, test.probabilities
+        )
+        roc.x = reportpdf.linear_axis((), low=0.0, high=1.0, ticks=quarters,
+                                      label="false positive rate")
+        roc.y = reportpdf.linear_axis((), low=0.0, high=1.0, ticks=quarters,
+                                      label="true positive rate")
+        roc.series = [
+            reportpdf.Series(f"AUC {test.metrics.roc_auc:.3f}",
+                             list(zip(false_positive_rate, true_positive_rate, strict=True))),
+            reportpdf.Series("chance", [(0.0, 0.0), (1.0, 1.0)], colour=reportpdf.GREY,
+                             dashed=True),
+        ]
+        roc.legend = "lower right"
+        pr.x = reportpdf.linear_axis((), low=0.0, high=1.0, ticks=quarters, label="recall")
+        pr.y = reportpdf.linear_axis((), low=0.0, high=1.02, ticks=quarters, label="precision")
+        share = test.metrics.leaver_share
+        pr.series = [
+            reportpdf.Series("model", list(zip(recall, precision, strict=True))),
+            reportpdf.Series("chance", [(0.0, share), (1.0, share)], colour=reportpdf.GREY,
+                             dashed=True),
+            reportpdf.Series(f"threshold (F1 {test.metrics.f1:.3f})",
+                             [(test.metrics.recall, test.metrics.precision)], line=False,
+                             marker_radius=3.0),
+        ]
+        pr.legend = "upper right"
+    for chart, left in ((roc, 0.09), (pr, 0.59)):
+        reportpdf.draw_chart(page, chart, *_at(left, 0.4), *_at(0.37, 0.3))
 
 
 # A curve drawn at more points than this looks the same on a page and takes longer to draw.
@@ -748,55 +699,55 @@ def _curve_points(
     return false_positive_rate, true_positive_rate, precision, recall
 
 
-def _track_record_figure(track_records: list[dict[str, Any]], confidence: float) -> Figure:
+def _track_record_page(
+    document: reportpdf.Document, track_records: list[dict[str, Any]], confidence: float
+) -> None:
     """Each list's precision at the top and lift, with their intervals, by when it was made
     (lists with outcomes only: at least one must have them)."""
-    figure = Figure(figsize=A4_PORTRAIT)
-    figure.suptitle("Track record of the risk lists", fontsize=15, weight="bold", y=0.975)
-    precision_ax, lift_ax = figure.subplots(2, 1, gridspec_kw={
-        "left": 0.1, "right": 0.96, "top": 0.92, "bottom": 0.07, "hspace": 0.3,
-    })
+    page = document.new_page()
+    _page_title(page, "Track record of the risk lists")
     measured = [r for r in track_records if r["precision"] is not None]
     times = [datetime.fromisoformat(r["list_time"]) for r in measured]
+    start, end = min(times), max(times)
+    if end - start < timedelta(hours=1):
+        middle = start + (end - start) / 2
+        start, end = middle - timedelta(hours=1), middle + timedelta(hours=1)
+    else:
+        start, end = start - (end - start) * 0.05, end + (end - start) * 0.05
+    moments = [time.timestamp() for time in times]
     interval = f"{confidence:.0%} interval"
 
-    def draw(ax: Axes, value: str, title: str, reference: list[float], label: str) -> None:
-        values = np.array([r[value] if r[value] is not None else np.nan for r in measured])
-        low = np.array([r[f"{value}_low"] if r[value] is not None else np.nan for r in measured])
-        high = np.array([r[f"{value}_high"] if r[value] is not None else np.nan for r in measured])
-        ax.errorbar(times, values, yerr=[values - low, high - values], marker="o", capsize=3,
-                    linestyle="-", label=f"{title} ({interval})")
-        ax.plot(times, reference, linestyle="--", color="grey", marker=".", label=label)
-        ax.set_title(title, fontsize=10, loc="left")
-        ax.legend(fontsize=7, loc="best")
-        ax.grid(alpha=0.3)
-        locator = mdates.AutoDateLocator()
-        ax.xaxis.set_major_locator(locator)
-        ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
-        ax.tick_params(labelsize=7)
+    def chart(value: str, title: str, reference: list[float], label: str) -> reportpdf.Chart:
+        values = [r[value] if r[value] is not None else np.nan for r in measured]
+        low = [r[f"{value}_low"] if r[value] is not None else np.nan for r in measured]
+        high = [r[f"{value}_high"] if r[value] is not None else np.nan for r in measured]
+        return reportpdf.Chart(
+            title, reportpdf.time_axis(start, end), reportpdf.linear_axis(
+                [*values, *low, *high, *reference]),
+            series=[
+                reportpdf.Series(f"{title} ({interval})", list(zip(moments, values, strict=True)),
+                                 marker_radius=3.0, errors=list(zip(low, high, strict=True))),
+                reportpdf.Series(label, list(zip(moments, reference, strict=True)),
+                                 colour=reportpdf.GREY, dashed=True, marker_radius=1.5),
+            ],
+            grid=True,
+        )
 
-    draw(precision_ax, "precision", "Precision at the top: share of the top group who left",
-         [r["leaver_share"] for r in measured], "share of leavers among all ranked")
-    draw(lift_ax, "lift", "Lift: precision at the top over the share of leavers",
-         [1.0] * len(measured), "no better than random (1)")
-    if max(times) - min(times) < timedelta(hours=1):
-        middle = min(times) + (max(times) - min(times)) / 2
-        for ax in (precision_ax, lift_ax):
-            ax.set_xlim(middle - timedelta(hours=1), middle + timedelta(hours=1))
-    return figure
+    charts = [
+        chart("precision", "Precision at the top: share of the top group who left",
+              [r["leaver_share"] for r in measured], "share of leavers among all ranked"),
+        chart("lift", "Lift: precision at the top over the share of leavers",
+              [1.0] * len(measured), "no better than random (1)"),
+    ]
+    for panel, bottom in zip(charts, (0.5504, 0.07), strict=True):
+        reportpdf.draw_chart(page, panel, *_at(0.1, bottom), *_at(0.86, 0.3696))
 
 
-def _trends_figure(settings: Settings) -> Figure:
-    """Two panels over earlier runs: measures and shares (all between 0 and 1), and stage timings.
-
-    The trends share panels because each panel drawn costs the report about a tenth of a second.
-    """
+def _trends_page(document: reportpdf.Document, settings: Settings) -> None:
+    """Two panels over earlier runs: measures and shares (all between 0 and 1), and stage timings."""
     trends = _trend_series(settings)
-    figure = Figure(figsize=A4_PORTRAIT)
-    figure.suptitle("Trends over earlier runs", y=0.975)
-    axes = figure.subplots(2, 1, gridspec_kw={
-        "left": 0.1, "right": 0.96, "top": 0.92, "bottom": 0.05, "hspace": 0.2,
-    })
+    page = document.new_page()
+    _page_title(page, "Trends over earlier runs")
     plots = [
         ("F1 and ROC AUC of recorded scores, by purpose; share of leavers and of missing data "
          "(mean over columns)", "F1, ROC AUC, share", {
@@ -808,9 +759,9 @@ def _trends_figure(settings: Settings) -> Figure:
         }),
         ("Stage timings", "seconds", trends["timings"]),
     ]
-    for ax, (title, unit, series) in zip(axes, plots, strict=True):
-        _draw_trend(ax, title, unit, series)
-    return figure
+    for (title, unit, series), bottom in zip(plots, (0.5245, 0.05), strict=True):
+        reportpdf.draw_chart(page, _trend_chart(title, unit, series), *_at(0.1, bottom),
+                             *_at(0.86, 0.3955))
 
 
 Series = dict[str, list[tuple[datetime, float]]]
@@ -860,30 +811,26 @@ def _trend_series(settings: Settings) -> dict[str, Series]:
     return trends
 
 
-def _draw_trend(ax: Axes, title: str, unit: str, series: Series) -> None:
-    ax.set_title(title, loc="left")
+def _trend_chart(title: str, unit: str, series: Series) -> reportpdf.Chart:
     if not series:
-        ax.text(0.5, 0.5, "no runs recorded yet", ha="center", va="center", transform=ax.transAxes)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        return
-    for label, points in series.items():
-        times, values = zip(*points, strict=True)
-        runs = f"{len(points)} run" + ("" if len(points) == 1 else "s")
-        ax.plot(times, values, marker="o", markersize=3, label=f"{label} ({runs})")
+        nothing = reportpdf.Axis(0.0, 1.0, ())
+        return reportpdf.Chart(title, nothing, nothing, message="no runs recorded yet")
     times = [time for points in series.values() for time, _ in points]
     # The axis spans the data, with a margin; a single run gets a minute either side.
     margin = max((max(times) - min(times)) * 0.05, timedelta(minutes=1))
-    ax.set_xlim(min(times) - margin, max(times) + margin)
-    # A fixed legend: loc="best" tries every position against every point. (Fewer date ticks than
-    # AutoDateLocator's own choice leave some spans of time without an interval to tick them by.)
-    locator = mdates.AutoDateLocator()
-    ax.xaxis.set_major_locator(locator)
-    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
-    ax.yaxis.set_major_locator(MaxNLocator(5))
-    ax.set_ylabel(unit)
-    ax.legend(loc="upper left", ncols=3, framealpha=0.7)
-    ax.grid(alpha=0.3)
+    lines = []
+    for label, points in series.items():
+        runs = f"{len(points)} run" + ("" if len(points) == 1 else "s")
+        lines.append(reportpdf.Series(
+            f"{label} ({runs})", [(time.timestamp(), value) for time, value in points],
+            marker_radius=1.5,
+        ))
+    return reportpdf.Chart(
+        title, reportpdf.time_axis(min(times) - margin, max(times) + margin),
+        reportpdf.linear_axis([value for points in series.values() for _, value in points],
+                              label=unit, most_ticks=5),
+        series=lines, legend_columns=3, grid=True,
+    )
 
 
 # --- Command line ------------------------------------------------------------------------------

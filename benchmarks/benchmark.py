@@ -48,13 +48,13 @@ PNG_AND_CSV = (
     "PIL.PpmImagePlugin, pandas.io.formats.csvs"
 )
 # What a drift cycle uses: our modules, scikit-learn (retraining; narwhals is how it reads a
-# pandas frame), scipy.stats (the drift tests) and matplotlib's PDF and PNG back ends.
+# pandas frame), scipy.stats (the drift tests) and matplotlib's PNG back end (the report's PDF is
+# written by reportpdf.py).
 CYCLE_IMPORTS = (
     "fullprocess, ingestion, training, scoring, deployment, diagnostics, reporting, apicalls, "
     "alerts, scipy.stats, scipy.spatial.distance, statistics, narwhals._pandas_like.dataframe, "
     "narwhals._pandas_like.namespace, narwhals._interchange.dataframe, "
-    "narwhals.stable.v2._namespace, matplotlib.backends.backend_pdf, "
-    f"matplotlib.backends.backend_agg, {PNG_AND_CSV}"
+    f"narwhals.stable.v2._namespace, matplotlib.backends.backend_agg, {PNG_AND_CSV}"
 )
 # Each stage's floor: a process importing what the stage uses, its own module and the libraries
 # it loads while it works (several load them inside functions, to keep other paths light).
