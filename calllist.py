@@ -346,12 +346,12 @@ def _utf8(texts: np.ndarray) -> np.ndarray | None:
     import numpy as np
 
     texts = texts.tolist()
-    if "\x00" in "".join(texts):
+    joined = "".join(texts)
+    if "\x00" in joined:
         return None
-    try:  # plain ASCII, the usual case, converts in one step
+    if joined.isascii():  # the usual case converts in one step
         return np.array(texts, dtype="S")
-    except UnicodeEncodeError:
-        return np.array([text.encode("utf-8") for text in texts], dtype="S")
+    return np.array([text.encode("utf-8") for text in texts], dtype="S")
 
 
 def _risk_order(probabilities: np.ndarray, keys: np.ndarray) -> np.ndarray:
@@ -759,12 +759,11 @@ def _padded_utf8(texts: list[str]) -> np.ndarray:
     """Texts as a matrix of bytes, a row each: its UTF-8, then CSV_PADDING to the widest."""
     import numpy as np
 
-    try:  # plain ASCII, the usual case, converts in one step
-        if "\x00" in "".join(texts):  # numpy's bytes would lose a NUL at the end of a text
-            raise UnicodeEncodeError("ascii", "", 0, 1, "a NUL in a text")
+    joined = "".join(texts)
+    if joined.isascii() and "\x00" not in joined:  # the usual case converts in one step
         fixed = np.array(texts, dtype="S")
-        lengths = np.strings.str_len(fixed)
-    except UnicodeEncodeError:
+        lengths = np.strings.str_len(fixed)  # exact: numpy only drops NULs at a text's end
+    else:
         encoded = [text.encode("utf-8") for text in texts]
         fixed = np.array(encoded, dtype=bytes)
         lengths = np.fromiter(map(len, encoded), dtype="int64", count=len(encoded))
