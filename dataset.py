@@ -221,14 +221,26 @@ def update_master_copy(settings: Settings) -> None:
 
     Rows are only ever appended, so when the copy still holds the start of the file only the lines
     after it are parsed. A copy that cannot be made (a text cell holding a NUL, which the copy uses
-    to separate texts; no room on the disk) is removed, and the CSV is read instead.
+    to separate texts; a master dataset of another schema; no room on the disk) is removed with a
+    warning, and stages read the CSV: the copy never fails the ingestion that appended the rows.
     """
-    schema = settings.schema
-    path = settings.finaldata_path
     copy_path = settings.master_copy_path
-    if not path.exists():
+    if not settings.finaldata_path.exists():
         copy_path.unlink(missing_ok=True)
         return
+    try:
+        arrays = _master_copy_arrays(settings)
+        if arrays is not None:
+            atomicio.write_with(copy_path, lambda temp_path: _save_arrays(temp_path, arrays))
+    except (DataError, OSError, StorageError) as error:
+        log.warning("no binary copy of the master dataset (%s): stages read the CSV", error)
+        copy_path.unlink(missing_ok=True)
+
+
+def _master_copy_arrays(settings: Settings) -> dict[str, np.ndarray] | None:
+    """What the copy should hold now; None when it holds that already."""
+    schema = settings.schema
+    path = settings.finaldata_path
     copied = _read_master_copy(settings)
     with open(path, "rb") as stream:
         header = stream.readline()
@@ -236,36 +248,27 @@ def update_master_copy(settings: Settings) -> None:
         if copied is not None and _sha256_of_prefix(stream, held) == copied.csv_sha256:
             rest = stream.read()
             if not rest:
-                return  # the copy holds the whole file already
+                return None
             added = read_csv(header + rest, schema, name=f"master dataset {path}")
             frame = pd.concat(
                 [copied.frame, typed(added[list(schema.columns)], schema)], ignore_index=True
             )
         else:
             frame = _read_master_csv(path, schema)
-        stream.seek(0)
-        size = path.stat().st_size
+        size = stream.seek(0, io.SEEK_END)
         digest = _sha256_of_prefix(stream, size)
-    arrays = _copy_arrays(frame, schema)
-    if arrays is None:
-        copy_path.unlink(missing_ok=True)
-        return
-    arrays.update(csv_bytes=np.array(size), csv_sha256=np.array(digest))
-
-    def write(temp_path: Path) -> None:
-        with open(temp_path, "wb") as stream:
-            np.savez(stream, **arrays)
-
-    try:
-        atomicio.write_with(copy_path, write)
-    except (OSError, StorageError) as error:  # a copy only: the master dataset is written
-        log.warning("no binary copy of the master dataset (%s): stages read the CSV", error)
-        copy_path.unlink(missing_ok=True)
+    return {**_copy_arrays(frame, schema), "csv_bytes": np.array(size),
+            "csv_sha256": np.array(digest)}
 
 
-def _copy_arrays(frame: pd.DataFrame, schema: Schema) -> dict[str, np.ndarray] | None:
+def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as stream:
+        np.savez(stream, **arrays)
+
+
+def _copy_arrays(frame: pd.DataFrame, schema: Schema) -> dict[str, np.ndarray]:
     """The typed master dataset as plain arrays: numbers as float64 (NaN where missing), texts as
-    one UTF-8 string, NUL between cells, and a mask of the missing ones. None if a text holds a NUL."""
+    one UTF-8 string, NUL between cells, and a mask of the missing ones."""
     arrays = {"columns": np.array(schema.columns), "rows": np.array(len(frame))}
     text = set(schema.id_columns + schema.categorical_features)
     for column in schema.columns:
@@ -274,7 +277,7 @@ def _copy_arrays(frame: pd.DataFrame, schema: Schema) -> dict[str, np.ndarray] |
             missing = pd.isna(cells)
             joined = "\x00".join(np.where(missing, "", cells).tolist())
             if joined.count("\x00") != max(len(cells) - 1, 0):
-                return None
+                raise DataError(f"a cell of column {column} holds a NUL, which the copy cannot")
             arrays[f"{column}:text"] = np.frombuffer(joined.encode("utf-8"), dtype="uint8")
             arrays[f"{column}:missing"] = missing
         else:

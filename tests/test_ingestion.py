@@ -646,3 +646,23 @@ def test_a_copy_that_cannot_be_read_is_passed_over_and_made_again(workspace, cap
     )
     ingest(workspace)
     pd.testing.assert_frame_equal(read_master(workspace), read_master_csv(workspace))
+
+
+def test_a_copy_that_cannot_be_made_never_fails_the_ingestion(workspace, monkeypatch, caplog):
+    ingest(workspace)
+    assert workspace.master_copy_path.exists()
+
+    def no_copy(*args, **kwargs):
+        raise DataError("a cell of column corporation holds a NUL, which the copy cannot")
+
+    monkeypatch.setattr("dataset._copy_arrays", no_copy)
+    generate_data.write_csv(
+        generate_data.make_clients(10, seed=5, id_offset=900_000),
+        workspace.input_folder / "more.csv",
+    )
+    report = ingest(workspace)
+
+    assert [f.file for f in report.ingested] == ["more.csv"]
+    assert not workspace.master_copy_path.exists()  # a stale copy is not left behind either
+    assert "no binary copy of the master dataset" in caplog.text
+    assert len(read_master(workspace)) == 1210
