@@ -24,7 +24,7 @@ import re
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO, NamedTuple
+from typing import IO, TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -32,6 +32,9 @@ import pandas as pd
 import atomicio
 from errors import DataError, StorageError
 from settings import Schema, Settings
+
+if TYPE_CHECKING:
+    import hashlib
 
 log = logging.getLogger(__name__)
 
@@ -182,153 +185,23 @@ def _first_line(error: BaseException) -> str:
 def read_master(settings: Settings) -> pd.DataFrame:
     """The master dataset with the schema's column types; empty if nothing was ingested yet.
 
-    Read from its binary copy when that still mirrors finaldata.csv (see update_master_copy).
+    Read from its binary copy when that still holds finaldata.csv (see update_master_copy).
     """
     schema = settings.schema
     path = settings.finaldata_path
     if not path.exists():
         return empty_frame(schema)
-    copied = _read_master_copy(settings)
-    if copied is not None and copied.csv_bytes == path.stat().st_size:
-        with open(path, "rb") as stream:
-            if _sha256_of_prefix(stream, copied.csv_bytes) == copied.csv_sha256:
-                return copied.frame
-    return _read_master_csv(path, schema)
+    copy = _current_copy(settings)
+    if copy is None:
+        return _read_master_csv(path, schema)
+    whole = list(_copy_frames(copy, schema, chunk_rows=max(copy.rows, 1)))
+    return whole[0] if whole else empty_frame(schema)
 
 
 def _read_master_csv(path: Path, schema: Schema) -> pd.DataFrame:
     frame = read_csv(path, schema, name=f"master dataset {path}")
     _require_master_columns(frame.columns, schema, path)
     return typed(frame[list(schema.columns)], schema)
-
-
-# --- The master dataset's binary copy ----------------------------------------------------------
-#
-# Every cycle reads the master dataset several times (training, judging plans, diagnostics, the
-# risk list, the realised F1): a million rows of CSV take ~0.6 s to parse each time, their copy
-# in numpy's .npz a third of that. finaldata.csv stays the master dataset; the copy names the
-# bytes of it that it holds (their length and SHA-256) and is read only while they are the file.
-
-
-class _MasterCopy(NamedTuple):
-    frame: pd.DataFrame
-    csv_bytes: int  # the length of the prefix of finaldata.csv it holds
-    csv_sha256: str  # ... and that prefix's digest
-
-
-def update_master_copy(settings: Settings) -> None:
-    """Bring the binary copy up to date with finaldata.csv; ingestion calls it after each append.
-
-    Rows are only ever appended, so when the copy still holds the start of the file only the lines
-    after it are parsed. A copy that cannot be made (a text cell holding a NUL, which the copy uses
-    to separate texts; a master dataset of another schema; no room on the disk) is removed with a
-    warning, and stages read the CSV: the copy never fails the ingestion that appended the rows.
-    """
-    copy_path = settings.master_copy_path
-    if not settings.finaldata_path.exists():
-        copy_path.unlink(missing_ok=True)
-        return
-    try:
-        arrays = _master_copy_arrays(settings)
-        if arrays is not None:
-            atomicio.write_with(copy_path, lambda temp_path: _save_arrays(temp_path, arrays))
-    except (DataError, OSError, StorageError) as error:
-        log.warning("no binary copy of the master dataset (%s): stages read the CSV", error)
-        copy_path.unlink(missing_ok=True)
-
-
-def _master_copy_arrays(settings: Settings) -> dict[str, np.ndarray] | None:
-    """What the copy should hold now; None when it holds that already."""
-    schema = settings.schema
-    path = settings.finaldata_path
-    copied = _read_master_copy(settings)
-    with open(path, "rb") as stream:
-        header = stream.readline()
-        held = copied.csv_bytes if copied is not None else 0
-        if copied is not None and _sha256_of_prefix(stream, held) == copied.csv_sha256:
-            rest = stream.read()
-            if not rest:
-                return None
-            added = read_csv(header + rest, schema, name=f"master dataset {path}")
-            frame = pd.concat(
-                [copied.frame, typed(added[list(schema.columns)], schema)], ignore_index=True
-            )
-        else:
-            frame = _read_master_csv(path, schema)
-        size = stream.seek(0, io.SEEK_END)
-        digest = _sha256_of_prefix(stream, size)
-    return {**_copy_arrays(frame, schema), "csv_bytes": np.array(size),
-            "csv_sha256": np.array(digest)}
-
-
-def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    with open(path, "wb") as stream:
-        np.savez(stream, **arrays)
-
-
-def _copy_arrays(frame: pd.DataFrame, schema: Schema) -> dict[str, np.ndarray]:
-    """The typed master dataset as plain arrays: numbers as float64 (NaN where missing), texts as
-    one UTF-8 string, NUL between cells, and a mask of the missing ones."""
-    arrays = {"columns": np.array(schema.columns), "rows": np.array(len(frame))}
-    text = set(schema.id_columns + schema.categorical_features)
-    for column in schema.columns:
-        if column in text:
-            cells = frame[column].to_numpy(dtype=object)
-            missing = pd.isna(cells)
-            joined = "\x00".join(np.where(missing, "", cells).tolist())
-            if joined.count("\x00") != max(len(cells) - 1, 0):
-                raise DataError(f"a cell of column {column} holds a NUL, which the copy cannot")
-            arrays[f"{column}:text"] = np.frombuffer(joined.encode("utf-8"), dtype="uint8")
-            arrays[f"{column}:missing"] = missing
-        else:
-            arrays[f"{column}:numbers"] = frame[column].to_numpy(dtype="float64", na_value=np.nan)
-    return arrays
-
-
-def _read_master_copy(settings: Settings) -> _MasterCopy | None:
-    """The binary copy as the typed frame it holds; None if there is none or it does not fit."""
-    import zipfile
-
-    schema = settings.schema
-    copy_path = settings.master_copy_path
-    if not copy_path.exists():
-        return None
-    try:
-        with np.load(copy_path, allow_pickle=False) as stored:
-            arrays = {name: stored[name] for name in stored.files}
-        if arrays["columns"].tolist() != list(schema.columns):
-            return None
-        rows = int(arrays["rows"])
-        values = {}
-        for column in schema.columns:
-            if f"{column}:text" in arrays:
-                texts = arrays[f"{column}:text"].tobytes().decode("utf-8").split("\x00")
-                cells = np.array(texts if rows else [], dtype=object)
-                cells[arrays[f"{column}:missing"]] = np.nan
-                values[column] = cells
-            else:
-                values[column] = arrays[f"{column}:numbers"]
-        frame = frame_of(values, schema.columns, schema, pd.RangeIndex(rows))
-        return _MasterCopy(frame, int(arrays["csv_bytes"]), str(arrays["csv_sha256"]))
-    except (OSError, ValueError, KeyError, IndexError, zipfile.BadZipFile) as error:
-        log.warning("the binary copy %s cannot be read (%s): reading the CSV", copy_path, error)
-        return None
-
-
-def _sha256_of_prefix(stream: IO[bytes], length: int) -> str:
-    """The SHA-256 of the first `length` bytes of `stream`, which is left after them."""
-    import hashlib
-
-    stream.seek(0)
-    digest = hashlib.sha256()
-    remaining = length
-    while remaining > 0:
-        block = stream.read(min(remaining, 1 << 22))
-        if not block:
-            return ""  # the file is shorter: not the bytes the copy holds
-        digest.update(block)
-        remaining -= len(block)
-    return digest.hexdigest()
 
 
 def _require_master_columns(present: Iterable[str], schema: Schema, path: Path) -> None:
@@ -348,12 +221,208 @@ def read_master_chunks(settings: Settings, chunk_rows: int) -> Iterator[pd.DataF
     path = settings.finaldata_path
     if not path.exists():
         return
+    copy = _current_copy(settings)
+    if copy is not None:
+        yield from _copy_frames(copy, schema, chunk_rows)
+        return
     name = f"master dataset {path}"
     with open(path, "rb") as stream:
         columns = read_header(stream, name=name)
         _require_master_columns(columns, schema, path)
-        for chunk in read_chunks(stream, columns, schema, name=name, chunk_rows=chunk_rows):
-            yield typed(chunk.frame[list(schema.columns)], schema)
+        yield from _typed_chunks(stream, columns, schema, name=name, chunk_rows=chunk_rows)
+
+
+def _typed_chunks(
+    stream: IO[bytes], columns: list[str], schema: Schema, *, name: str, chunk_rows: int
+) -> Iterator[pd.DataFrame]:
+    """The data lines of master-dataset CSV from where `stream` is, typed, a chunk at a time."""
+    for chunk in read_chunks(stream, columns, schema, name=name, chunk_rows=chunk_rows):
+        yield typed(chunk.frame[list(schema.columns)], schema)
+
+
+# --- The master dataset's binary copy ----------------------------------------------------------
+#
+# Every cycle reads the master dataset several times (training, judging plans, diagnostics, the
+# risk list, the realised F1) and ingestion once (the hashes of its rows); parsing a million rows
+# of CSV takes several times as long as loading their copy in numpy's .npz. finaldata.csv stays the
+# master dataset: the copy names the bytes of it that it holds (their length and SHA-256) and is
+# read only while they are the file. It holds each number column as float64 (NaN where missing)
+# and each text column as one UTF-8 string with a NUL between cells, and a mask of missing cells.
+
+
+class _MasterCopy(NamedTuple):
+    arrays: dict[str, np.ndarray]  # as _copy_arrays makes them
+    rows: int
+    csv_bytes: int  # the length of the start of finaldata.csv it holds
+    csv_sha256: str  # ... and the digest of those bytes
+
+
+def update_master_copy(settings: Settings) -> None:
+    """Bring the binary copy up to date with finaldata.csv; ingestion calls it after each append.
+
+    Rows are only ever appended, so when the copy still holds the start of the file only the lines
+    after it are parsed, a chunk at a time. A copy that cannot be made (a text cell holding a NUL,
+    which the copy uses to separate texts; a master dataset of another schema; no room on the disk)
+    is removed with a warning, and stages read the CSV: the copy never fails the ingestion that
+    appended the rows.
+    """
+    copy_path = settings.master_copy_path
+    if not settings.finaldata_path.exists():
+        copy_path.unlink(missing_ok=True)
+        return
+    try:
+        arrays = _master_copy_arrays(settings)
+        if arrays is not None:
+            atomicio.write_with(copy_path, lambda temp_path: _save_arrays(temp_path, arrays))
+    except (DataError, OSError, StorageError) as error:
+        log.warning("no binary copy of the master dataset (%s): stages read the CSV", error)
+        copy_path.unlink(missing_ok=True)
+
+
+def _master_copy_arrays(settings: Settings) -> dict[str, np.ndarray] | None:
+    """What the copy should hold now; None when it holds that already."""
+    schema = settings.schema
+    path = settings.finaldata_path
+    name = f"master dataset {path}"
+    copy = _open_copy(settings)
+    with open(path, "rb") as stream:
+        columns = read_header(stream, name=name)
+        _require_master_columns(columns, schema, path)
+        digest = _digest_of_prefix(stream, copy.csv_bytes) if copy is not None else None
+        if copy is not None and digest is not None and digest.hexdigest() == copy.csv_sha256:
+            held, parts = copy.csv_bytes, [copy.arrays]  # the stream is right after those bytes
+        else:
+            held, parts, digest = 0, [], _digest_of_prefix(stream, 0)
+            read_header(stream, name=name)
+        chunk_rows = settings.ingestion.chunk_rows
+        parts += [_copy_arrays(frame, schema) for frame in _typed_chunks(
+            stream, columns, schema, name=name, chunk_rows=chunk_rows)]
+        if len(parts) == 1 and held:
+            return None  # nothing after the bytes the copy holds
+        stream.seek(held)
+        for block in iter(lambda: stream.read(1 << 22), b""):
+            digest.update(block)
+        size = stream.tell()
+    return {**_joined_arrays(parts, schema), "csv_bytes": np.array(size),
+            "csv_sha256": np.array(digest.hexdigest())}
+
+
+def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as stream:
+        np.savez(stream, **arrays)
+
+
+def _text_columns(schema: Schema) -> set[str]:
+    return set(schema.id_columns + schema.categorical_features)
+
+
+def _copy_arrays(frame: pd.DataFrame, schema: Schema) -> dict[str, np.ndarray]:
+    """Typed master-dataset rows as the copy holds them."""
+    arrays = {"rows": np.array(len(frame))}
+    text = _text_columns(schema)
+    for column in schema.columns:
+        if column in text:
+            cells = frame[column].to_numpy(dtype=object)
+            missing = pd.isna(cells)
+            joined = "\x00".join(np.where(missing, "", cells).tolist())
+            if joined.count("\x00") != max(len(cells) - 1, 0):
+                raise DataError(f"a cell of column {column} holds a NUL, which the copy cannot")
+            arrays[f"{column}:text"] = np.frombuffer(joined.encode("utf-8"), dtype="uint8")
+            arrays[f"{column}:missing"] = missing
+        else:
+            arrays[f"{column}:numbers"] = frame[column].to_numpy(dtype="float64", na_value=np.nan)
+    return arrays
+
+
+def _joined_arrays(parts: list[dict[str, np.ndarray]], schema: Schema) -> dict[str, np.ndarray]:
+    """The arrays of consecutive runs of rows (_copy_arrays) as those of all of them."""
+    parts = [part for part in parts if int(part["rows"])]
+    joined = {"columns": np.array(schema.columns),
+              "rows": np.array(sum(int(part["rows"]) for part in parts))}
+    text = _text_columns(schema)
+    nul = np.zeros(1, dtype="uint8")
+    for column in schema.columns:
+        if column in text:
+            pieces = [piece for part in parts for piece in (nul, part[f"{column}:text"])][1:]
+            joined[f"{column}:text"] = np.concatenate([np.zeros(0, "uint8"), *pieces])
+            joined[f"{column}:missing"] = np.concatenate(
+                [np.zeros(0, bool), *(part[f"{column}:missing"] for part in parts)])
+        else:
+            joined[f"{column}:numbers"] = np.concatenate(
+                [np.zeros(0), *(part[f"{column}:numbers"] for part in parts)])
+    return joined
+
+
+def _open_copy(settings: Settings) -> _MasterCopy | None:
+    """The binary copy as stored; None if there is none, or it is of other columns or unreadable."""
+    import zipfile
+
+    copy_path = settings.master_copy_path
+    if not copy_path.exists():
+        return None
+    try:
+        with np.load(copy_path, allow_pickle=False) as stored:
+            arrays = {name: stored[name] for name in stored.files}
+        if arrays["columns"].tolist() != list(settings.schema.columns):
+            return None
+        return _MasterCopy(
+            arrays, int(arrays["rows"]), int(arrays["csv_bytes"]), str(arrays["csv_sha256"])
+        )
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        log.warning("the binary copy %s cannot be read (%s): reading the CSV", copy_path, error)
+        return None
+
+
+def _current_copy(settings: Settings) -> _MasterCopy | None:
+    """The binary copy if it holds finaldata.csv as the file is now; None otherwise."""
+    copy = _open_copy(settings)
+    path = settings.finaldata_path
+    if copy is None or copy.csv_bytes != path.stat().st_size:
+        return None
+    with open(path, "rb") as stream:
+        digest = _digest_of_prefix(stream, copy.csv_bytes)
+    return copy if digest is not None and digest.hexdigest() == copy.csv_sha256 else None
+
+
+def _copy_frames(copy: _MasterCopy, schema: Schema, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    """The typed rows the copy holds, `chunk_rows` at a time, indexed by their position."""
+    text = _text_columns(schema)
+    # Where each text column's cells end in its UTF-8, to decode one chunk's cells at a time.
+    ends = {} if chunk_rows >= copy.rows else {
+        column: np.flatnonzero(copy.arrays[f"{column}:text"] == 0) for column in text
+    }
+    for start in range(0, copy.rows, chunk_rows):
+        stop = min(start + chunk_rows, copy.rows)
+        values = {}
+        for column in schema.columns:
+            if column not in text:
+                values[column] = copy.arrays[f"{column}:numbers"][start:stop]
+                continue
+            utf8 = copy.arrays[f"{column}:text"]
+            if ends:
+                utf8 = utf8[ends[column][start - 1] + 1 if start else 0:
+                            ends[column][stop - 1] if stop < copy.rows else len(utf8)]
+            cells = np.array(utf8.tobytes().decode("utf-8").split("\x00"), dtype=object)
+            cells[copy.arrays[f"{column}:missing"][start:stop]] = np.nan
+            values[column] = cells
+        yield frame_of(values, schema.columns, schema, pd.RangeIndex(start, stop))
+
+
+def _digest_of_prefix(stream: IO[bytes], length: int) -> hashlib._Hash | None:
+    """The SHA-256 of the first `length` bytes of `stream`, which is left right after them;
+    None if the stream is shorter."""
+    import hashlib
+
+    stream.seek(0)
+    digest = hashlib.sha256()
+    remaining = length
+    while remaining > 0:
+        block = stream.read(min(remaining, 1 << 22))
+        if not block:
+            return None
+        digest.update(block)
+        remaining -= len(block)
+    return digest
 
 
 def empty_frame(schema: Schema) -> pd.DataFrame:

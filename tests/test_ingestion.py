@@ -11,7 +11,7 @@ import pytest
 import generate_data
 import records
 from errors import DataError
-from dataset import read_dataset, read_master
+from dataset import read_dataset, read_master, read_master_chunks
 from ingestion import find_new_files, ingest, main
 
 HEADER = "corporation,lastmonth_activity,lastyear_activity,number_of_employees,exited\n"
@@ -666,3 +666,19 @@ def test_a_copy_that_cannot_be_made_never_fails_the_ingestion(workspace, monkeyp
     assert not workspace.master_copy_path.exists()  # a stale copy is not left behind either
     assert "no binary copy of the master dataset" in caplog.text
     assert len(read_master(workspace)) == 1210
+
+
+def test_the_master_dataset_read_a_chunk_at_a_time_from_its_copy_is_the_csvs(workspace):
+    ingest(workspace)
+    (workspace.input_folder / "later.csv").write_text(
+        HEADER + "with-gaps,,NA,3,1\n\"comma, quote \"\" and é\",4,5,,0\n"
+    )
+    ingest(workspace)  # the copy grows by the appended lines alone
+    from_copy = list(read_master_chunks(workspace, 7))
+
+    workspace.master_copy_path.unlink()
+    from_csv = list(read_master_chunks(workspace, 7))
+
+    assert len(from_copy) == len(from_csv) == -(-1202 // 7)
+    for copied, parsed in zip(from_copy, from_csv, strict=True):
+        pd.testing.assert_frame_equal(copied, parsed)
