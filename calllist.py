@@ -286,7 +286,7 @@ def _ranked(model: Any, version: str, current: CurrentClients, schema: Schema) -
     # Reasons are terms of the log-odds; the probability is the model's, through its calibration.
     probabilities = calibrated_probabilities(why.logits(), linear_scorer(model).calibration)
     keys = client_keys(rows, schema)
-    keys_utf8 = _utf8(keys)  # sort as the ids do, and are what write_list writes
+    keys_utf8 = _utf8(keys.tolist())  # sort as the ids do, and are what write_list writes
     order = _risk_order(probabilities, keys if keys_utf8 is None else keys_utf8)
     index = pd.RangeIndex(len(order))
     threshold = linear_scorer(model).threshold
@@ -340,12 +340,11 @@ def _frame(columns: dict[str, Any], index: pd.Index) -> pd.DataFrame:
     return pd.DataFrame(columns, index=index, copy=False)
 
 
-def _utf8(texts: np.ndarray) -> np.ndarray | None:
+def _utf8(texts: list[str]) -> np.ndarray | None:
     """Texts as fixed-width UTF-8 bytes (numpy "S"), which sort as the texts do; None if a text
     holds a NUL, which such bytes would lose at the end."""
     import numpy as np
 
-    texts = texts.tolist()
     joined = "".join(texts)
     if "\x00" in joined:
         return None
@@ -671,7 +670,7 @@ def write_list(
 
     A million clients with their reasons take pandas' to_csv about 20 s, and a Python format per
     row about 2 s. Here numpy lays out each chunk as a byte matrix with a line per client: every
-    column's cells in UTF-8 at the column's widest, padded with 0xFF (a byte UTF-8 never uses), and
+    column's cells in UTF-8 at the chunk's widest, padded with 0xFF (a byte UTF-8 never uses), and
     the commas between; deleting the padding leaves the lines of the file in order. A text column
     of few distinct values (categories: the reasons, the release, what changed) is encoded once per
     distinct text. `utf8` holds columns already encoded (numpy "S" arrays): the ids, which the
@@ -716,8 +715,7 @@ def _csv_cells(values: pd.Series, utf8: np.ndarray | None = None) -> Callable[[s
 
     dtype = values.dtype
     if utf8 is not None and not re.search(rb'[,"\r\n]', utf8.tobytes()):  # needs no quotes
-        cells = utf8.view("uint8").reshape(len(utf8), utf8.dtype.itemsize).copy()
-        cells[cells == 0] = CSV_PADDING  # numpy pads with NUL; _utf8 keeps none in a text
+        cells = _padded(utf8)
         return lambda rows: cells[rows]
     if pd.api.types.is_integer_dtype(dtype):
         numbers = values.to_numpy(dtype="int64", na_value=0)
@@ -766,19 +764,24 @@ def _padded_utf8(texts: list[str]) -> np.ndarray:
     """Texts as a matrix of bytes, a row each: its UTF-8, then CSV_PADDING to the widest."""
     import numpy as np
 
-    joined = "".join(texts)
-    if joined.isascii() and "\x00" not in joined:  # the usual case converts in one step
-        fixed = np.array(texts, dtype="S")
-        lengths = np.strings.str_len(fixed)  # exact: numpy only drops NULs at a text's end
-    else:
-        encoded = [text.encode("utf-8") for text in texts]
-        fixed = np.array(encoded, dtype=bytes)
-        lengths = np.fromiter(map(len, encoded), dtype="int64", count=len(encoded))
-    width = max(fixed.dtype.itemsize, 1)
-    matrix = np.zeros((len(texts), width), dtype="uint8")
-    if len(texts):
-        matrix[:] = fixed.astype(f"S{width}").view("uint8").reshape(len(texts), width)
+    fixed = _utf8(texts)
+    if fixed is not None:
+        return _padded(fixed)
+    # A text holds a NUL: each text's length is told from its own bytes.
+    encoded = [text.encode("utf-8") for text in texts]
+    lengths = np.fromiter(map(len, encoded), dtype="int64", count=len(encoded))
+    width = max(int(lengths.max(initial=0)), 1)
+    matrix = np.array(encoded, dtype=f"S{width}").view("uint8").reshape(len(texts), width).copy()
     matrix[np.arange(width) >= lengths[:, None]] = CSV_PADDING
+    return matrix
+
+
+def _padded(fixed: np.ndarray) -> np.ndarray:
+    """_utf8's bytes as a matrix, a row each: numpy's NUL padding becomes CSV_PADDING (_utf8 lets
+    no text hold a NUL)."""
+    width = max(fixed.dtype.itemsize, 1)
+    matrix = fixed.astype(f"S{width}").view("uint8").reshape(len(fixed), width).copy()
+    matrix[matrix == 0] = CSV_PADDING
     return matrix
 
 
