@@ -636,38 +636,37 @@ def _curves_page(document: reportpdf.Document, test: _TestResults, version: str)
         y -= LINE_HEIGHT
         page.text(*_at(0.09, y - 0.009), line, size=TEXT_SIZE)
     quarters = (0.0, 0.25, 0.5, 0.75, 1.0)
-    rates = reportpdf.linear_axis((), low=0.0, high=1.0, ticks=quarters)
-    roc = reportpdf.Chart("ROC curve", rates, rates)
-    pr = reportpdf.Chart("Precision-recall curve", rates, rates)
+
+    def share(label: str = "", high: float = 1.0) -> reportpdf.Axis:
+        return reportpdf.linear_axis((), low=0.0, high=high, ticks=quarters, label=label)
+
     if test.metrics.roc_auc is None:
-        roc.message = pr.message = "the test data holds one class only"
+        one_class = "the test data holds one class only"
+        roc = reportpdf.Chart("ROC curve", share(), share(), message=one_class)
+        pr = reportpdf.Chart("Precision-recall curve", share(), share(), message=one_class)
     else:
         false_positive_rate, true_positive_rate, precision, recall = _curve_points(
             test.truth, test.probabilities
         )
-        roc.x = reportpdf.linear_axis((), low=0.0, high=1.0, ticks=quarters,
-                                      label="false positive rate")
-        roc.y = reportpdf.linear_axis((), low=0.0, high=1.0, ticks=quarters,
-                                      label="true positive rate")
-        roc.series = [
-            reportpdf.Series(f"AUC {test.metrics.roc_auc:.3f}",
-                             list(zip(false_positive_rate, true_positive_rate, strict=True))),
-            reportpdf.Series("chance", [(0.0, 0.0), (1.0, 1.0)], colour=reportpdf.GREY,
-                             dashed=True),
-        ]
-        roc.legend = "lower right"
-        pr.x = reportpdf.linear_axis((), low=0.0, high=1.0, ticks=quarters, label="recall")
-        pr.y = reportpdf.linear_axis((), low=0.0, high=1.02, ticks=quarters, label="precision")
-        share = test.metrics.leaver_share
-        pr.series = [
-            reportpdf.Series("model", list(zip(recall, precision, strict=True))),
-            reportpdf.Series("chance", [(0.0, share), (1.0, share)], colour=reportpdf.GREY,
-                             dashed=True),
-            reportpdf.Series(f"threshold (F1 {test.metrics.f1:.3f})",
-                             [(test.metrics.recall, test.metrics.precision)], line=False,
-                             marker_radius=3.0),
-        ]
-        pr.legend = "upper right"
+        leavers = test.metrics.leaver_share
+        roc = reportpdf.Chart(
+            "ROC curve", share("false positive rate"), share("true positive rate"), series=[
+                reportpdf.Series(f"AUC {test.metrics.roc_auc:.3f}",
+                                 list(zip(false_positive_rate, true_positive_rate, strict=True))),
+                reportpdf.Series("chance", [(0.0, 0.0), (1.0, 1.0)], colour=reportpdf.GREY,
+                                 dashed=True),
+            ], legend="lower right",
+        )
+        pr = reportpdf.Chart(
+            "Precision-recall curve", share("recall"), share("precision", high=1.02), series=[
+                reportpdf.Series("model", list(zip(recall, precision, strict=True))),
+                reportpdf.Series("chance", [(0.0, leavers), (1.0, leavers)],
+                                 colour=reportpdf.GREY, dashed=True),
+                reportpdf.Series(f"threshold (F1 {test.metrics.f1:.3f})",
+                                 [(test.metrics.recall, test.metrics.precision)], line=False,
+                                 marker_radius=3.0),
+            ], legend="upper right",
+        )
     for chart, left in ((roc, 0.09), (pr, 0.59)):
         reportpdf.draw_chart(page, chart, *_at(left, 0.4), *_at(0.37, 0.3))
 
@@ -739,8 +738,7 @@ def _track_record_page(
         chart("lift", "Lift: precision at the top over the share of leavers",
               [1.0] * len(measured), "no better than random (1)"),
     ]
-    for panel, bottom in zip(charts, (0.5504, 0.07), strict=True):
-        reportpdf.draw_chart(page, panel, *_at(0.1, bottom), *_at(0.86, 0.3696))
+    _draw_stacked(page, charts, top=0.92, bottom=0.07, gap=0.3)
 
 
 def _trends_page(document: reportpdf.Document, settings: Settings) -> None:
@@ -759,9 +757,18 @@ def _trends_page(document: reportpdf.Document, settings: Settings) -> None:
         }),
         ("Stage timings", "seconds", trends["timings"]),
     ]
-    for (title, unit, series), bottom in zip(plots, (0.5245, 0.05), strict=True):
-        reportpdf.draw_chart(page, _trend_chart(title, unit, series), *_at(0.1, bottom),
-                             *_at(0.86, 0.3955))
+    _draw_stacked(page, [_trend_chart(*plot) for plot in plots], top=0.92, bottom=0.05, gap=0.2)
+
+
+def _draw_stacked(
+    page: reportpdf.Page, charts: list[reportpdf.Chart], *, top: float, bottom: float, gap: float
+) -> None:
+    """Charts one above the other between `top` and `bottom` (fractions of the page height), the
+    gap between two a fraction of a chart's height, across the page."""
+    height = (top - bottom) / (len(charts) + gap * (len(charts) - 1))
+    for number, chart in enumerate(charts):
+        chart_bottom = top - height - number * height * (1 + gap)
+        reportpdf.draw_chart(page, chart, *_at(0.1, chart_bottom), *_at(0.86, height))
 
 
 Series = dict[str, list[tuple[datetime, float]]]

@@ -201,7 +201,7 @@ class Axis:
     label: str = ""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Series:
     """Points of one thing, in the axes' units; NaN breaks the line."""
 
@@ -214,7 +214,7 @@ class Series:
     errors: list[tuple[float, float]] | None = None  # each point's (low, high), drawn as bars
 
 
-@dataclass
+@dataclass(frozen=True)
 class Chart:
     """Axes in a box of the page (points), with a title, the series and a legend."""
 
