@@ -63,6 +63,8 @@ def build(root: Path, clients: int) -> tuple[Path, object]:
         "input_folder_path": "source", "output_folder_path": "ingested",
         "test_data_path": "test", "output_model_path": "models",
         "prod_deployment_path": "production",
+        # Each file is written whole before ingestion reads it: nothing to wait for.
+        "ingestion": {"settle_seconds": 0},
     }))
     chosen = load_settings(config)
     ingest(chosen)
