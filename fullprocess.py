@@ -695,12 +695,14 @@ def judge_plans(
     for plan in plans:
         frame, weights, _ = training_frame(settings, master, held_out, plan)
         try:
-            pipeline, threshold = fit_quickly(frame, schema, settings.model, weights)
+            fitted = fit_quickly(frame, schema, settings.model, weights)
         except InsufficientDataError as error:
             log.info("candidate %s skipped: %s", plan.name, error)
             continue
-        probabilities = pipeline.predict_proba(held_out[list(schema.features)])[:, 1]
-        scores.append(judged(plan.name, plan, len(frame), probabilities, probabilities >= threshold))
+        probabilities = fitted.probabilities(held_out)
+        scores.append(
+            judged(plan.name, plan, len(frame), probabilities, probabilities >= fitted.threshold)
+        )
     return scores
 
 

@@ -210,25 +210,22 @@ class LinearScorer:
             terms[:, index] = self.categorical_terms(frame, term)
         return terms
 
-    def numeric_terms(self, frame: pd.DataFrame, term: dict[str, Any]) -> np.ndarray:
+    @staticmethod
+    def numeric_terms(frame: pd.DataFrame, term: dict[str, Any]) -> np.ndarray:
         """One numeric column's contribution to the log-odds, row by row."""
-        values = frame[term["column"]].to_numpy(dtype="float64", na_value=np.nan)
-        if term["log1p"] == "before-imputing":
-            values = np.log1p(values)
-        values = np.where(np.isnan(values), term["fill"], values)
-        if term["log1p"] == "after-imputing":
-            values = np.log1p(values)
-        return (values - term["mean"]) / term["scale"] * term["weight"]
+        return standardized(frame, term) * term["weight"]
 
     @staticmethod
     def categorical_terms(frame: pd.DataFrame, term: dict[str, Any]) -> np.ndarray:
         """One categorical column's contribution; a category unseen in training adds nothing."""
-        weights, fill = term["weights"], term["fill"]
-        cells = frame[term["column"]].to_numpy(dtype=object)
+        weights = term["weights"]
         return np.array(
-            [weights.get(fill if pd.isna(cell) else str(cell), 0.0) for cell in cells],
-            dtype="float64",
+            [weights.get(text, 0.0) for text in category_texts(frame, term)], dtype="float64"
         )
+
+    def with_threshold(self, threshold: float) -> LinearScorer:
+        """The same model deciding at another probability."""
+        return LinearScorer({**self.params, "threshold": threshold})
 
     def probabilities(self, frame: pd.DataFrame) -> np.ndarray:
         """The probability of leaving for each row, as model.predict_proba(frame)[:, 1] gives it."""
@@ -262,6 +259,28 @@ class LinearScorer:
             values=tuple(values),
             typical=tuple(typical),
         )
+
+
+def imputed(frame: pd.DataFrame, term: dict[str, Any]) -> np.ndarray:
+    """A numeric column as the model's scaler sees it: missing cells filled, log1p'd if a count."""
+    values = frame[term["column"]].to_numpy(dtype="float64", na_value=np.nan)
+    if term["log1p"] == "before-imputing":
+        values = np.log1p(values)
+    values = np.where(np.isnan(values), term["fill"], values)
+    if term["log1p"] == "after-imputing":
+        values = np.log1p(values)
+    return values
+
+
+def standardized(frame: pd.DataFrame, term: dict[str, Any]) -> np.ndarray:
+    """A numeric column as the logistic regression sees it: in standard deviations from the mean."""
+    return (imputed(frame, term) - term["mean"]) / term["scale"]
+
+
+def category_texts(frame: pd.DataFrame, term: dict[str, Any]) -> list[str]:
+    """A categorical column's cells as the model's categories: text, missing ones as the fill."""
+    fill = term["fill"]
+    return [fill if pd.isna(cell) else str(cell) for cell in frame[term["column"]].to_numpy(object)]
 
 
 def probabilities_of(logits: np.ndarray) -> np.ndarray:

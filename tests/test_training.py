@@ -189,6 +189,45 @@ def test_linear_scorer_handles_categorical_features(tmp_path):
     assert np.allclose(scorer.probabilities(frame), model.predict_proba(frame)[:, 1], rtol=1e-12)
 
 
+# (A categorical column without values stops the pipeline itself: its encoder gets no column.)
+@pytest.mark.parametrize("column_without_values", [None, "lastmonth_activity"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fit_linear_gives_the_log_odds_of_the_pipeline_fitted_on_the_same_rows(
+    column_without_values, weighted
+):
+    import warnings
+
+    import numpy as np
+
+    from scoring import model_input
+    from settings import ModelSettings, Schema
+    from training import build_pipeline, fit_linear
+
+    schema = Schema(categorical_features=("region",))
+    frame = generate_data.make_clients(1_500, seed=4)
+    frame["region"] = np.where(frame["number_of_employees"] > 30, "north", "south")
+    frame.loc[::7, "region"] = None
+    frame.loc[::5, "lastyear_activity"] = np.nan
+    if column_without_values:  # as a data file with the column left empty reads
+        frame[column_without_values] = np.nan
+    features = model_input(frame, schema)
+    target = frame["exited"].to_numpy(dtype=int)
+    weights = np.random.default_rng(0).uniform(0.1, 1, len(frame)) if weighted else None
+    with warnings.catch_warnings():  # the pipeline's imputer warns that it drops the empty column
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)  # the median of no value
+        pipeline = build_pipeline(schema, ModelSettings()).fit(
+            features, target, **({"classifier__sample_weight": weights} if weighted else {})
+        )
+        expected = pipeline.decision_function(features)
+
+    fitted = fit_linear(features, target, schema, ModelSettings(), weights)
+
+    assert np.allclose(fitted.logits(features), expected, rtol=0, atol=1e-9)
+    assert fitted.features == ("lastmonth_activity", "lastyear_activity", "number_of_employees",
+                               "region")
+
+
 def test_a_model_of_another_shape_has_no_linear_scorer():
     from sklearn.dummy import DummyClassifier
 
