@@ -15,11 +15,13 @@ and for any model that is not linear.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import pickle
 import platform
 import sys
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,7 +44,7 @@ from sklearn.metrics import f1_score, precision_recall_curve, roc_auc_score
 from sklearn.model_selection import FixedThresholdClassifier, StratifiedKFold
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 import atomicio
 import records
@@ -358,13 +360,22 @@ def fit_quickly(
     return fitted.with_threshold(float(thresholds[int(np.argmax(f1))]))
 
 
-def one_blas_thread() -> threadpool_limits:
+def one_blas_thread() -> AbstractContextManager[Any]:
     """Fit with one BLAS thread: the products of a few feature columns are too small to share out.
 
     On two cores, OpenBLAS's threads made a logistic regression on 800,000 rows take 2.0-2.4 s
     instead of 1.1-1.3 s, and on 10,000 rows up to twice as long, whenever the other core was busy.
     """
-    return threadpool_limits(limits=1, user_api="blas")
+    return _thread_pools().limit(limits=1, user_api="blas")
+
+
+@functools.cache
+def _thread_pools() -> ThreadpoolController:
+    """The BLAS libraries loaded, found once: finding them took 9 ms, a drift cycle limits 5 times.
+
+    numpy's and scipy's OpenBLAS are loaded by the time this module is (scikit-learn imports scipy).
+    """
+    return ThreadpoolController()
 
 
 def _weight_params(sample_weight: np.ndarray | None) -> dict[str, Any]:
