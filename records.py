@@ -8,9 +8,12 @@ Times are UTC ISO-8601 strings; structured details are stored as JSON text.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
+import os
 import sqlite3
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -239,30 +242,124 @@ def utc_now() -> str:
 
 @contextlib.contextmanager
 def connect(database: Path) -> Iterator[sqlite3.Connection]:
-    """Open the records database, creating its tables; commit on success, roll back on error.
+    """The records database, its tables made; commit on success, roll back on error.
 
+    The connection stays open for this thread's next use of the same file (see _Held). A connect()
+    inside another one of the same thread shares its transaction: it commits when the outer ends.
     A full disk or a database another process keeps locked is a StorageError naming what to free.
     """
     database = Path(database)
-    database.parent.mkdir(parents=True, exist_ok=True)
     try:
-        connection = sqlite3.connect(database, timeout=30)
-        connection.row_factory = sqlite3.Row
+        held = _held(database)
+        if held.depth:
+            held.depth += 1
+            try:
+                yield held.connection
+            finally:
+                held.depth -= 1
+            return
+        held.depth = 1
         try:
-            # WAL lets the API read while a cycle writes; in WAL mode NORMAL sync cannot corrupt the
-            # database and spares an fsync per record, which the 10-minute no-op cycle would pay.
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA synchronous=NORMAL")
-            _create_tables(connection)
-            with connection:
-                yield connection
+            with held.connection:
+                yield held.connection
+        except sqlite3.Error:
+            _forget(held)  # whatever went wrong, the next use starts from a new connection
+            raise
         finally:
-            connection.close()
+            held.depth = 0
     except sqlite3.OperationalError as error:
         storage_error = _storage_error(database, error)
         if storage_error is None:
             raise
         raise storage_error from error
+
+
+class _Held:
+    """An open connection to one database file, kept for this thread's next connect().
+
+    Opening one, setting WAL mode and closing it (which checkpoints the log) took ~1.7 ms here; an
+    insert and its commit on an open one ~0.04 ms. A drift cycle uses the records ~45 times.
+    """
+
+    def __init__(self, database: Path, connection: sqlite3.Connection) -> None:
+        self.key = _key(database)
+        self.connection = connection
+        self.file = _file_identity(database)  # a file replaced or removed gets a new connection
+        self.depth = 0  # connect() calls of this thread inside one another
+
+
+# Connections are per thread (sqlite3 refuses to share one) and per process: after a fork the
+# parent's connections are left alone, neither used nor closed, as SQLite requires.
+_threads = threading.local()
+_left_by_parent: list[_Held] = []
+# Beyond this many files a thread keeps open, the least recently used one is closed (the test
+# suite alone opens thousands of databases in one process).
+MAX_HELD_CONNECTIONS = 8
+
+
+def _held(database: Path) -> _Held:
+    pool = _pool()
+    key = _key(database)
+    held = pool.get(key)
+    if held is not None and not held.depth and held.file != _file_identity(database):
+        _forget(held)
+        held = None
+    if held is None:
+        held = pool[key] = _Held(database, _open(database))
+        for stale in [h for h in pool.values() if not h.depth][:-MAX_HELD_CONNECTIONS]:
+            _forget(stale)
+    pool[key] = pool.pop(key)  # the most recently used last
+    return held
+
+
+def _pool() -> dict[str, _Held]:
+    if getattr(_threads, "pid", None) != os.getpid():
+        _left_by_parent.extend(getattr(_threads, "pool", {}).values())
+        _threads.pool, _threads.pid = {}, os.getpid()
+    return _threads.pool
+
+
+def _open(database: Path) -> sqlite3.Connection:
+    database.parent.mkdir(parents=True, exist_ok=True)
+    connection = sqlite3.connect(database, timeout=30)
+    try:
+        connection.row_factory = sqlite3.Row
+        # WAL lets the API read while a cycle writes; in WAL mode NORMAL sync cannot corrupt the
+        # database and spares an fsync per record, which the 10-minute no-op cycle would pay.
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=NORMAL")
+        _create_tables(connection)
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def _forget(held: _Held) -> None:
+    _pool().pop(held.key, None)
+    held.connection.close()
+
+
+def close_connections() -> None:
+    """Close this thread's open connections (each is opened again when next used)."""
+    for held in list(_pool().values()):
+        _forget(held)
+
+
+# Closing the last connection checkpoints the write-ahead log into the database and removes it.
+atexit.register(close_connections)
+
+
+def _key(database: Path) -> str:
+    return os.path.abspath(database)
+
+
+def _file_identity(database: Path) -> tuple[int, int] | None:
+    try:
+        status = os.stat(database)
+    except FileNotFoundError:
+        return None
+    return status.st_dev, status.st_ino
 
 
 def _storage_error(database: Path, error: sqlite3.OperationalError) -> StorageError | None:

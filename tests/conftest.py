@@ -96,6 +96,15 @@ def as_older_release(settings: Settings) -> None:
 
 
 @pytest.fixture(autouse=True)
+def records_closed_after_each_test() -> Iterator[None]:
+    """A test leaves no records connection open for the next: each begins as a new process would."""
+    import records
+
+    yield
+    records.close_connections()
+
+
+@pytest.fixture(autouse=True)
 def package_index_not_asked(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
     """Diagnostics never start pip processes in tests: each costs a second of CPU, and tests must
     not reach a package index. Tests of the dependency check install their own answers; a test

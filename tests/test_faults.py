@@ -463,6 +463,7 @@ def test_records_database_that_cannot_be_written_says_what_to_free(
     connect = sqlite3.connect
     monkeypatch.setattr(_FullDisk, "failure", failure, raising=False)
     monkeypatch.setattr(sqlite3, "connect", lambda *a, **k: connect(*a, factory=_FullDisk, **k))
+    records.close_connections()  # the workspace's own, opened before the disk filled
 
     exit_code = run_cli(ingestion.main, ["--config", str(new_batch.config_path)])
 
