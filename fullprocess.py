@@ -667,9 +667,8 @@ def judge_plans(
 
     from dataset import read_master
     from errors import InsufficientDataError
-    from ingestion import master_batches
     from scoring import compute_metrics, predict_frame
-    from training import ALL_HISTORY, TrainingPlan, fit_quickly, training_frame
+    from training import ALL_HISTORY, TrainingPlan, fit_quickly, plan_rows, rows_to_train_on
 
     schema = settings.schema
     truth = held_out[schema.target].to_numpy(dtype=int)
@@ -684,16 +683,16 @@ def judge_plans(
     deployed = predict_frame(deployed_model, "", held_out, schema)
     scores = [judged("deployed model as it is", None, None,
                      np.asarray(deployed.probabilities), np.asarray(deployed.predictions))]
-    master = read_master(settings)
+    rows = rows_to_train_on(settings, read_master(settings), held_out, batches=True)
     plans = [ALL_HISTORY]
-    if master_batches(settings, len(master)) is not None:
+    if rows.batches is not None:
         since_change = frozenset(batches_since_change(settings, run_id))
         plans += [
             TrainingPlan("since the change", batches=since_change),
             TrainingPlan("recency-weighted", half_life_batches=settings.retrain.half_life_batches),
         ]
     for plan in plans:
-        frame, weights, _ = training_frame(settings, master, held_out, plan)
+        frame, weights = plan_rows(rows.frame, plan, rows.batches)
         try:
             fitted = fit_quickly(frame, schema, settings.model, weights)
         except InsufficientDataError as error:

@@ -698,6 +698,15 @@ def normal_quantile(confidence: float) -> float:
     return NormalDist().inv_cdf(0.5 + confidence / 2)
 
 
+def f1_of(truth: np.ndarray, predictions: np.ndarray) -> float:
+    """F1 of predicted leavers against the truth (0 when there is nothing to score)."""
+    truth, predictions = np.asarray(truth, dtype=bool), np.asarray(predictions, dtype=bool)
+    return float(f1_from_counts(
+        np.array((truth & predictions).sum()), np.array((~truth & predictions).sum()),
+        np.array((truth & ~predictions).sum()),
+    ))
+
+
 def f1_from_counts(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
     """F1 = 2TP / (2TP + FP + FN), taken as 0 where there is nothing to score."""
     denominator = 2 * tp + fp + fn

@@ -40,7 +40,7 @@ from sklearn.frozen import FrozenEstimator
 from sklearn.impute import SimpleImputer
 from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import f1_score, precision_recall_curve, roc_auc_score
+from sklearn.metrics import precision_recall_curve
 from sklearn.model_selection import FixedThresholdClassifier, StratifiedKFold
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
@@ -52,7 +52,8 @@ from errors import InsufficientDataError, run_cli
 from dataset import read_master, row_hashes
 from locks import pipeline_lock
 from scoring import (
-    LinearScorer, calibration, category_texts, imputed, model_input, standardized,
+    LinearScorer, calibration, category_texts, f1_of, imputed, model_input, roc_auc,
+    standardized,
 )
 from settings import ModelSettings, Schema, Settings, add_config_argument, load_settings
 
@@ -552,10 +553,8 @@ def train(
         "model_settings": settings.model._asdict(),
         "training_metrics": {
             "cv_f1": threshold_info["cv_f1"],
-            "train_f1": float(
-                f1_score(measured_target, probabilities >= threshold_info["threshold"])
-            ),
-            "train_roc_auc": float(roc_auc_score(measured_target, probabilities)),
+            "train_f1": f1_of(measured_target, probabilities >= threshold_info["threshold"]),
+            "train_roc_auc": roc_auc(measured_target, probabilities),
             "train_metric_rows": len(measured),
         },
         "training_seconds": round(seconds, 3),
@@ -599,18 +598,35 @@ def training_frame(
     plan: TrainingPlan,
 ) -> tuple[pd.DataFrame, np.ndarray | None, int]:
     """The master rows a plan trains on, less the held-out rows; their weights; rows held out."""
+    rows = rows_to_train_on(settings, master, held_out, batches=plan != ALL_HISTORY)
+    frame, weights = plan_rows(rows.frame, plan, rows.batches)
+    return frame, weights, rows.held_out
+
+
+class TrainingRows(NamedTuple):
+    """The master rows any plan may train on, the batch each came from, and how many were held out."""
+
+    frame: pd.DataFrame
+    batches: np.ndarray | None  # None: not asked for, or not recorded (see master_batches)
+    held_out: int
+
+
+def rows_to_train_on(
+    settings: Settings, master: pd.DataFrame, held_out: pd.DataFrame | None, *, batches: bool
+) -> TrainingRows:
+    """The master dataset less the held-out rows, with each row's batch if `batches`."""
     from ingestion import master_batches
 
     schema = settings.schema
-    batches = master_batches(settings, len(master)) if plan != ALL_HISTORY else None
+    batch_of_row = master_batches(settings, len(master)) if batches else None
     if held_out is None or not len(held_out):
-        frame, weights = plan_rows(master, plan, batches)
-        return frame, weights, 0
+        return TrainingRows(master, batch_of_row, 0)
     kept = ~row_hashes(master, schema).isin(row_hashes(held_out, schema)).to_numpy()
-    frame, weights = plan_rows(
-        master.loc[kept].reset_index(drop=True), plan, None if batches is None else batches[kept]
+    return TrainingRows(
+        master.loc[kept].reset_index(drop=True),
+        None if batch_of_row is None else batch_of_row[kept],
+        int((~kept).sum()),
     )
-    return frame, weights, int((~kept).sum())
 
 
 def library_versions() -> dict[str, str]:
