@@ -24,7 +24,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 import atomicio
 import calllist
@@ -585,22 +587,44 @@ def _confusion_matrix_title(test: _TestResults, version: str) -> str:
 
 
 def _confusion_matrix_figure(test: _TestResults, version: str) -> Figure:
-    # Fixed positions rather than a layout engine: constrained layout doubles the drawing time.
-    figure = Figure(figsize=(5.5, 4.8))
-    ax = figure.add_axes((0.27, 0.13, 0.66, 0.72))
+    """The matrix as shaded cells with their counts, drawn on the figure itself.
+
+    Without an Axes (its spines, tick machinery and an image to resample) the PNG takes about
+    60 ms instead of 100 at every deployment; positions are fixed, in inches.
+    """
+    width, height, side = 5.5, 4.8, 3.45  # the figure's size and the matrix's, in inches
+    figure = Figure(figsize=(width, height))
     matrix = _confusion_matrix(test)
-    ax.imshow(matrix, cmap="Blues", vmin=0)
+    left, bottom = 1.65 / width, 0.75 / height  # of the matrix, as fractions of the figure
+    cell_width, cell_height = side / 2 / width, side / 2 / height
+    shade = colormaps["Blues"]
     for (actual, predicted), count in np.ndenumerate(matrix):
-        ax.text(
-            predicted, actual, f"{count:,}\n{_share_of_actual(matrix, actual, predicted)}",
+        x, y = left + predicted * cell_width, bottom + (1 - actual) * cell_height
+        figure.add_artist(Rectangle(
+            (x, y), cell_width, cell_height, transform=figure.transFigure,
+            facecolor=shade(count / max(matrix.max(), 1)), edgecolor="none",
+        ))
+        figure.text(
+            x + cell_width / 2, y + cell_height / 2,
+            f"{count:,}\n{_share_of_actual(matrix, actual, predicted)}",
             ha="center", va="center", fontsize=11,
             color="white" if count > matrix.max() / 2 else "black",
         )
-    ax.set_xticks([0, 1], labels=CLASS_LABELS)
-    ax.set_yticks([0, 1], labels=CLASS_LABELS)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("actual")
-    ax.set_title(_confusion_matrix_title(test, version), fontsize=9)
+    figure.add_artist(Rectangle(
+        (left, bottom), 2 * cell_width, 2 * cell_height, transform=figure.transFigure,
+        fill=False, edgecolor="black", linewidth=0.8,
+    ))
+    gap_x, gap_y = 0.08 / width, 0.08 / height
+    for position, label in enumerate(CLASS_LABELS):
+        figure.text(left + (position + 0.5) * cell_width, bottom - gap_y, label,
+                    ha="center", va="top")
+        figure.text(left - gap_x, bottom + (1.5 - position) * cell_height, label,
+                    ha="right", va="center")
+    figure.text(left + cell_width, bottom - 5 * gap_y, "predicted", ha="center", va="top")
+    figure.text(0.75 / width, bottom + cell_height, "actual", rotation=90, ha="center",
+                va="center")
+    figure.text(left + cell_width, bottom + 2 * cell_height + gap_y,
+                _confusion_matrix_title(test, version), ha="center", va="bottom", fontsize=9)
     return figure
 
 
