@@ -48,11 +48,13 @@ PNG_AND_CSV = (
     "PIL.PpmImagePlugin, pandas.io.formats.csvs"
 )
 # What a drift cycle uses: our modules, scikit-learn (retraining; narwhals is how it reads a
-# pandas frame), scipy.stats (the drift tests) and matplotlib's PNG back end (the report's PDF is
-# written by reportpdf.py).
+# pandas frame), scipy.stats (the drift tests), matplotlib's PNG back end (the report's PDF is
+# written by reportpdf.py), and the codecs and modules the standard library loads on the way
+# (zip file names in .npz, the PDF's WinAnsi text, a CSV's byte-order mark, requests' netrc).
 CYCLE_IMPORTS = (
     "fullprocess, ingestion, training, scoring, deployment, diagnostics, reporting, apicalls, "
-    "alerts, scipy.stats, scipy.spatial.distance, statistics, narwhals._pandas_like.dataframe, "
+    "alerts, estimation, encodings.cp437, encodings.cp1252, encodings.utf_8_sig, netrc, "
+    "scipy.stats, scipy.spatial.distance, statistics, narwhals._pandas_like.dataframe, "
     "narwhals._pandas_like.namespace, narwhals._interchange.dataframe, "
     f"narwhals.stable.v2._namespace, matplotlib.backends.backend_agg, {PNG_AND_CSV}"
 )
