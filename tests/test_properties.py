@@ -196,3 +196,20 @@ def test_the_risk_list_file_reads_back_as_the_table_it_was_written_from(tmp_path
         table["probability"].round(6).to_numpy(dtype="float64"), atol=5e-7,
     )
     assert read["rank_before"].astype("Int64").tolist() == table["rank_before"].tolist()
+
+
+@CHECKS
+@given(
+    st.lists(st.binary(min_size=0, max_size=20).filter(lambda raw: b"\x00" not in raw), max_size=40),
+    st.lists(st.sampled_from([0.1, 0.5, 0.9]), max_size=40),
+)
+def test_the_risk_order_is_by_probability_then_by_id_bytes(ids, probabilities):
+    rows = min(len(ids), len(probabilities))
+    ids = np.array(ids[:rows] or [b""], dtype="S")[:rows]
+    probabilities = np.array(probabilities[:rows], dtype="float64")
+
+    order = calllist._risk_order(probabilities, ids)
+
+    assert sorted(order.tolist()) == list(range(rows))
+    expected = sorted(range(rows), key=lambda row: (-probabilities[row], ids[row], row))
+    assert order.tolist() == expected
