@@ -306,8 +306,10 @@ def fit_model(
             # folds are not fitted a second time.
             with one_blas_thread():
                 pipeline.fit(features, target, **_weight_params(sample_weight))
+            # cv=2: the frozen pipeline predicts the same whatever the folds, and the calibrator
+            # fitted on its predictions is replaced below; each fold costs a prediction.
             estimator = CalibratedClassifierCV(
-                FrozenEstimator(pipeline), method=tuning.calibration["method"]
+                FrozenEstimator(pipeline), method=tuning.calibration["method"], cv=2
             )
             calibrator = tuning.calibrator
     else:
