@@ -312,3 +312,53 @@ def test_model_json_carries_the_calibration_the_served_model_applies(workspace):
     served = read_plain_model(workspace.model_json_path).probabilities(frame)
     expected = result.model.predict_proba(model_input(frame, SCHEMA))[:, 1]
     assert np.max(np.abs(served - expected)) < 1e-12
+
+
+def test_each_estimate_counts_the_newest_outcome_of_its_clients_that_arrived_after_it(deployed):
+    import records
+    from estimation import estimate_roster, record_realised
+    from ingestion import ingest
+
+    clients = generate_data.make_clients(600, seed=43, id_offset=900_000)
+    roster = clients.drop(columns="exited")
+    first = estimate_roster(deployed, roster, "first.csv")
+    early = clients.iloc[:300]  # outcomes known to the first estimate only
+    generate_data.write_csv(early, deployed.input_folder / "early.csv")
+    ingest(deployed)
+    second = estimate_roster(deployed, roster, "second.csv")
+    late = clients.iloc[200:400].assign(exited=lambda frame: 1 - frame["exited"])  # newer rows
+    generate_data.write_csv(late, deployed.input_folder / "late.csv")
+    ingest(deployed)
+
+    results = {result.roster: result for result in record_realised(deployed)}
+
+    newest = pd.concat([early, late]).drop_duplicates("corporation", keep="last")
+    expected = {"first.csv": newest, "second.csv": late}
+    for estimate in (first, second):
+        predictions = pd.DataFrame(records.query(
+            deployed.records_path,
+            "SELECT client, probability, predicted FROM estimate_predictions WHERE estimate_id = ?",
+            (estimate.record_id,),
+        ))
+        known = predictions.merge(
+            expected[estimate.roster].rename(columns={"corporation": "client"}), on="client"
+        )
+        truth, predicted = known["exited"].to_numpy(), known["predicted"].to_numpy()
+        tp = int((truth & predicted).sum())
+        fp, fn = int(((1 - truth) & predicted).sum()), int((truth & (1 - predicted)).sum())
+        flagged = predicted == 1
+        probabilities = known["probability"].to_numpy()
+        expected_tp, expected_fp = probabilities[flagged].sum(), (1 - probabilities[flagged]).sum()
+        expected_fn = probabilities[~flagged].sum()
+        (row,) = records.query(
+            deployed.records_path, "SELECT * FROM estimates WHERE id = ?", (estimate.record_id,)
+        )
+        assert row["realised_rows"] == results[estimate.roster].rows == len(known)
+        assert row["realised_f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+        assert row["realised_precision"] == pytest.approx(tp / (tp + fp))
+        assert row["realised_recall"] == pytest.approx(tp / (tp + fn))
+        assert row["realised_leaver_share"] == pytest.approx(truth.mean())
+        assert row["estimated_f1_known"] == pytest.approx(
+            2 * expected_tp / (2 * expected_tp + expected_fp + expected_fn)
+        )
+    assert results["first.csv"].rows == 400 and results["second.csv"].rows == 200
