@@ -213,8 +213,9 @@ def build_report(
 
     atomicio.write_with(
         settings.confusion_matrix_path,
+        # zlib level 3, not 6: ~13 ms less of ~100 ms for the PNG, and 10% more bytes.
         lambda path: _confusion_matrix_figure(test, release.version).savefig(
-            path, format="png", dpi=150
+            path, format="png", dpi=150, pil_kwargs={"compress_level": 3}
         ),
     )
     atomicio.write_with(
