@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 import records
+from calllist import last_rows
 from dataset import read_dataset, read_master
 from diagnostics import compare_datasets
 from scoring import (
@@ -197,10 +198,7 @@ class _Outcomes(NamedTuple):
 def _newest_outcomes(master: pd.DataFrame, first: int, settings: Settings) -> _Outcomes:
     later = master.iloc[first:]
     codes, clients = pd.factorize(np.asarray(client_ids(later, settings.schema), dtype=object))
-    # The last row of each client: its first from the end.
-    distinct, from_end = np.unique(codes[::-1], return_index=True)
-    last = np.empty(len(clients), dtype="int64")
-    last[distinct] = len(codes) - 1 - from_end
+    last = last_rows(codes, len(clients))  # every client has a row: no -1
     target = later[settings.schema.target].to_numpy(dtype=int)
     return _Outcomes(clients.tolist(), first + last, target[last])
 

@@ -213,3 +213,17 @@ def test_the_risk_order_is_by_probability_then_by_id_bytes(ids, probabilities):
     assert sorted(order.tolist()) == list(range(rows))
     expected = sorted(range(rows), key=lambda row: (-probabilities[row], ids[row], row))
     assert order.tolist() == expected
+
+
+@CHECKS
+@given(st.lists(st.integers(0, 9), max_size=50))
+def test_each_client_code_finds_its_first_and_last_row(codes):
+    clients = 12  # some codes have no row
+    array = np.array(codes, dtype="int64")
+
+    first, last = calllist.first_rows(array, clients), calllist.last_rows(array, clients)
+
+    for code in range(clients):
+        rows = [row for row, value in enumerate(codes) if value == code]
+        assert first[code] == (rows[0] if rows else -1)
+        assert last[code] == (rows[-1] if rows else -1)
