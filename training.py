@@ -161,8 +161,7 @@ def fit_linear(
 
     The same arithmetic as the pipeline's steps (medians of the present values, log1p of counts,
     the scaler's mean and standard deviation, a column per category seen) gives the logistic
-    regression the same matrix, so the weights agree to ~1e-12 (the test suite holds them
-    together). Cross-validation and judging training plans fit eight models a drift cycle; through
+    regression the same matrix: the log-odds agree to ~1e-15 (a test holds them within 1e-9). Cross-validation and judging training plans fit eight models a drift cycle; through
     the pipeline, scikit-learn's checks of each step's input took three times the fit itself.
     The decision threshold is left at 0.5.
     """
@@ -205,11 +204,11 @@ def _learned_numeric(features: pd.DataFrame, column: str, is_count: bool) -> dic
         return None
     term = {"column": column, "log1p": "after-imputing" if is_count else None,
             "fill": float(np.median(present))}
-    scaled = imputed(features, term)
-    mean, variance = float(scaled.mean()), float(scaled.var())
+    before_scaling = imputed(features, term)
+    mean, variance = float(before_scaling.mean()), float(before_scaling.var())
     # StandardScaler's test of a constant column (the error bound of a two-pass variance): its
     # scale is then 1, not a rounding error that would blow the column up.
-    rows, eps = len(scaled), np.finfo("float64").eps
+    rows, eps = len(before_scaling), np.finfo("float64").eps
     constant = variance <= rows * eps * variance + (rows * mean * eps) ** 2
     return term | {"mean": mean, "scale": 1.0 if constant else float(np.sqrt(variance))}
 
