@@ -771,7 +771,7 @@ def _csv_cells(values: pd.Series, utf8: np.ndarray | None = None) -> Callable[[s
 
 
 def _quoted(texts: list[Any]) -> list[str]:
-    """A column's texts as CSV cells, quoted as _csv_cells says (a missing cell's text is unused)."""
+    """A column's texts as CSV cells, quoted as _csv_cells says (a missing cell's is unused)."""
     try:
         everything = "\x00".join(texts)  # one scan of all the cells for what needs quoting
     except TypeError:  # not all of them text

@@ -445,7 +445,8 @@ def _category_reason_words(column: str, cells: np.ndarray) -> Words:
             unknown if pd.isna(cell) else f"{column} {cell}: raises risk" for cell in cells.tolist()
         ])
     codes, distinct = pd.factorize(cells, use_na_sentinel=True)
-    return _worded_once(codes, [f"{column} {category}: raises risk" for category in distinct], unknown)
+    worded = [f"{column} {category}: raises risk" for category in distinct]
+    return _worded_once(codes, worded, unknown)
 
 
 def _row_by_row(texts: list[str]) -> Words:
@@ -454,7 +455,8 @@ def _row_by_row(texts: list[str]) -> Words:
 
 def _worded_once(codes: np.ndarray, worded: list[str], unknown: str) -> Words:
     """Words of rows coded by pd.factorize: code -1 (a missing value) reads `unknown`."""
-    return Words(np.where(codes < 0, len(worded), codes), np.array([*worded, unknown], dtype=object))
+    texts = np.array([*worded, unknown], dtype=object)
+    return Words(np.where(codes < 0, len(worded), codes), texts)
 
 
 def _json_value(value: Any) -> Any:

@@ -161,9 +161,10 @@ def fit_linear(
 
     The same arithmetic as the pipeline's steps (medians of the present values, log1p of counts,
     the scaler's mean and standard deviation, a column per category seen) gives the logistic
-    regression the same matrix: the log-odds agree to ~1e-15 (a test holds them within 1e-9). Cross-validation and judging training plans fit eight models a drift cycle; through
-    the pipeline, scikit-learn's checks of each step's input took three times the fit itself.
-    The decision threshold is left at 0.5.
+    regression the same matrix: the log-odds agree to ~1e-15 (a test holds them within 1e-9).
+    Cross-validation and judging training plans fit eight models a drift cycle; through the
+    pipeline, scikit-learn's checks of each step's input took three times the fit itself. The
+    decision threshold is left at 0.5.
     """
     counts, other_numbers = numeric_groups(schema)
     numeric = [_learned_numeric(features, column, column in counts)
@@ -605,7 +606,7 @@ def training_frame(
 
 
 class TrainingRows(NamedTuple):
-    """The master rows any plan may train on, the batch each came from, and how many were held out."""
+    """The master rows any plan may train on, each row's batch, and how many rows were held out."""
 
     frame: pd.DataFrame
     batches: np.ndarray | None  # None: not asked for, or not recorded (see master_batches)

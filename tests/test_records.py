@@ -91,7 +91,9 @@ def test_each_thread_writes_through_its_own_connection(tmp_path):
 
 
 def test_a_thread_keeps_only_a_few_databases_open(tmp_path):
-    databases = [tmp_path / f"{number}.sqlite" for number in range(records.MAX_HELD_CONNECTIONS + 5)]
+    databases = [
+        tmp_path / f"{number}.sqlite" for number in range(records.MAX_HELD_CONNECTIONS + 5)
+    ]
     for database in databases:
         records.add(database, "cycles", {"started": records.utc_now(), "outcome": database.stem})
 
