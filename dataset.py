@@ -379,9 +379,7 @@ def _current_copy(settings: Settings) -> _MasterCopy | None:
     path = settings.finaldata_path
     if copy is None or copy.csv_bytes != path.stat().st_size:
         return None
-    with open(path, "rb") as stream:
-        digest = _digest_of_prefix(stream, copy.csv_bytes)
-    return copy if digest is not None and digest.hexdigest() == copy.csv_sha256 else None
+    return copy if atomicio.sha256_of(path) == copy.csv_sha256 else None
 
 
 def _copy_frames(copy: _MasterCopy, schema: Schema, chunk_rows: int) -> Iterator[pd.DataFrame]:
